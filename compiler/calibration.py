@@ -1,0 +1,236 @@
+"""Calibration data: where text comes from, how it becomes fixed-length token samples, its hash.
+
+Sources: the built-in offline corpus (docstrings of Python's standard library, which exists on
+every machine), a text file (paragraphs), a JSONL file (`text` field), a local dataset directory
+(`*.txt` / `*.jsonl` files, or a `datasets.save_to_disk` directory when `datasets` is installed),
+or `self` (text sampled from the causal LM itself). Samples are random token windows drawn with a
+fixed seed; their sha256 goes into the manifest. The sequence length is capped by the model's
+`max_position_embeddings` *and* by `MAX_SEQLEN`: it is never the model's maximum by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compiler.errors import CalibrationError
+
+MAX_SEQLEN = 2048
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQLEN = 128
+
+# Two disjoint sets of standard-library modules: one to calibrate on, one held out for evaluation.
+CALIB_MODULES = (
+    "abc", "argparse", "asyncio.tasks", "collections", "contextlib", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "email.message", "enum", "fractions", "functools", "heapq", "http.client",
+    "inspect", "ipaddress", "itertools", "json", "logging", "pathlib", "pickle", "random", "re",
+    "shutil", "socket", "string", "subprocess", "tarfile", "textwrap", "threading", "typing",
+)
+EVAL_MODULES = (
+    "unittest.case", "urllib.parse", "uuid", "zipfile", "statistics", "smtplib", "sqlite3",
+    "tempfile", "tokenize", "traceback", "types", "weakref", "xml.dom.minidom", "configparser",
+    "gettext", "glob", "gzip", "hmac", "imaplib", "locale", "mailbox", "operator", "optparse",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = "default"
+    samples: int = DEFAULT_SAMPLES
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples <= 0:
+            raise CalibrationError(f"--calib-samples must be > 0, got {self.samples}")
+        if self.seqlen <= 1:
+            raise CalibrationError(f"--calib-seqlen must be > 1, got {self.seqlen}")
+
+
+@dataclass
+class CalibrationSet:
+    """Token samples ready for the model (each a dict of (1, seqlen) tensors) plus provenance."""
+
+    samples: list[dict[str, torch.Tensor]]
+    source: str
+    seqlen: int
+    seed: int
+    sha256: str
+    notes: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": len(self.samples), "seqlen": self.seqlen,
+                "seed": self.seed, "sha256": self.sha256, "notes": list(self.notes)}
+
+
+def stdlib_corpus(split: str = "calib") -> list[str]:
+    """Docstrings of a fixed list of standard-library modules, in a deterministic order."""
+    names = CALIB_MODULES if split == "calib" else EVAL_MODULES
+    texts: list[str] = []
+    for mod_name in names:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        if mod.__doc__:
+            texts.append(inspect.cleandoc(mod.__doc__))
+        for attr in sorted(vars(mod)):
+            obj = getattr(mod, attr)
+            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 40:
+                texts.append(doc)
+            if inspect.isclass(obj):
+                for meth in sorted(vars(obj)):
+                    if meth.startswith("_"):
+                        continue
+                    mdoc = inspect.getdoc(getattr(obj, meth, None))
+                    if mdoc and len(mdoc) > 40:
+                        texts.append(mdoc)
+    return texts
+
+
+def load_texts(source: str) -> list[str]:
+    """Texts from `default`/`eval` (stdlib corpus), a .txt / .jsonl file, or a dataset directory."""
+    if source in ("default", "stdlib"):
+        return stdlib_corpus("calib")
+    if source in ("eval", "stdlib-eval"):
+        return stdlib_corpus("eval")
+    path = Path(source)
+    if not path.exists():
+        raise CalibrationError(f"calibration data '{source}' does not exist")
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return _load_hf_dataset_dir(path)
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".json") and p.is_file())
+        if not files:
+            raise CalibrationError(f"calibration directory '{source}' holds no .txt or .jsonl files")
+        texts = [t for f in files for t in _load_file(f)]
+    else:
+        texts = _load_file(path)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise CalibrationError(f"calibration data '{source}' is empty")
+    return texts
+
+
+def _load_file(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"calibration file '{path}' is not UTF-8 text (byte {exc.start})") from None
+    if path.suffix in (".jsonl", ".json"):
+        texts = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"calibration file '{path}' line {lineno}: invalid JSON ({exc.msg})") from None
+            text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
+            if not isinstance(text, str):
+                raise CalibrationError(f"calibration file '{path}' line {lineno}: no string field 'text'")
+            texts.append(text)
+        return texts
+    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+
+
+def _load_hf_dataset_dir(path: Path) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError(f"'{path}' is a Hugging Face dataset directory: pip install datasets to read it") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    if "text" not in ds.column_names:
+        raise CalibrationError(f"dataset '{path}' has no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if isinstance(t, str)]
+
+
+def effective_seqlen(requested: int, config: Any) -> int:
+    limit = MAX_SEQLEN
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            limit = min(limit, value)
+    return max(2, min(requested, limit))
+
+
+def tokenize_windows(texts: list[str], tokenizer: Any, samples: int, seqlen: int, seed: int, source: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+    """Concatenate texts, tokenize once, and draw `samples` random windows of `seqlen` tokens."""
+    sep = "\n\n"
+    ids = tokenizer(sep.join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    notes = []
+    if len(ids) < seqlen:
+        raise CalibrationError(
+            f"calibration data '{source}' has {len(ids)} tokens, fewer than one sample of --calib-seqlen {seqlen}")
+    if len(ids) < samples * seqlen:
+        notes.append(f"only {len(ids)} tokens for {samples}x{seqlen}: windows overlap")
+    rng = random.Random(seed)
+    out = []
+    for _ in range(samples):
+        start = rng.randint(0, len(ids) - seqlen)
+        window = torch.tensor(ids[start : start + seqlen], dtype=torch.long).unsqueeze(0)
+        out.append({"input_ids": window, "attention_mask": torch.ones_like(window)})
+    return out, notes
+
+
+def self_generated_texts(model: Any, tokenizer: Any, samples: int, seqlen: int, seed: int) -> list[str]:
+    """Text sampled from the causal LM itself (self-generated calibration data)."""
+    gen = torch.Generator().manual_seed(seed)
+    start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    vocab = len(tokenizer)
+    texts = []
+    with torch.no_grad():
+        for _ in range(samples):
+            first = int(torch.randint(0, vocab, (1,), generator=gen))
+            ids = torch.tensor([[start_id, first] if start_id is not None else [first]])
+            for _ in range(seqlen):
+                logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
+                probs = torch.softmax(logits, -1)
+                nxt = torch.multinomial(probs, 1, generator=gen)
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            texts.append(tokenizer.decode(ids[0], skip_special_tokens=True))
+    return texts
+
+
+def build_calibration(ir: Any, cfg: CalibrationConfig) -> CalibrationSet:
+    """Turn a CalibrationConfig into model-ready samples for `ir`."""
+    seqlen = effective_seqlen(cfg.seqlen, ir.config)
+    notes = [] if seqlen == cfg.seqlen else [f"seqlen capped from {cfg.seqlen} to {seqlen}"]
+    if ir.tokenizer is None:
+        provided = getattr(ir, "calibration_inputs", None) or [ir.example_inputs]
+        samples = [dict(s) for s in provided][: cfg.samples]
+        notes.append("model has no tokenizer: calibrating on the factory's example inputs")
+        source = "example_inputs"
+    else:
+        if cfg.source == "self":
+            if ir.model_type != "causal-lm":
+                raise CalibrationError("--calib self needs a causal LM (it samples text from the model)")
+            texts = self_generated_texts(ir.module, ir.tokenizer, cfg.samples, seqlen, cfg.seed)
+        else:
+            texts = load_texts(cfg.source)
+        samples, more = tokenize_windows(texts, ir.tokenizer, cfg.samples, seqlen, cfg.seed, cfg.source)
+        notes += more
+        source = cfg.source
+    digest = hashlib.sha256()
+    for s in samples:
+        for k in sorted(s):
+            digest.update(k.encode())
+            digest.update(s[k].detach().cpu().contiguous().numpy().tobytes())
+    return CalibrationSet(samples, source, seqlen, cfg.seed, digest.hexdigest(), notes)
+
+
+def config_dict(cfg: CalibrationConfig) -> dict[str, Any]:
+    return asdict(cfg)

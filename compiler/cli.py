@@ -1,0 +1,225 @@
+"""The `sparsec` command line: a thin click shell over `compiler` (one function per command).
+
+Exit codes: 0 ok, 1 compile error / bad input, 2 verification failed, 3 requested backend
+unavailable, 130 interrupted; click's own usage errors exit 2 as click does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from compiler.errors import SparsecError
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class SparsecGroup(click.Group):
+    """Turns SparsecError into a one-line message and its exit code; no traceback for user errors."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SparsecError as exc:
+            click.secho(f"error: {exc.one_line()}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.secho("interrupted: nothing was written to the output", fg="red", err=True)
+            sys.exit(130)
+
+
+def _sigterm_as_interrupt() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _quiet_libraries() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+@click.group(cls=SparsecGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sparsec")
+def main() -> None:
+    """sparsec: compile PyTorch / Hugging Face models into sparse models that really run faster."""
+    _quiet_libraries()
+
+
+def _positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be > 0")
+    return value
+
+
+@main.command("compile")
+@click.argument("model", default="minilm")
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to create.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="YAML recipe (pipeline + calibration + backends).")
+@click.option("--passes", "passes_spec", help='Pipeline spec, e.g. "outlier-analysis{m=5},prune{method=wanda}".')
+@click.option("--plugin", "plugins", multiple=True, help="Plugin file or module defining passes/backends (repeatable).")
+@click.option("--calib", default="default", show_default=True, help="Calibration data: default | self | FILE.txt | FILE.jsonl | DIR.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, callback=_positive)
+@click.option("--calib-seqlen", type=int, default=128, show_default=True, callback=_positive, help="Tokens per sample (capped by the model).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--sparsity", type=float, help="Target sparsity (shorthand; default 0.5).")
+@click.option("--allocation", help="Layerwise allocation: uniform | owl | alphapruning | manual ... (shorthand).")
+@click.option("--method", help="Pruning method: magnitude | wanda | sparsegpt (shorthand).")
+@click.option("--pattern", help="unstructured | N:M such as 2:4 (shorthand).")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic"]), help="Quantization (shorthand).")
+@click.option("--backend", "backends", help="Comma-separated backends to lower to and verify on, e.g. onnxruntime,openvino.")
+@click.option("--eval-data", help="Held-out text to evaluate compiled vs dense (perplexity / embedding cosine); 'eval' = built-in.")
+@click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive)
+@click.option("--seqlen", type=int, default=128, show_default=True, callback=_positive, help="Sequence length for verification.")
+@click.option("--threads", type=int, default=2, show_default=True, callback=_positive)
+@click.option("--runs", type=int, default=20, show_default=True, callback=_positive, help="Timed runs per model in verification.")
+@click.option("--min-speedup", type=float, help="Gate: exit 2 when speedup vs dense is below this.")
+@click.option("--max-accuracy-drop", type=float, help="Gate: exit 2 when 1 - cosine exceeds this.")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR (structure, plan, analyses) after each pass here.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, calib_seqlen, seed, sparsity,
+                allocation, method, pattern, quantize, backends, eval_data, batch_size, seqlen, threads, runs,
+                min_speedup, max_accuracy_drop, dump_ir, force):
+    """Compile MODEL (HF directory, hub id, module:factory, or a built-in name; default: minilm) into OUT."""
+    from compiler.calibration import CalibrationConfig
+    from compiler.compile import CompileOptions, compile_model
+    from compiler.errors import VerificationFailed
+
+    _sigterm_as_interrupt()
+    opts = CompileOptions(
+        model=model, out=out, passes=passes_spec, recipe=recipe, plugins=tuple(plugins),
+        calib=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed),
+        force=force, dump_ir=dump_ir, seed=seed,
+        backends=tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else (),
+        shorthand={"sparsity": sparsity, "allocation": allocation, "method": method, "pattern": pattern, "quantize": quantize},
+        eval_data=eval_data,
+        verify={"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
+                "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop},
+    )
+    result = _run_with_progress(lambda progress, insts: compile_model(opts, progress=progress, instruments=insts))
+    rep = result.report
+    click.echo(f"wrote {result.out}: overall sparsity {100 * rep['sparsity']['overall_measured']:.2f}% "
+               f"of {rep['sparsity']['prunable_params']:,} prunable params in {rep.get('compile_seconds', 0):.1f}s")
+    for name, b in rep.get("backends", {}).items():
+        click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
+                   f"speedup {b.get('speedup_vs_dense'):.2f}x, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
+    failed = [n for n, b in rep.get("backends", {}).items() if not b.get("passed", True)]
+    if failed:
+        raise VerificationFailed(f"verification gates missed on: {', '.join(failed)} (see {result.out}/report.md)")
+
+
+def _run_with_progress(fn):
+    """Run fn(progress, instruments) with a rich progress bar when stderr is a terminal."""
+    if sys.stderr.isatty():
+        from compiler.instruments import RichProgressInstrument
+
+        with RichProgressInstrument(total_passes=0) as bar:
+            return fn(None, [bar])
+    return fn(None, [])
+
+
+@main.command("passes")
+@click.argument("name", required=False)
+@click.option("--plugin", "plugins", multiple=True, help="Also load this plugin.")
+def passes_cmd(name, plugins):
+    """List registered passes, or show one pass's options (types and defaults)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from compiler.registry import Registry
+
+    reg = Registry.default(plugins)
+    console = Console()
+    if name:
+        cls = reg.get_pass(name)
+        console.print(f"[bold]{cls.name}[/bold]: {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
+        console.print(f"origin: {reg.passes[name].origin}")
+        table = Table("option", "type", "default", "help")
+        for opt in cls.options():
+            table.add_row(opt.name, opt.type_name, repr(opt.default), opt.help)
+        console.print(table)
+        return
+    table = Table("pass", "description", "origin")
+    for pname, entry in sorted(reg.passes.items()):
+        doc = entry.obj.description or (entry.obj.__doc__ or "").strip().splitlines()[0]
+        table.add_row(pname, doc, entry.origin)
+    console.print(table)
+
+
+@main.group("backends", invoke_without_command=True, cls=SparsecGroup)
+@click.pass_context
+def backends_cmd(ctx):
+    """List backends, whether each is available here, and how to install it."""
+    if ctx.invoked_subcommand:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from compiler.registry import Registry
+
+    reg = Registry.default()
+    table = Table("backend", "device", "available", "reason / how to install")
+    for name, entry in sorted(reg.backends.items()):
+        info = entry.obj().info()
+        status = "yes" if info["available"] else "no"
+        detail = info["reason"] if info["available"] else f"{info['reason']} — install: {info['install']}"
+        table.add_row(name, info["device"], status, detail)
+    Console().print(table)
+
+
+@main.command("inspect")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print manifest + report as JSON.")
+def inspect_cmd(artifact, as_json):
+    """Print an artifact's plan and report as tables (verifies its sha256 manifest first)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from compiler.artifact import Artifact
+
+    art = Artifact.load(artifact)
+    report = art.report
+    if as_json:
+        click.echo(json.dumps({"manifest": art.manifest, "report": report}, indent=2))
+        return
+    console = Console()
+    m = art.manifest
+    console.print(f"[bold]{artifact}[/bold]  source={m['source'].get('model')}  type={m['source'].get('model_type')}")
+    console.print(f"pipeline: {m['pipeline']}")
+    console.print(f"calibration: {m.get('calibration')}")
+    ratios = m.get("analyses", {}).get("outlier_ratio", {})
+    table = Table("layer", "block", "params", "target", "measured", "pattern", "quant", "outlier %")
+    for name, p in m["plan"].items():
+        tgt = "dense" if p["target_sparsity"] is None else f"{p['target_sparsity']:.3f}"
+        r = ratios.get(name)
+        table.add_row(name, str(p["block"]), f"{p['params']:,}", tgt, f"{p['measured_sparsity']:.3f}",
+                      p.get("pattern") or "", p.get("quant") or "", "" if r is None else f"{100 * r:.2f}")
+    console.print(table)
+    passes = Table("pass", "seconds", "modified", "metrics")
+    for p in report.get("passes", []):
+        metrics = {k: v for k, v in p["metrics"].items() if not isinstance(v, (dict, list))}
+        passes.add_row(p["name"], f"{p['seconds']:.2f}", str(p["modified"]), ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    console.print(passes)
+    if report.get("backends"):
+        bt = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup", "cosine", "max abs diff", "passed")
+        for name, b in report["backends"].items():
+            bt.add_row(name, f"{b['dense_p50_ms']:.2f}", f"{b['compiled_p50_ms']:.2f}", f"{b['speedup_vs_dense']:.2f}",
+                       f"{b['cosine']:.5f}", f"{b['max_abs_diff']:.3g}", str(b["passed"]))
+        console.print(bt)
+    s = report.get("sparsity", {})
+    console.print(f"overall measured sparsity: {100 * s.get('overall_measured', 0):.2f}% of {s.get('prunable_params', 0):,} prunable params")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

