@@ -105,11 +105,29 @@ def save_model(ir: ModelIR, directory: Path) -> None:
         ir.module.save_pretrained(directory, safe_serialization=True)
         if ir.tokenizer is not None:
             ir.tokenizer.save_pretrained(directory)
+        _copy_sentence_transformers_files(ir.source_dir, directory)
     else:
         from safetensors.torch import save_file
 
         state = {k: v.detach().contiguous() for k, v in ir.module.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"))
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
+
+
+def _copy_sentence_transformers_files(source: Path | None, directory: Path) -> None:
+    """Keep a sentence-transformers model loadable as one (its pooling config says how to embed)."""
+    import shutil
+
+    if source is None:
+        return
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        src = Path(source) / name
+        if src.is_dir():
+            shutil.copytree(src, directory / name, dirs_exist_ok=True)
+        elif src.is_file():
+            shutil.copy2(src, directory / name)
 
 
 def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None] | None = None,
