@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,12 @@ class CalibrationSet:
 def stdlib_corpus(split: str = "calib") -> list[str]:
     """Docstrings of a fixed list of standard-library modules, in a deterministic order."""
     names = CALIB_MODULES if split == "calib" else EVAL_MODULES
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated aliases (typing.re ...) warn on attribute access
+        return _collect_docstrings(names)
+
+
+def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
     texts: list[str] = []
     for mod_name in names:
         try:
