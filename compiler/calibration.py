@@ -10,11 +10,14 @@ fixed seed; their sha256 goes into the manifest. The sequence length is capped b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import random
+import sys
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,10 +75,23 @@ class CalibrationSet:
                 "seed": self.seed, "sha256": self.sha256, "notes": list(self.notes)}
 
 
+# Modules never imported for text: side effects on import, or GUI/test packages.
+_NEVER_IMPORT = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "test", "lib2to3",
+                 "ensurepip", "venv", "pydoc_data"}
+
+
+def _train_modules() -> tuple[str, ...]:
+    """Every importable stdlib module except the held-out evaluation packages (for training LMs)."""
+    held_out = {m.split(".")[0] for m in EVAL_MODULES}
+    return tuple(sorted(n for n in sys.stdlib_module_names
+                        if not n.startswith("_") and n not in _NEVER_IMPORT and n not in held_out))
+
+
 def stdlib_corpus(split: str = "calib") -> list[str]:
-    """Docstrings of a fixed list of standard-library modules, in a deterministic order."""
-    names = CALIB_MODULES if split == "calib" else EVAL_MODULES
-    with warnings.catch_warnings():
+    """Docstrings of standard-library modules in a deterministic order. Splits: `calib` (a fixed
+    list), `eval` (a disjoint held-out list), `train` (all other stdlib modules, for training)."""
+    names = {"calib": CALIB_MODULES, "eval": EVAL_MODULES}.get(split) or _train_modules()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # deprecated aliases (typing.re ...) warn on attribute access
         return _collect_docstrings(names)
 
