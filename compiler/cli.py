@@ -124,7 +124,7 @@ def _run_with_progress(fn):
     if sys.stderr.isatty():
         from compiler.instruments import RichProgressInstrument
 
-        with RichProgressInstrument(total_passes=0) as bar:
+        with RichProgressInstrument() as bar:
             return fn(None, [bar])
     return fn(None, [])
 

@@ -58,7 +58,7 @@ class DumpIRInstrument:
 class RichProgressInstrument:
     """A rich progress bar over passes and, inside a pass, over blocks. Used only on a terminal."""
 
-    def __init__(self, total_passes: int):
+    def __init__(self, total_passes: int = 0):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -72,6 +72,9 @@ class RichProgressInstrument:
 
     def __exit__(self, *exc):
         self.progress.stop()
+
+    def on_pipeline_start(self, pipeline):
+        self.progress.update(self.passes, total=len(pipeline.passes))
 
     def before_pass(self, pass_, ir):
         self.progress.update(self.passes, description=f"pass {pass_.name}")

@@ -101,6 +101,10 @@ class Pipeline:
             previous_progress(what, n, total)
 
         ctx = dataclasses.replace(ctx, progress=progress)
+        for inst in instruments:
+            start_hook = getattr(inst, "on_pipeline_start", None)
+            if start_hook:
+                start_hook(self)
         for p in self.passes:
             for inst in instruments:
                 inst.before_pass(p, run.ir)
