@@ -61,12 +61,15 @@ def test_missing_plugin_file():
         Registry().load_plugin("no/such/plugin.py")
 
 
+BUILTIN_PASSES = {"outlier-analysis", "sparsity-allocation", "prune", "nm-structure"}
+
+
 def test_builtins_come_from_entry_points():
     reg = Registry.default()
-    assert reg.passes, "built-in passes are declared as sparsec.passes entry points"
-    for entry in reg.passes.values():
-        if entry.obj.__module__.startswith("passes."):
-            assert entry.origin.startswith("entry point sparsec.passes:")
+    assert BUILTIN_PASSES <= set(reg.passes), "built-in passes are declared as sparsec.passes entry points"
+    for name in BUILTIN_PASSES:
+        assert reg.passes[name].origin.startswith(f"entry point sparsec.passes:{name} = passes.")
+        assert "(sparsec " in reg.passes[name].origin
 
 
 def test_installed_plugin_package_is_found_via_entry_point(tmp_path):
