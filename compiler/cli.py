@@ -221,5 +221,8 @@ def inspect_cmd(artifact, as_json):
     console.print(f"overall measured sparsity: {100 * s.get('overall_measured', 0):.2f}% of {s.get('prunable_params', 0):,} prunable params")
 
 
+from compiler.cli_eval import eval_cmd; main.add_command(eval_cmd)  # noqa: E402
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

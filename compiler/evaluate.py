@@ -1,0 +1,197 @@
+"""Quality of a compiled model against its dense source, on held-out text.
+
+- Causal LMs: perplexity with strided windows (each window of `seqlen` tokens re-reads up to
+  `seqlen − stride` tokens of context and scores only its new tokens), over at most `max_tokens`
+  tokens — memory is one window, whatever the corpus size.
+- Encoders (and the encoder of seq2seq models): mean-pooled (attention-masked) last hidden states,
+  cosine between the compiled and the dense model per text, averaged.
+- Plain modules without a tokenizer: cosine of the first output on the model's example inputs.
+
+`evaluate_pair` is what `sparsec compile --eval-data` calls; `sparsec eval` (compiler/cli_eval.py)
+uses the same functions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compiler.calibration import CalibrationConfig, effective_seqlen, load_texts
+from compiler.errors import CalibrationError
+from compiler.trace import call_model
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seqlen: int = 256  # window length (capped by the model's positions)
+    stride: int = 128  # new tokens scored per window
+    max_tokens: int = 16384  # perplexity: tokens of the corpus evaluated
+    max_texts: int = 256  # embeddings: texts compared
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("seqlen", "stride", "max_tokens", "max_texts", "batch_size"):
+            if getattr(self, key) <= 0:
+                raise CalibrationError(f"evaluation {key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    value: float
+    nll: float  # mean negative log-likelihood per scored token
+    tokens: int
+    windows: int
+
+
+def corpus_ids(tokenizer: Any, texts: list[str], max_tokens: int) -> torch.Tensor:
+    """Token ids of the texts joined by blank lines, cut to max_tokens (only what is needed is tokenized)."""
+    chosen, chars = [], 0
+    for t in texts:
+        chosen.append(t)
+        chars += len(t)
+        if chars > max_tokens * 8:  # far more characters than tokens needed
+            break
+    ids = tokenizer("\n\n".join(chosen), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids[:max_tokens], dtype=torch.long)
+
+
+def perplexity(module: nn.Module, ids: torch.Tensor, seqlen: int, stride: int) -> Perplexity:
+    """Strided-window perplexity of a causal LM over a 1-D token tensor."""
+    if ids.numel() < 2:
+        raise CalibrationError(f"evaluation text has {ids.numel()} tokens: need at least 2 for perplexity")
+    stride = min(stride, seqlen)
+    total_nll, scored, windows, prev_end = 0.0, 0, 0, 0
+    n = ids.numel()
+    with torch.no_grad():
+        for begin in range(0, n, stride):
+            end = min(begin + seqlen, n)
+            new = end - max(prev_end, begin)  # tokens not scored by an earlier window
+            window = ids[begin:end].unsqueeze(0)
+            logits = module(input_ids=window, use_cache=False).logits.float()
+            targets = window[0, 1:]
+            logp = F.log_softmax(logits[0, :-1], dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+            take = min(new, logp.numel())
+            total_nll -= float(logp[-take:].sum()) if take else 0.0
+            scored += take
+            windows += 1
+            prev_end = end
+            if end == n:
+                break
+    nll = total_nll / max(scored, 1)
+    return Perplexity(math.exp(nll), nll, scored, windows)
+
+
+def _encoder(module: nn.Module, model_type: str) -> nn.Module:
+    if model_type == "seq2seq" and hasattr(module, "get_encoder"):
+        return module.get_encoder()
+    base = getattr(module, "base_model", None)
+    return base if model_type == "sequence-classification" and isinstance(base, nn.Module) else module
+
+
+def mean_pooled(module: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attention-masked mean of the last hidden states: (batch, hidden)."""
+    with torch.no_grad():
+        out = module(**batch)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+def embedding_cosines(dense: nn.Module, compiled: nn.Module, tokenizer: Any, texts: list[str], cfg: EvalConfig,
+                      model_type: str = "encoder", seqlen: int | None = None) -> torch.Tensor:
+    """Per-text cosine between mean-pooled embeddings of the compiled and the dense model."""
+    texts = texts[: cfg.max_texts]
+    dense_enc, comp_enc = _encoder(dense, model_type), _encoder(compiled, model_type)
+    out = []
+    for i in range(0, len(texts), cfg.batch_size):
+        enc = tokenizer(texts[i : i + cfg.batch_size], padding=True, truncation=True, max_length=seqlen or cfg.seqlen, return_tensors="pt")
+        batch = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        out.append(F.cosine_similarity(mean_pooled(comp_enc, batch), mean_pooled(dense_enc, batch), dim=-1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def output_cosine(dense: nn.Module, compiled: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
+    with torch.no_grad():
+        a, b = call_model(dense, inputs), call_model(compiled, inputs)
+    a, b = (_first_tensor(x).flatten().float() for x in (a, b))
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for attr in ("logits", "last_hidden_state"):
+        if getattr(out, attr, None) is not None:
+            return getattr(out, attr)
+    return out[0]
+
+
+def evaluate_pair(dense_ir: Any, compiled_ir: Any, data: str, calib_cfg: CalibrationConfig | None = None,
+                  cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """Compare the compiled model with the dense one on held-out `data` ('eval' = built-in corpus)."""
+    cfg = cfg or EvalConfig()
+    seqlen = effective_seqlen(cfg.seqlen, dense_ir.config)
+    tokenizer = compiled_ir.tokenizer
+    if tokenizer is None:
+        inputs = dense_ir.example_inputs or {}
+        return {"metric": "output_cosine", "data": "example_inputs", "dense": 1.0,
+                "compiled": output_cosine(dense_ir.module, compiled_ir.module, inputs), "samples": 1}
+    texts = load_texts(data)
+    if compiled_ir.model_type == "causal-lm":
+        ids = corpus_ids(tokenizer, texts, cfg.max_tokens)
+        d = perplexity(dense_ir.module, ids, seqlen, cfg.stride)
+        c = perplexity(compiled_ir.module, ids, seqlen, cfg.stride)
+        return {"metric": "perplexity", "data": data, "dense": d.value, "compiled": c.value,
+                "ratio": c.value / d.value, "tokens": c.tokens, "windows": c.windows, "seqlen": seqlen,
+                "stride": min(cfg.stride, seqlen)}
+    cos = embedding_cosines(dense_ir.module, compiled_ir.module, tokenizer, texts, cfg, compiled_ir.model_type, seqlen)
+    return {"metric": "embedding_cosine", "data": data, "dense": 1.0, "compiled": float(cos.mean()),
+            "min": float(cos.min()), "samples": int(cos.numel()), "seqlen": seqlen}
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """What `sparsec eval` compares: a model path and its dense reference (None: perplexity only)."""
+
+    model: str
+    reference: str | None
+    artifact: str | None = None
+
+
+def resolve_target(model_or_artifact: str, reference: str | None) -> EvalTarget:
+    """An artifact directory evaluates ARTIFACT/model against manifest source.resolved (sha256-verified)."""
+    from pathlib import Path
+
+    from compiler.artifact import MANIFEST, Artifact
+
+    path = Path(model_or_artifact)
+    if path.is_dir() and (path / MANIFEST).is_file():
+        art = Artifact.load(path)
+        ref = reference or art.manifest.get("source", {}).get("resolved")
+        return EvalTarget(str(path / "model"), ref, str(path))
+    return EvalTarget(model_or_artifact, reference)
+
+
+def evaluate_models(target: EvalTarget, data: str, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """Load the model (and reference) and evaluate on `data`; the `sparsec eval` command's work."""
+    from compiler.errors import SpecError
+    from compiler.trace import load_and_trace
+
+    cfg = cfg or EvalConfig()
+    compiled = load_and_trace(target.model)
+    dense = load_and_trace(target.reference) if target.reference else None
+    head = {"model": target.model, "reference": target.reference, "artifact": target.artifact}
+    if dense is not None:
+        return {**head, **evaluate_pair(dense, compiled, data, cfg=cfg)}
+    if compiled.model_type != "causal-lm" or compiled.tokenizer is None:
+        raise SpecError(f"'{target.model}' is not a causal LM with a tokenizer: embedding fidelity needs a dense "
+                        "reference (pass --reference MODEL, or evaluate an artifact)")
+    seqlen = effective_seqlen(cfg.seqlen, compiled.config)
+    ppl = perplexity(compiled.module, corpus_ids(compiled.tokenizer, load_texts(data), cfg.max_tokens), seqlen, cfg.stride)
+    return {**head, "metric": "perplexity", "data": data, "dense": None, "compiled": ppl.value, "tokens": ppl.tokens,
+            "windows": ppl.windows, "seqlen": seqlen, "stride": min(cfg.stride, seqlen)}
