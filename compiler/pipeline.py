@@ -20,7 +20,7 @@ from compiler.errors import PassError, SparsecError, SpecError
 from compiler.ir import ModelIR
 from compiler.pass_infra import Pass, PassContext, PassResult
 from compiler.registry import Registry
-from compiler.spec import coerce, parse_spec
+from compiler.spec import coerce, load_yaml_file, parse_spec
 
 
 def build_pass(registry: Registry, name: str, raw: dict[str, Any]) -> Pass:
@@ -140,15 +140,7 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path, registry: Registry) -> "Recipe":
-        p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"recipe '{path}' does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SpecError(f"recipe '{path}' is not valid YAML: {first}") from None
-        return cls.from_dict(data, registry, where=str(path))
+        return cls.from_dict(load_yaml_file(path, "recipe"), registry, where=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, registry: Registry, where: str = "recipe") -> "Recipe":

@@ -90,6 +90,22 @@ def parse_spec(text: str) -> list[PassSpec]:
         i += 1
 
 
+def load_yaml_file(path: Any, what: str) -> Any:
+    """Parse a YAML file; a missing file or invalid YAML is a one-line SpecError naming `what`."""
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{what} '{path}' does not exist")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError(f"{what} '{path}' is not valid YAML: {first}") from None
+
+
 def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Validate/convert a raw value (string from a spec, or YAML scalar) to the annotated type."""
     import pydantic

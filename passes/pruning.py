@@ -15,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from compiler.block_runner import BlockRunner, LayerStats, check_weights_finite
 from compiler.errors import SpecError
 from compiler.ir import ModelIR

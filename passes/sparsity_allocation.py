@@ -28,6 +28,7 @@ from typing import Any, Literal
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
 from compiler.pass_infra import Pass, PassContext, PassResult, option
+from compiler.spec import load_yaml_file
 from passes.math.alpha import layer_alpha
 from passes.math.masks import parse_pattern
 from passes.math.owl import Allocation, alpha_allocation, owl_allocation
@@ -155,15 +156,7 @@ def _report_clamping(alloc: Allocation, diagnostics: list[str]) -> None:
 
 
 def _manual_ratios(ir: ModelIR, names: list[str], path: Path, default: float, diagnostics: list[str]) -> dict[str, float | None]:
-    import yaml
-
-    if not path.is_file():
-        raise SpecError(f"sparsity-allocation: manual file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError(f"sparsity-allocation: manual file '{path}' is not valid YAML: {first}") from None
+    data = load_yaml_file(path, "sparsity-allocation: manual file")
     if not isinstance(data, dict) or not data:
         raise SpecError(f"sparsity-allocation: manual file '{path}' must be a mapping {{layer or regex: ratio}}")
     entries: dict[str, float | None] = {}
