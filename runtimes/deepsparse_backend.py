@@ -1,0 +1,385 @@
+"""DeepSparse backend: Neural Magic's sparse-aware CPU engine, run in a worker subprocess.
+
+DeepSparse 1.8 cannot share our environment (it pins onnx<1.15, numpy<2, Python ≤ 3.11), so it lives
+in its own venv (`sparsec backends install deepsparse`, see runtimes/venvs.py) and runs in
+`runtimes/deepsparse_worker.py`, a persistent process that speaks length-prefixed messages over its
+stdin/stdout (JSON headers + `np.save` arrays, no pickle). The engine can abort the whole process on
+some graphs: that is reported as a `DeepSparseWorkerError` with the exit status and the stderr tail; a
+worker that does not answer within the timeout is killed and reaped.
+
+`prepare()` writes the variant the engine runs fast: static input shapes (batch × sequence), ONNX IR
+version ≤ 9 and opset ≤ 17 (the worker's onnx 1.14 and the engine read nothing newer), model-local
+functions inlined, unused opset domains dropped, nodes of foreign domains refused by name.
+Facts (DESIGN.md §5): ORT-style QDQ int8 graphs run *slower* than fp32 on it; QLinearMatMul
+(QOperator) int8 graphs run fast. Licence: evaluation only (see `licence_notice`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from compiler.errors import SparsecError
+from compiler.registry import register_backend
+from runtimes.base import Backend, Runner, RunnerOptions
+from runtimes.deepsparse_worker import encode_message, read_message
+from runtimes.venvs import DEEPSPARSE, venv_dir, venv_python, venv_status, worker_env
+
+MAX_IR_VERSION = 9
+TARGET_OPSET = 17
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+WORKER = Path(__file__).with_name("deepsparse_worker.py")
+EXTERNAL_DATA_BYTES = 1_500_000_000
+
+
+class DeepSparseError(SparsecError):
+    """DeepSparse rejected a model or a request."""
+
+
+class DeepSparseWorkerError(DeepSparseError):
+    """The worker process crashed, hung, or broke the protocol."""
+
+
+# ---------------------------------------------------------------- prepare: pure graph rewrites
+
+
+def _env_seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SparsecError(f"{var} must be a number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise SparsecError(f"{var} must be > 0, got {raw}")
+    return value
+
+
+def check_domains(model) -> list[str]:
+    """Refuse nodes from non-standard opset domains (naming the first one); drop unused imports.
+    Returns the dropped domain names."""
+    for node in model.graph.node:
+        if node.domain not in STANDARD_DOMAINS:
+            raise DeepSparseError(
+                f"node '{node.name or node.output[0]}' ({node.domain}::{node.op_type}) uses opset domain "
+                f"'{node.domain}', which DeepSparse cannot run; lower without runtime-specific fusions "
+                "(e.g. onnxruntime's com.microsoft ops)")
+    keep = [op for op in model.opset_import if op.domain in STANDARD_DOMAINS]
+    dropped = [op.domain for op in model.opset_import if op.domain not in STANDARD_DOMAINS]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return dropped
+
+
+def default_opset(model) -> int:
+    return next((op.version for op in model.opset_import if op.domain in STANDARD_DOMAINS), 1)
+
+
+def downgrade(model):
+    """Opset ≤ TARGET_OPSET and IR version ≤ MAX_IR_VERSION. Returns (model, notes)."""
+    notes = []
+    if model.functions:
+        from onnx import inliner
+
+        model = inliner.inline_local_functions(model)
+        notes.append("inlined model-local functions")
+    opset = default_opset(model)
+    if opset > TARGET_OPSET:
+        from onnx import version_converter
+
+        try:
+            model = version_converter.convert_version(model, TARGET_OPSET)
+        except Exception as exc:  # noqa: BLE001 - onnx raises several types here
+            raise DeepSparseError(f"cannot convert opset {opset} to {TARGET_OPSET} for DeepSparse: "
+                                  f"{' '.join(str(exc).split())[:300]}") from exc
+        notes.append(f"converted opset {opset} -> {TARGET_OPSET}")
+    if model.ir_version > MAX_IR_VERSION:
+        _refuse_newer_types(model)
+        notes.append(f"IR version {model.ir_version} -> {MAX_IR_VERSION}")
+        model.ir_version = MAX_IR_VERSION
+    return model, notes
+
+
+def _refuse_newer_types(model) -> None:
+    """IR 10 added 4-bit types; a graph using them cannot be relabelled IR 9."""
+    from onnx import TensorProto
+
+    newer = {getattr(TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
+    for init in model.graph.initializer:
+        if init.data_type in newer:
+            raise DeepSparseError(f"initializer '{init.name}' uses a 4-bit type (IR ≥ 10); DeepSparse reads IR ≤ 9")
+
+
+def make_static(model, batch_size: int, seqlen: int) -> list[str]:
+    """Fix symbolic input dims: axis 0 -> batch_size, axis 1 -> seqlen; any other symbolic axis is
+    refused. Output and intermediate shapes are re-inferred. Returns notes."""
+    import onnx
+
+    initializers = {i.name for i in model.graph.initializer}
+    notes = []
+    for inp in model.graph.input:
+        if inp.name in initializers:
+            continue
+        for axis, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                continue
+            if axis > 1:
+                raise DeepSparseError(
+                    f"input '{inp.name}' has a symbolic axis {axis} ('{dim.dim_param or '?'}'); the DeepSparse "
+                    "backend fixes only batch (axis 0) and sequence (axis 1) — KV-cache graphs are not supported")
+            label = dim.dim_param or "?"
+            dim.Clear()
+            dim.dim_value = batch_size if axis == 0 else seqlen
+            notes.append(f"{inp.name}[{axis}] '{label}' -> {dim.dim_value}")
+    for out in model.graph.output:
+        out.type.tensor_type.ClearField("shape")
+    del model.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(model)
+    del model.graph.output[:]
+    model.graph.output.extend(inferred.graph.output)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    return notes
+
+
+def qdq_note(model) -> str | None:
+    qdq = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if qdq and not any(n.op_type in ("QLinearMatMul", "MatMulInteger") for n in model.graph.node):
+        return (f"QDQ int8 graph ({qdq} Q/DQ nodes): DeepSparse runs these slower than fp32; "
+                "use the int8 QOperator (QLinearMatMul) variant instead")
+    return None
+
+
+# ---------------------------------------------------------------- worker process
+
+
+class _Worker:
+    """One worker process with deadline-bound, length-prefixed request/response exchanges."""
+
+    def __init__(self, python: Path, timeout_s: float):
+        self._stderr = tempfile.TemporaryFile(prefix="sparsec-deepsparse-", suffix=".log")
+        self.proc = subprocess.Popen(
+            [str(python), "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, env=worker_env(), start_new_session=True)
+        self._finalizer = weakref.finalize(self, _reap, self.proc)
+        self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        os.set_blocking(self._in, False)
+        os.set_blocking(self._out, False)
+        self.timeout_s = timeout_s
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def request(self, header: dict, arrays: dict[str, np.ndarray] | None = None,
+                timeout_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+        op = header.get("op", "?")
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        if self.proc.poll() is not None:
+            raise self._crashed(op)
+        try:
+            self._write_all(encode_message(header, arrays), deadline)
+            reply, out = read_message(lambda n: self._read_exact(n, deadline))
+        except TimeoutError:
+            self.kill()
+            raise DeepSparseWorkerError(
+                f"DeepSparse worker did not answer '{op}' within {timeout_s:g} s; killed it (pid {self.pid}). "
+                f"Raise the limit with SPARSEC_DEEPSPARSE_TIMEOUT (load: SPARSEC_DEEPSPARSE_LOAD_TIMEOUT)") from None
+        except (EOFError, BrokenPipeError, ConnectionResetError):
+            raise self._crashed(op) from None
+        except ValueError as exc:  # garbage on the pipe: a protocol error
+            self.kill()
+            raise DeepSparseWorkerError(f"DeepSparse worker broke the protocol during '{op}': {exc}; {self.stderr_tail()}") from None
+        if not reply.get("ok"):
+            raise DeepSparseError(f"DeepSparse failed to {op}: {reply.get('error', 'unknown error')}")
+        return reply, out
+
+    def _wait(self, fd: int, writable: bool, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        r, w, _ = select.select([] if writable else [fd], [fd] if writable else [], [], remaining)
+        if not (r or w):
+            raise TimeoutError
+
+    def _write_all(self, data: bytes, deadline: float) -> None:
+        view = memoryview(data)
+        while view:
+            self._wait(self._in, True, deadline)
+            try:
+                view = view[os.write(self._in, view):]
+            except BlockingIOError:
+                continue
+
+    def _read_exact(self, n: int, deadline: float) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            self._wait(self._out, False, deadline)
+            try:
+                chunk = os.read(self._out, min(n - len(buf), 1 << 22))
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise EOFError
+            buf += chunk
+        return bytes(buf)
+
+    def _crashed(self, op: str) -> DeepSparseWorkerError:
+        try:
+            rc = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            rc = self.proc.returncode
+        status = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit status {rc}"
+        return DeepSparseWorkerError(f"DeepSparse worker died during '{op}' ({status}): {self.stderr_tail()}")
+
+    def stderr_tail(self, limit: int = 1500) -> str:
+        self._stderr.seek(0, os.SEEK_END)
+        size = self._stderr.tell()
+        self._stderr.seek(max(0, size - limit))
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
+        lines = [ln for ln in lines if not ln.startswith("DeepSparse, Copyright")]
+        return "stderr: " + (" | ".join(lines[-6:]) if lines else "(empty)")
+
+    def kill(self) -> None:
+        _reap(self.proc)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.request({"op": "close"}, timeout_s=5)
+                self.proc.wait(timeout=5)
+            except (DeepSparseError, subprocess.TimeoutExpired):
+                pass
+        self._finalizer()
+        for stream in (self.proc.stdin, self.proc.stdout, self._stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kill (if still running) and wait, so no zombie is left behind."""
+    if proc.poll() is None:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
+        pass
+
+
+class DeepSparseRunner(Runner):
+    """A model compiled by DeepSparse inside a worker process. `info` holds what the engine reported."""
+
+    def __init__(self, python: Path, model_path: Path, options: RunnerOptions, load_timeout_s: float, infer_timeout_s: float):
+        self.options = options
+        self._worker = _Worker(python, infer_timeout_s)
+        try:
+            self.info, _ = self._worker.request(
+                {"op": "load", "model": str(Path(model_path).resolve()), "batch_size": options.batch_size,
+                 "seqlen": options.seqlen, "threads": options.threads}, timeout_s=load_timeout_s)
+        except BaseException:
+            self._worker.close()
+            raise
+        self.info = {k: v for k, v in self.info.items() if k not in ("ok", "arrays")}
+        self.input_names = tuple(self.info["input_names"])
+        self.output_names = tuple(self.info["output_names"])
+        self.input_shapes = {n: tuple(s) for n, s in zip(self.input_names, self.info["input_shapes"])}
+        self.load_timeout_s = load_timeout_s
+        self.last_engine_ms = 0.0
+        self._kernels: dict[str, Any] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._worker.pid
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = {}
+        for name in self.input_names:
+            arr = np.asarray(feeds[name])
+            if arr.shape != self.input_shapes[name]:
+                raise DeepSparseError(
+                    f"input '{name}' has shape {arr.shape} but the DeepSparse engine was compiled for "
+                    f"{self.input_shapes[name]} (static shapes: prepare with this batch size and seqlen)")
+            arrays[name] = arr
+        reply, outputs = self._worker.request({"op": "run"}, arrays)
+        self.last_engine_ms = float(reply.get("engine_ms", 0.0))
+        return outputs
+
+    def sparse_kernels(self) -> dict[str, Any]:
+        """Which layers DeepSparse compiled with sparse kernels (its debug-analysis engine: one extra
+        compile, so asked for on demand). {"sparse_layers": n, "layers": n, "by_layer": {name: sparsity}}."""
+        if self._kernels is None:
+            reply, _ = self._worker.request({"op": "analyze"}, timeout_s=self.load_timeout_s)
+            by_layer = {e["layer"]: e["kernel_sparsity"] for e in reply["sparse_layers"]}
+            gemms = [e for e in reply["layers"] if e["layer"] not in ("", "<none>")]
+            self._kernels = {"used": bool(by_layer), "sparse_layers": len(by_layer), "layers": len(gemms), "by_layer": by_layer}
+        return self._kernels
+
+    def close(self) -> None:
+        self._worker.close()
+
+
+# ---------------------------------------------------------------- backend
+
+
+@register_backend
+@dataclass(frozen=True)
+class DeepSparseBackend(Backend):
+    """DeepSparse (CPU, unstructured-sparse fp32 and int8 kernels), in its own venv and process."""
+
+    name: ClassVar[str] = "deepsparse"
+    device: ClassVar[str] = "cpu"
+    install_hint: ClassVar[str] = "sparsec backends install deepsparse"
+    licence_notice: ClassVar[str | None] = DEEPSPARSE.licence_notice
+    load_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_LOAD_TIMEOUT", 900.0))
+    infer_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_TIMEOUT", 120.0))
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(ok, reason); the install command is `install_hint` (callers print both)."""
+        return venv_status(DEEPSPARSE)
+
+    def prepare(self, onnx_path: Path, out_dir: Path, options: RunnerOptions) -> Path:
+        import onnx
+
+        model = onnx.load(str(onnx_path))
+        notes = [f"dropped unused opset domain '{d}'" for d in check_domains(model)]
+        model, converted = downgrade(model)
+        notes += converted + make_static(model, options.batch_size, options.seqlen)
+        if note := qdq_note(model):
+            notes.append(note)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "model.onnx"
+        big = model.ByteSize() > EXTERNAL_DATA_BYTES
+        onnx.save(model, str(path), save_as_external_data=big, location="model.onnx.data" if big else None)
+        (out_dir / "deepsparse.json").write_text(json.dumps({
+            "source": str(onnx_path), "batch_size": options.batch_size, "seqlen": options.seqlen,
+            "ir_version": model.ir_version, "opset": default_opset(model), "notes": notes}, indent=2))
+        return path
+
+    def runner(self, model_path: Path, options: RunnerOptions) -> DeepSparseRunner:
+        ok, reason = self.available()
+        if not ok:
+            from compiler.errors import BackendUnavailable
+
+            raise BackendUnavailable(f"backend 'deepsparse' is not available: {reason}; install: {self.install_hint}")
+        return DeepSparseRunner(venv_python(venv_dir(DEEPSPARSE)), Path(model_path), options,
+                                self.load_timeout_s, self.infer_timeout_s)
