@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -41,6 +42,8 @@ TARGET_OPSET = 17
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
 EXTERNAL_DATA_BYTES = 1_500_000_000
+# DeepSparse's banner and the hex dumps of its native backtraces: useless in a one-line error
+_NOISE = re.compile(r"^(DeepSparse, Copyright|\[[0-9a-f]+\]$|\d+# 0x|Please email)")
 
 
 class DeepSparseError(SparsecError):
@@ -249,8 +252,8 @@ class _Worker:
         self._stderr.seek(0, os.SEEK_END)
         size = self._stderr.tell()
         self._stderr.seek(max(0, size - limit))
-        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines() if ln.strip()]
-        lines = [ln for ln in lines if not ln.startswith("DeepSparse, Copyright")]
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines()]
+        lines = [ln for ln in lines if ln and not _NOISE.match(ln)]
         return "stderr: " + (" | ".join(lines[-6:]) if lines else "(empty)")
 
     def kill(self) -> None:
