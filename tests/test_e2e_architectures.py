@@ -120,3 +120,16 @@ def test_calibration_shorter_than_seqlen(cli, tiny_model_dir, tmp_path):
     f.write_text("a few words only\n")
     _one_line_error(cli("compile", tiny_model_dir("llama"), "-o", tmp_path / "out", "--calib", f,
                         "--calib-samples", "2", "--calib-seqlen", "64"), "fewer than one sample")
+
+
+@pytest.mark.parametrize("factory,method", [("tests.test_trace:user_factory", "sparsegpt"), ("tests.test_trace:stack_factory", "wanda")])
+def test_compile_user_modules_without_tokenizer(cli, tmp_path, factory, method):
+    """Plain modules (Conv2d + Linear, one root block / a user ModuleList) calibrate on their example inputs."""
+    out = tmp_path / "user"
+    r = cli("compile", factory, "-o", out, "--method", method, "--sparsity", "0.6", "--eval-data", "eval")
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    planned = {n: p for n, p in manifest["plan"].items() if p["target_sparsity"] is not None}
+    assert planned and all(abs(p["measured_sparsity"] - p["target_sparsity"]) < 0.05 for p in planned.values())
+    evaluation = json.loads((out / "report.json").read_text())["evaluation"]
+    assert evaluation["metric"] == "output_cosine" and 0 < evaluation["compiled"] < 1
