@@ -107,6 +107,10 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
         verify={"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
                 "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop},
     )
+    if opts.backends:
+        from compiler.cli_backends import echo_licence_notices
+
+        echo_licence_notices(opts.backends, plugins)
     result = _run_with_progress(lambda progress, insts: compile_model(opts, progress=progress, instruments=insts))
     rep = result.report
     click.echo(f"wrote {result.out}: overall sparsity {100 * rep['sparsity']['overall_measured']:.2f}% "

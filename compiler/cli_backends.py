@@ -34,12 +34,14 @@ def install_cmd(name, python, venv, force):
         click.secho(f"licence: {spec.licence_notice}", fg="yellow", err=True)
 
 
-def echo_licence_notices(backend_names, registry=None) -> None:
-    """Print the licence notice of each backend used (e.g. DeepSparse: evaluation-only) on stderr."""
+def echo_licence_notices(backend_names, plugins=()) -> None:
+    """On stderr, the licence notice of each backend about to be used (e.g. DeepSparse: evaluation only).
+    Unknown names are left for the command itself to report."""
     from compiler.registry import Registry
 
-    registry = registry or Registry.default()
+    registry = Registry.default(plugins)
     for name in backend_names:
-        notice = registry.get_backend(name).licence_notice if name in registry.backends else None
+        entry = registry.backends.get(name)
+        notice = getattr(entry.obj, "licence_notice", None) if entry else None
         if notice:
             click.secho(f"licence ({name}): {notice}", fg="yellow", err=True)

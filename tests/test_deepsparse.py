@@ -144,6 +144,9 @@ def test_missing_venv_is_reported_with_install_command(tmp_path, monkeypatch, cl
     assert not ok and "install did not finish" in reason
     result = cli("backends")
     assert result.exit_code == 0 and "deepsparse" in result.output and "install" in result.output
+    result = cli("compile", "minilm", "-o", tmp_path / "art", "--backend", "deepsparse")
+    assert result.exit_code == 3  # unavailable; the evaluation-only licence is still said first
+    assert "evaluation use only" in result.output and "sparsec backends install deepsparse" in result.output
 
 
 def test_install_command_checks_its_inputs(tmp_path):
