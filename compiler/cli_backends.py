@@ -17,14 +17,19 @@ from compiler.errors import SparsecError
 @click.option("--force", is_flag=True, help="Recreate the venv if it exists.")
 def install_cmd(name, python, venv, force):
     """Create the private virtualenv a backend runs in (its pins clash with sparsec's own)."""
-    from runtimes.venvs import VENVS, find_python, install_venv, venv_dir
+    from runtimes.venvs import VENVS, find_python, install_venv, venv_dir, venv_status
 
     spec = VENVS.get(name)
     if spec is None:
         raise SparsecError(f"'{name}' has no private venv to install (only: {', '.join(sorted(VENVS))}); "
                            "other backends install into sparsec's environment — see `sparsec backends`")
-    interpreter = find_python(spec, python)
     root = venv or venv_dir(spec)
+    ok, reason = venv_status(spec, root)
+    if ok and not force:
+        click.echo(f"{name} is already installed: {reason} (--force recreates it)")
+        return
+    interpreter = find_python(spec, python)
+    force = force or (root / "pyvenv.cfg").exists()  # a broken or unfinished venv is replaced
     click.echo(f"installing {name} into {root} with {interpreter}")
     install_venv(spec, interpreter, root, force=force, log=lambda step: click.echo(f"  {step} ..."))
     click.echo(f"{name} is ready in {root}")

@@ -83,9 +83,10 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def venv_status(spec: VenvSpec) -> tuple[bool, str]:
-    """(usable, reason). Cheap: the import probe is cached per (venv, marker mtime)."""
-    root = venv_dir(spec)
+def venv_status(spec: VenvSpec, root: Path | None = None) -> tuple[bool, str]:
+    """(usable, reason) for the venv at `root` (default: `venv_dir(spec)`). Cheap: the import probe
+    is cached per (interpreter, marker mtime), so a reinstall is noticed."""
+    root = root or venv_dir(spec)
     python, marker = venv_python(root), root / MARKER
     if not python.exists():
         return False, f"no {spec.name} venv at {root}"

@@ -162,6 +162,29 @@ def test_install_command_checks_its_inputs(tmp_path):
     assert not (tmp_path / "v").exists()
 
 
+def test_install_venv_writes_marker_last_and_cleans_up_failures(tmp_path):
+    """The real install steps with this interpreter, offline (--no-index): a venv whose marker makes
+    it usable, a refusal to overwrite it, and a failed install that leaves nothing behind."""
+    import sys
+
+    from runtimes.venvs import MARKER, VenvError, VenvSpec, find_python, install_venv, venv_status
+
+    version = "%d.%d" % sys.version_info[:2]
+    spec = VenvSpec(name="probe", python=version, requirements=("pip",), check_module="json", env_var="UNUSED")
+    python = find_python(spec, sys.executable)
+    steps = []
+    root = install_venv(spec, python, tmp_path / "ok", log=steps.append, pip_args=("--no-index",))
+    assert (root / MARKER).is_file() and steps[-1] == "checking `import json`"
+    ok, reason = venv_status(spec, root)
+    assert ok and reason.startswith("json ")
+    with pytest.raises(VenvError, match="already installed"):
+        install_venv(spec, python, root, pip_args=("--no-index",))
+    bad = VenvSpec(name="bad", python=version, requirements=("sparsec-no-such-package",), check_module="json", env_var="UNUSED")
+    with pytest.raises(VenvError, match=r"installing sparsec-no-such-package failed \(exit 1\).*full log"):
+        install_venv(bad, python, tmp_path / "bad", pip_args=("--no-index",))
+    assert not (tmp_path / "bad").exists() and (tmp_path / "bad-install.log").is_file()
+
+
 def test_timeout_env_var_is_validated(monkeypatch):
     monkeypatch.setenv("SPARSEC_DEEPSPARSE_TIMEOUT", "soon")
     with pytest.raises(SparsecError, match="SPARSEC_DEEPSPARSE_TIMEOUT must be a number"):
