@@ -1,0 +1,293 @@
+"""torch → ONNX export of one model (the pure export step of `compiler.lowering`).
+
+Three graph kinds, chosen from `ModelIR.model_type`:
+- encoders (`feature-extraction`, or `text-classification` for sequence classifiers): inputs
+  `input_ids`, `attention_mask` (+ `token_type_ids` when the model's forward takes them), output
+  `last_hidden_state` (or `logits`); dynamic axes batch + sequence.
+- causal LMs (`text-generation`): one graph with KV cache in optimum's naming — inputs `input_ids`,
+  `attention_mask`, `position_ids`, `past_key_values.{i}.key/value`; outputs `logits`,
+  `present.{i}.key/value`. The same graph does prefill (past length 0) and decode (one token).
+- plain modules (`module`): the factory's example inputs by name, outputs `output[_i]`; dynamic batch.
+
+All exports use the TorchScript exporter (`torch.onnx.export(dynamo=False)`, opset 17 → IR 8, which
+DeepSparse can load) in eval mode without constant-folding anything that could change weights: the
+exact zeros of pruned weights stay exact zeros in the initializers (transposes keep zeros).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compiler.errors import SparsecError
+from compiler.ir import ModelIR
+
+OPSET = 17
+EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
+EXTERNAL_DATA_FILE = "model.onnx.data"
+TASKS = {"encoder": "feature-extraction", "sequence-classification": "text-classification",
+         "causal-lm": "text-generation", "module": "module"}
+
+
+class LoweringError(SparsecError):
+    """The model cannot be lowered to ONNX, or the lowered graph breaks one of our rules."""
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """Shape of the KV cache of a causal-LM graph: (batch, kv_heads, past_len, head_dim) per tensor."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "kv_heads": self.kv_heads, "head_dim": self.head_dim, "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What a lowered graph looks like: task, input/output names, dynamic axes, KV cache layout."""
+
+    task: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    kv: KVSpec | None = None
+
+
+def task_of(ir: ModelIR) -> str:
+    if ir.model_type not in TASKS:
+        raise LoweringError(f"lowering to ONNX supports encoders, causal LMs and plain modules, not '{ir.model_type}' models")
+    return TASKS[ir.model_type]
+
+
+def _forward_params(module: nn.Module) -> set[str]:
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return set()
+
+
+# -- encoders ------------------------------------------------------------------------------------
+class _EncoderWrapper(nn.Module):
+    def __init__(self, model: nn.Module, input_names: tuple[str, ...], output: str):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+        self.output = output
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(**dict(zip(self.input_names, args))), self.output)
+
+
+def encoder_spec(ir: ModelIR) -> GraphSpec:
+    task = task_of(ir)
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in _forward_params(ir.module):
+        names.append("token_type_ids")
+    output = "logits" if task == "text-classification" else "last_hidden_state"
+    axes = {n: {0: "batch_size", 1: "sequence_length"} for n in names}
+    axes[output] = {0: "batch_size"} if output == "logits" else {0: "batch_size", 1: "sequence_length"}
+    return GraphSpec(task, tuple(names), (output,), axes)
+
+
+def _encoder_dummy(spec: GraphSpec, vocab: int) -> tuple[torch.Tensor, ...]:
+    ids = torch.randint(low=min(3, vocab - 1), high=vocab, size=(2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    return tuple(by_name[n] for n in spec.inputs)
+
+
+# -- causal LMs ----------------------------------------------------------------------------------
+class _CausalLMWrapper(nn.Module):
+    """Flat tensors in, flat tensors out: builds a DynamicCache from `past_key_values.*`."""
+
+    def __init__(self, model: nn.Module, layers: int):
+        super().__init__()
+        self.model = model
+        self.layers = layers
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        flat = []
+        for layer in out.past_key_values.layers:
+            flat += [layer.keys, layer.values]
+        return (out.logits, *flat)
+
+
+def kv_spec(module: nn.Module) -> KVSpec:
+    """Read the KV layout from one real forward pass (no architecture names involved)."""
+    with torch.no_grad():
+        out = module(input_ids=torch.tensor([[1, 2]]), use_cache=True)
+    cache = getattr(out, "past_key_values", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(layers[0], "keys", None) is None:
+        raise LoweringError(f"causal LM {type(module).__name__} returns no per-layer KV cache "
+                            f"(got {type(cache).__name__}): only DynamicCache-style models lower with KV cache")
+    keys = layers[0].keys
+    if any(lay.keys.shape[1:] != keys.shape[1:] or lay.values.shape != lay.keys.shape for lay in layers):
+        raise LoweringError(f"{type(module).__name__}: KV tensors differ between layers (hybrid cache): not supported")
+    return KVSpec(layers=len(layers), kv_heads=int(keys.shape[1]), head_dim=int(keys.shape[3]))
+
+
+def causal_lm_spec(ir: ModelIR) -> GraphSpec:
+    kv = kv_spec(ir.module)
+    past = [f"past_key_values.{i}.{t}" for i in range(kv.layers) for t in ("key", "value")]
+    present = [f"present.{i}.{t}" for i in range(kv.layers) for t in ("key", "value")]
+    axes: dict[str, dict[int, str]] = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present})
+    return GraphSpec("text-generation", ("input_ids", "attention_mask", "position_ids", *past),
+                     ("logits", *present), axes, kv)
+
+
+def _causal_dummy(spec: GraphSpec, vocab: int) -> tuple[torch.Tensor, ...]:
+    kv = spec.kv
+    batch, seq, past_len = 2, 5, 3
+    ids = torch.randint(low=min(3, vocab - 1), high=vocab, size=(batch, seq))
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq).unsqueeze(0).expand(batch, -1).contiguous()
+    past = [torch.randn(batch, kv.kv_heads, past_len, kv.head_dim) for _ in range(2 * kv.layers)]
+    return (ids, mask, pos, *past)
+
+
+# -- plain modules -------------------------------------------------------------------------------
+class _ModuleWrapper(nn.Module):
+    def __init__(self, model: nn.Module, input_names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.input_names = input_names
+
+    def forward(self, *args: torch.Tensor):
+        if self.input_names == ("input",):
+            out = self.model(args[0])
+        else:
+            out = self.model(**dict(zip(self.input_names, args)))
+        return tuple(_flat_tensors(out))
+
+
+def _flat_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _flat_tensors(o)]
+    return []
+
+
+def module_spec(ir: ModelIR) -> GraphSpec:
+    if not ir.example_inputs:
+        raise LoweringError("a plain module needs example inputs to be lowered")
+    names = tuple(ir.example_inputs)
+    with torch.no_grad():
+        outs = _flat_tensors(_ModuleWrapper(ir.module, names)(*ir.example_inputs.values()))
+    if not outs:
+        raise LoweringError(f"{type(ir.module).__name__} returns no tensors: nothing to lower")
+    out_names = ("output",) if len(outs) == 1 else tuple(f"output_{i}" for i in range(len(outs)))
+    axes = {n: {0: "batch_size"} for n in (*names, *out_names)}
+    return GraphSpec("module", names, out_names, axes)
+
+
+# -- export --------------------------------------------------------------------------------------
+def graph_spec(ir: ModelIR) -> GraphSpec:
+    task = task_of(ir)
+    if task == "text-generation":
+        return causal_lm_spec(ir)
+    if task == "module":
+        return module_spec(ir)
+    return encoder_spec(ir)
+
+
+def _wrapper_and_dummy(ir: ModelIR, spec: GraphSpec) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    vocab = int(getattr(ir.config, "vocab_size", 0) or 100)
+    if spec.task == "text-generation":
+        return _CausalLMWrapper(ir.module, spec.kv.layers), _causal_dummy(spec, vocab)
+    if spec.task == "module":
+        return _ModuleWrapper(ir.module, spec.inputs), tuple(ir.example_inputs.values())
+    return _EncoderWrapper(ir.module, spec.inputs, spec.outputs[0]), _encoder_dummy(spec, vocab)
+
+
+def param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.state_dict().values())
+
+
+def export_onnx(ir: ModelIR, path: Path, spec: GraphSpec | None = None) -> GraphSpec:
+    """Export `ir.module` (fp32) to `path`; weights go to `model.onnx.data` beside it when the model
+    is larger than 1.5 GB. Returns the graph spec. The module is left in eval mode."""
+    spec = spec or graph_spec(ir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper, dummy = _wrapper_and_dummy(ir, spec)
+    wrapper.eval()  # the exporter restores the wrapper's mode afterwards, recursively
+    big = param_bytes(ir.module) > EXTERNAL_DATA_BYTES
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=path.parent))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TracerWarnings about shape-dependent Python branches
+            torch.onnx.export(wrapper, dummy, str(tmp / path.name), dynamo=False, opset_version=OPSET,
+                              input_names=list(spec.inputs), output_names=list(spec.outputs),
+                              dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
+        if big:
+            save_onnx(load_onnx(tmp / path.name), path, external=True)
+        else:
+            os.replace(tmp / path.name, path)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises anything; keep the message
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise LoweringError(f"torch.onnx.export failed for {type(ir.module).__name__}: {type(exc).__name__}: {first}") from exc
+    finally:
+        ir.module.eval()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return spec
+
+
+def load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_onnx(model: Any, path: Path, external: bool | None = None) -> None:
+    """Save an ONNX model; its weights go to `model.onnx.data` beside it above 1.5 GB."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external is None:
+        external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def torch_outputs(ir: ModelIR, spec: GraphSpec, feeds: dict[str, Any]) -> dict[str, Any]:
+    """Run the torch model on numpy feeds through the same wrapper the export used."""
+    wrapper, _ = _wrapper_and_dummy(ir, spec)
+    args = [torch.from_numpy(feeds[n]) for n in spec.inputs]
+    with torch.no_grad():
+        out = wrapper(*args)
+    out = out if isinstance(out, tuple) else (out,)
+    return {n: t.detach().float().numpy() for n, t in zip(spec.outputs, out)}

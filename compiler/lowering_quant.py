@@ -1,0 +1,268 @@
+"""int8 variants of a lowered graph, each in the form its backend runs fast.
+
+The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic"`); here the decision
+is materialised with onnxruntime's quantization tools, restricted to the MatMul nodes of the planned
+layers (found by module scope, `compiler.lowering.layer_nodes`):
+
+| variant          | format                        | runs on                   | calibration |
+|------------------|-------------------------------|---------------------------|-------------|
+| `int8-dynamic`   | MatMulInteger (quantize_dynamic) | onnxruntime            | none        |
+| `int8-qdq`       | QuantizeLinear/DequantizeLinear, U8 act / S8 weights | onnxruntime, openvino | MinMax |
+| `int8-qoperator` | QLinearMatMul (QOperator)     | deepsparse                | MinMax      |
+| `int8-qdq-sym`   | QDQ, S8 act (zero point 0) / S8 weights | tensorrt        | MinMax      |
+
+Scheme `int8` (static) gives onnxruntime and openvino `int8-qdq`; `int8-dynamic` gives onnxruntime
+`int8-dynamic` and openvino `int8-qdq` (OpenVINO has no fast path for MatMulInteger graphs: it runs
+them, but its int8 kernels are keyed on QDQ / FakeQuantize). DeepSparse always gets
+`int8-qoperator` (it runs QDQ int8 *slower* than fp32, QLinearMatMul fast), TensorRT `int8-qdq-sym`.
+Weights are quantized symmetrically per output channel (per-tensor loses too much: MiniLM embedding
+cosine 0.947 with per-tensor int8-dynamic vs 0.994 per-channel), so every pruned zero stays an
+exact int8 zero.
+
+Calibration uses the artifact's own calibration samples (`calib.samples`), converted to graph feeds;
+when the pipeline had none, a default calibration set is built here and the variant says so.
+Gemm nodes (GPT-2 Conv1D, 2-D Linear) are first rewritten as MatMul + Add: ORT's dynamic quantizer
+has no Gemm, and its QOperator form of Gemm (QGemm) lives in the com.microsoft domain, which
+DeepSparse rejects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.ir import ModelIR
+from compiler.lowering_export import LoweringError, load_onnx, save_onnx
+from compiler.lowering_feeds import graph_feeds
+
+SCHEMES = ("int8", "int8-dynamic")
+
+
+@dataclass(frozen=True)
+class VariantKind:
+    name: str
+    format: str
+    backends: tuple[str, ...]
+    calibrated: bool
+    symmetric_activations: bool = False
+
+
+VARIANTS = {
+    "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", ("onnxruntime",), calibrated=False),
+    "int8-qdq": VariantKind("int8-qdq", "QDQ", ("onnxruntime", "openvino"), calibrated=True),
+    "int8-qoperator": VariantKind("int8-qoperator", "QOperator", ("deepsparse",), calibrated=True),
+    "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", ("tensorrt",), calibrated=True, symmetric_activations=True),
+}
+
+
+def variants_for_scheme(scheme: str, backends: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """Variant name → backends that run it, for a scheme (TensorRT's only when it is requested)."""
+    if scheme == "int8":
+        out = {"int8-qdq": ("onnxruntime", "openvino"), "int8-qoperator": ("deepsparse",)}
+    elif scheme == "int8-dynamic":
+        out = {"int8-dynamic": ("onnxruntime",), "int8-qdq": ("openvino",), "int8-qoperator": ("deepsparse",)}
+    else:
+        raise LoweringError(f"unknown quantization scheme '{scheme}' (known: {', '.join(SCHEMES)})")
+    if "tensorrt" in backends:
+        out["int8-qdq-sym"] = ("tensorrt",)
+    return out
+
+
+def planned_scheme(ir: ModelIR) -> str | None:
+    schemes = {p.quant for p in ir.plan.values() if p.quant}
+    if len(schemes) > 1:
+        raise LoweringError(f"the plan mixes quantization schemes {sorted(schemes)}: lowering supports one per model")
+    return schemes.pop() if schemes else None
+
+
+def quantized_layers(ir: ModelIR) -> list[str]:
+    return [n for n, p in ir.plan.items() if p.quant]
+
+
+# -- graph preparation -----------------------------------------------------------------------------
+def gemm_to_matmul(model: Any) -> int:
+    """Rewrite Gemm(A, B[, C]) with a constant B (alpha = beta = 1, transA = 0) as MatMul(A, B or Bᵀ)
+    [+ Add C], in place; the MatMul keeps the Gemm's name (scope) so layers still map. Returns count."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    nodes, rewritten = [], 0
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(node)
+            continue
+        weight = node.input[1]
+        if attrs.get("transB", 0):
+            transposed = f"{weight}_T"
+            if transposed not in inits:
+                init = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(inits[weight]).T), transposed)
+                model.graph.initializer.append(init)
+                inits[transposed] = init
+            weight = transposed
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], weight], [mm_out], name=node.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}_bias"))
+        rewritten += 1
+    if rewritten:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        used = {i for n in model.graph.node for i in n.input}
+        keep = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+        onnx.checker.check_model(model) if model.ByteSize() < 2**31 else None
+    return rewritten
+
+
+class _FeedReader:
+    """onnxruntime CalibrationDataReader over precomputed feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._iter = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._iter, None)
+
+    def rewind(self) -> None:  # pragma: no cover - used by some calibrators
+        pass
+
+
+def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """Graph feeds from the artifact's calibration samples (or a default set built now)."""
+    note = "the artifact's calibration samples"
+    if calib is None:
+        from compiler.calibration import CalibrationConfig, build_calibration
+
+        calib = build_calibration(ir, CalibrationConfig(samples=16))
+        note = "built at lowering (the pipeline used no calibration): default source, 16 samples"
+    feeds = []
+    for sample in calib.samples:
+        arrays = {k: v.detach().cpu().numpy() for k, v in sample.items()}
+        if section["task"] == "module":
+            feeds.append({k: arrays[k] for k in section["inputs"] if k in arrays})
+            continue
+        ids = arrays["input_ids"]
+        mask = arrays.get("attention_mask", np.ones_like(ids))
+        feeds.append(graph_feeds(section, ids, mask))
+    info = {"samples": len(feeds), "seqlen": int(getattr(calib, "seqlen", 0) or 0), "method": "MinMax",
+            "sha256": getattr(calib, "sha256", None), "source": note}
+    return feeds, info
+
+
+# -- variants --------------------------------------------------------------------------------------
+def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], scheme: str, calib: Any,
+                   backends: tuple[str, ...], only: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Write the scheme's variants under `root/onnx/<variant>/model.onnx`; returns their manifest entries."""
+    from compiler.lowering import graph_rules, layer_nodes, path_rel
+
+    wanted = variants_for_scheme(scheme, backends)
+    if only:
+        wanted = {k: v for k, v in wanted.items() if k in only}
+    layers = quantized_layers(ir)
+    model = load_onnx(src)
+    gemms = gemm_to_matmul(model)
+    mapping = layer_nodes(model, layers)
+    if not mapping:
+        raise LoweringError(f"none of the {len(layers)} layers planned for {scheme} maps to a MatMul node of the graph")
+    nodes = [node for node, _ in mapping.values()]
+    weights = {layer: w for layer, (_, w) in mapping.items()}
+    external = (src.parent / "model.onnx.data").exists()
+    feeds, cal_info = ([], {})
+    if any(VARIANTS[v].calibrated for v in wanted):
+        feeds, cal_info = calibration_feeds(ir, section, calib)
+    entries: dict[str, dict[str, Any]] = {}
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".quant-", dir=root))
+    try:
+        prepared = work / "prepared.onnx"
+        save_onnx(model, prepared, external=external)
+        for name, runs_on in wanted.items():
+            kind = VARIANTS[name]
+            out = root / "onnx" / name / "model.onnx"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _quantize(kind, prepared, out, nodes, feeds, external)
+            qmodel = load_onnx(out)
+            failed = [c for c in graph_rules(qmodel) if not c["ok"]]
+            if failed:
+                raise LoweringError(f"variant '{name}' breaks rule '{failed[0]['rule']}': {failed[0]['detail']}")
+            entries[name] = {
+                "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
+                "weights": "int8 symmetric per output channel",
+                "activations": "dynamic uint8" if not kind.calibrated else ("int8 symmetric" if kind.symmetric_activations else "uint8"),
+                "layers_quantized": len(mapping), "layers_planned": len(layers), "gemm_rewritten": gemms,
+                "calibration": cal_info if kind.calibrated else None,
+                "zeros": int8_zeros(ir, qmodel, weights),
+            }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entries
+
+
+def _quantize(kind: VariantKind, src: Path, out: Path, nodes: list[str], feeds: list[dict[str, np.ndarray]],
+              external: bool) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+                  weight_type=QuantType.QInt8, use_external_data_format=external)
+    try:
+        with _quiet_root_logger():
+            if not kind.calibrated:
+                quantize_dynamic(str(src), str(out), extra_options={"MatMulConstBOnly": True}, **common)
+                return
+            quantize_static(
+                str(src), str(out), _FeedReader(feeds),
+                quant_format=QuantFormat.QDQ if kind.format == "QDQ" else QuantFormat.QOperator,
+                activation_type=QuantType.QInt8 if kind.symmetric_activations else QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True,
+                               "ActivationSymmetric": kind.symmetric_activations},
+                **common)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
+        raise LoweringError(f"onnxruntime quantization to '{kind.name}' failed: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizer warns through the root logger ("consider pre-processing"): the
+    report carries what matters, so its warnings are muted for the duration of the call only."""
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.WARNING))
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def int8_zeros(ir: ModelIR, qmodel: Any, weights: dict[str, str]) -> dict[str, Any]:
+    """Exact zeros of the quantized layers: torch weights vs their int8 initializers (`<w>_quantized`).
+    Symmetric quantization maps 0 to 0, so int8 zeros ≥ torch zeros (tiny weights may round to 0)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in qmodel.graph.initializer}
+    torch_zeros = int8 = mapped = 0
+    lost = []
+    for layer, w in weights.items():
+        q = inits.get(f"{w}_quantized")
+        if q is None:
+            continue
+        mapped += 1
+        tz = int((ir.weight(layer) == 0).sum())
+        qz = int((numpy_helper.to_array(q) == 0).sum())
+        torch_zeros += tz
+        int8 += qz
+        if qz < tz:
+            lost.append(layer)
+    return {"layers_mapped": mapped, "torch_zeros": torch_zeros, "int8_zeros": int8, "preserved": not lost,
+            "lost": lost[:10]}

@@ -1,0 +1,68 @@
+"""`quantize`: decide int8 quantization per layer (a decision pass: weights do not change).
+
+It writes `plan[layer].quant = scheme` for the layers it selects; the decision is materialised at
+lowering, per backend, in the form that backend runs fast (compiler/lowering_quant.py):
+`int8-dynamic` → MatMulInteger for onnxruntime; `int8` (static, calibrated on the artifact's
+calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepSparse.
+
+Layers inside the model's blocks are selected by default; layers outside them (LM heads, poolers,
+classifier heads) stay fp32 unless `include_outside_blocks=true` — an int8 LM head costs much more
+accuracy than it saves time. `exclude` takes regular expressions over layer names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from compiler.errors import SpecError
+from compiler.ir import ModelIR
+from compiler.pass_infra import Pass, PassContext, PassResult, option
+from passes.plan_utils import compile_patterns, require_prunable_layers
+
+Scheme = Literal["int8", "int8-dynamic"]
+
+
+def select_layers(ir: ModelIR, include_outside_blocks: bool, exclude: tuple[str, ...]) -> list[str]:
+    """Names of the layers to quantize, in execution order."""
+    patterns = compile_patterns(exclude, "quantize: exclude")
+    return [n for n, layer in ir.layers.items()
+            if (include_outside_blocks or layer.block is not None) and not any(p.search(n) for p in patterns)]
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Plan int8 quantization (static calibrated or dynamic) of the prunable layers."""
+
+    name = "quantize"
+    description = "Plan int8 quantization per layer (materialised per backend at lowering)"
+    scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); int8-dynamic: activations quantized at run time (MatMulInteger)")
+    include_outside_blocks: bool = option(False, "also quantize layers outside the blocks (LM head, pooler, classifier)")
+    exclude: tuple[str, ...] = option((), "regular expressions of layer names to keep fp32")
+
+    def validate(self) -> None:
+        if self.scheme not in ("int8", "int8-dynamic"):
+            raise SpecError(f"quantize: scheme must be int8 or int8-dynamic, got '{self.scheme}'")
+        compile_patterns(self.exclude, "quantize: exclude")
+
+    def requires(self, ir: ModelIR) -> None:
+        require_prunable_layers(ir, self.name)
+
+    def call(self, ir: ModelIR, ctx: PassContext) -> PassResult:
+        chosen = select_layers(ir, self.include_outside_blocks, self.exclude)
+        for name in chosen:
+            ir.plan[name].quant = self.scheme
+        params = sum(ir.layers[n].params for n in chosen)
+        total = ir.prunable_params()
+        diagnostics = [] if chosen else ["no layer selected for quantization (all excluded)"]
+        kept = [n for n in ir.layers if n not in set(chosen)]
+        if kept:
+            diagnostics.append(f"{len(kept)} layers stay fp32: {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
+        metrics = {"scheme": self.scheme, "layers_quantized": len(chosen), "layers_fp32": len(kept),
+                   "params_quantized_fraction": round(params / total, 4) if total else 0.0}
+        return PassResult(ir, modified=False, metrics=metrics, diagnostics=diagnostics)
+
+    def ensures(self, ir: ModelIR) -> None:
+        schemes = {p.quant for p in ir.plan.values() if p.quant}
+        if len(schemes) > 1:
+            raise SpecError(f"quantize: the plan mixes schemes {sorted(schemes)}; one scheme per model")

@@ -1,0 +1,66 @@
+"""onnxruntime (CPU): always available, the dense reference runtime.
+
+ORT's CPU kernels are dense: sparsity in an fp32 or int8 graph changes nothing but the compressed
+size, and verification reports it so (`sparse_kernels: false`). Its fast dense path is int8 —
+MatMulInteger from `quantize_dynamic` (`int8-dynamic`) or QDQ (`int8-qdq`), see compiler/lowering_quant.py.
+Sessions run sequentially with `intra_op_num_threads = threads` and one inter-op thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.registry import register_backend
+from runtimes.base import Backend, Runner, RunnerOptions
+
+
+class OnnxRuntimeRunner(Runner):
+    def __init__(self, session: Any, options: RunnerOptions):
+        self.session = session
+        self.options = options
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        self._int_inputs = {i.name for i in session.get_inputs() if "int" in i.type}
+        self.details = {"providers": session.get_providers(), "precision": "as in the graph",
+                        "sparse_kernels": False, "threads": options.threads}
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        inputs = {n: (feeds[n].astype(np.int64) if n in self._int_inputs else feeds[n]) for n in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, inputs)))
+
+
+@register_backend
+class OnnxRuntimeBackend(Backend):
+    """onnxruntime CPUExecutionProvider."""
+
+    name = "onnxruntime"
+    device = "cpu"
+    install_hint = "pip install onnxruntime"
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            return False, f"onnxruntime is not importable ({exc})"
+        return True, f"onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
+
+    def runner(self, model_path: Path, options: RunnerOptions) -> OnnxRuntimeRunner:
+        import onnxruntime as ort
+
+        from compiler.lowering import explain_rejection
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(model_path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+            raise explain_rejection(self.name, Path(model_path), exc) from exc
+        return OnnxRuntimeRunner(session, options)
