@@ -42,6 +42,7 @@ TARGET_OPSET = 17
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
 EXTERNAL_DATA_BYTES = 1_500_000_000
+MIN_SPARSITY_FOR_ANALYSIS = 0.05  # below this, `details` skips the (one extra compile) kernel analysis
 # DeepSparse's banner and the hex dumps of its native backtraces: useless in a one-line error
 _NOISE = re.compile(r"^(DeepSparse, Copyright|\[[0-9a-f]+\]$|\d+# 0x|Please email)")
 
@@ -324,6 +325,19 @@ class DeepSparseRunner(Runner):
         reply, outputs = self._worker.request({"op": "run"}, arrays)
         self.last_engine_ms = float(reply.get("engine_ms", 0.0))
         return outputs
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What verification reports about the runtime. `sparse_kernels` comes from the engine's own
+        per-layer analysis, asked only when the weights hold zeros (a dense graph cannot use them)."""
+        kernels = self.sparse_kernels() if self.info["weight_sparsity"] >= MIN_SPARSITY_FOR_ANALYSIS else None
+        return {"engine": f"deepsparse {self.info['version']}", "precision": self.info["precision"],
+                "threads": self.options.threads, "static_shape": [self.options.batch_size, self.options.seqlen],
+                "weight_sparsity": round(self.info["weight_sparsity"], 4),
+                "fraction_of_supported_ops": self.info["fraction_of_supported_ops"],
+                "sparse_kernels": bool(kernels and kernels["used"]),
+                "sparse_layers": kernels["sparse_layers"] if kernels else 0,
+                "licence": "evaluation only (Neural Magic DeepSparse Community License)"}
 
     def sparse_kernels(self) -> dict[str, Any]:
         """Which layers DeepSparse compiled with sparse kernels (its debug-analysis engine: one extra

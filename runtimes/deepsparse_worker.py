@@ -90,6 +90,30 @@ def _input_shapes(model_path: str, batch_size: int, seqlen: int) -> list[list[in
     return shapes if dynamic else None
 
 
+def graph_facts(model_path: str) -> dict:
+    """Weight sparsity of the matmul weights (exact zeros) and the graph's precision, cheaply from the file."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(model_path)
+    inits = {i.name: i for i in model.graph.initializer}
+    ops = {n.op_type for n in model.graph.node}
+    zeros = total = 0
+    for node in model.graph.node:
+        slot = {"MatMul": 1, "Gemm": 1, "MatMulInteger": 1, "QLinearMatMul": 3}.get(node.op_type)
+        if slot is not None and len(node.input) > slot and node.input[slot] in inits:
+            w = numpy_helper.to_array(inits[node.input[slot]])
+            zeros += int(w.size - np.count_nonzero(w))
+            total += int(w.size)
+    if ops & {"QLinearMatMul", "MatMulInteger"}:
+        precision = "int8 (QOperator)"
+    elif ops & {"QuantizeLinear", "DequantizeLinear"}:
+        precision = "int8 (QDQ)"
+    else:
+        precision = "fp32"
+    return {"weight_sparsity": zeros / total if total else 0.0, "precision": precision}
+
+
 class Worker:
     def __init__(self) -> None:
         self.engine = None
@@ -116,6 +140,7 @@ class Worker:
             "cpu_vnni": bool(eng.cpu_vnni),
             "num_cores": eng.num_cores,
             "imposed_static_shapes": shapes is not None,
+            **graph_facts(req["model"]),
         }, {}
 
     def _ordered(self, arrays: dict) -> list[np.ndarray]:

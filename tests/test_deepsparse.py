@@ -265,6 +265,9 @@ def test_minilm_matches_onnxruntime_and_reports_sparse_kernels(deepsparse, prune
         kernels = runner.sparse_kernels()
         assert kernels["used"] and kernels["sparse_layers"] >= 6  # at least every FFN intermediate layer
         assert all(0.7 < s < 0.9 for s in kernels["by_layer"].values())
+        details = runner.details  # what verification records
+        assert details["sparse_kernels"] and details["precision"] == "fp32"
+        assert 0.79 < details["weight_sparsity"] < 0.81
         pid = runner.pid
     assert _gone(pid)  # close() ended and reaped the worker
 
@@ -275,6 +278,7 @@ def test_native_abort_is_a_clear_error_not_a_dead_cli(deepsparse, tmp_path):
     runner = deepsparse.runner(model, OPTS)
     pid = runner.pid
     assert runner.infer({"ids": np.array([[1, 2, 3, 4]], dtype=np.int64)})["y"].shape == (1, 4, 8)
+    assert runner.details["weight_sparsity"] == 0 and runner.details["sparse_kernels"] is False  # no analysis run
     with pytest.raises(DeepSparseWorkerError, match=r"died during 'run' \(killed by SIGABRT\): stderr: .*exception"):
         runner.infer({"ids": np.array([[1, 2, 3, 400_000_000]], dtype=np.int64)})
     assert _gone(pid)
