@@ -228,6 +228,7 @@ def inspect_cmd(artifact, as_json):
 from compiler.cli_eval import eval_cmd; main.add_command(eval_cmd)  # noqa: E402
 from compiler.cli_serve import package_cmd, serve_cmd; main.add_command(serve_cmd); main.add_command(package_cmd)  # noqa: E402
 from compiler.cli_backends import install_cmd; backends_cmd.add_command(install_cmd)  # noqa: E402
+from compiler.cli_runtime import bench_cmd, verify_cmd; main.add_command(verify_cmd); main.add_command(bench_cmd)  # noqa: E402
 
 
 if __name__ == "__main__":  # pragma: no cover

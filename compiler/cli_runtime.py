@@ -1,0 +1,156 @@
+"""`sparsec verify` and `sparsec bench`: run a compiled artifact on backends against its dense reference.
+
+Exit codes: 0 ok, 1 bad input (tampered artifact, bad numbers), 2 verification gates missed,
+3 a requested backend is unknown or not installed here (the message says how to install it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from compiler.errors import BackendUnavailable, SparsecError
+
+
+def _backends(text: str | None, art) -> tuple[str, ...]:
+    if text:
+        names = tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+        if not names:
+            raise SparsecError("--backend: no backend named")
+        return names
+    previous = tuple(art.report.get("backends", {}))
+    return previous or ("onnxruntime",)
+
+
+def _registry_with(names: tuple[str, ...]):
+    """The registry, with unknown backend names reported like unavailable ones (exit 3)."""
+    from compiler.registry import Registry
+
+    reg = Registry.default()
+    unknown = [n for n in names if n not in reg.backends]
+    if unknown:
+        raise BackendUnavailable(f"unknown backend '{unknown[0]}' (known: {', '.join(sorted(reg.backends))}); "
+                                 f"`sparsec backends` lists them with install commands")
+    return reg
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@click.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", help="Comma-separated backends (default: those verified before, else onnxruntime).")
+@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per configuration (interleaved).")
+@click.option("--min-speedup", type=float, help="Gate: exit 2 when speedup vs dense (same backend) is below this.")
+@click.option("--max-accuracy-drop", type=float, help="Gate: exit 2 when 1 - cosine vs dense exceeds this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-backend results as JSON.")
+def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, min_speedup, max_accuracy_drop, as_json):
+    """Verify ARTIFACT on backends: accuracy and latency vs its dense reference; updates report.json/report.md."""
+    from compiler.artifact import REPORT_JSON, REPORT_MD, Artifact
+    from compiler.errors import VerificationFailed
+    from compiler.report import render_markdown
+    from runtimes.verify import VerifyOptions, verify_backends
+
+    options = {"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
+               "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop}
+    VerifyOptions.from_dict(options)  # bad numbers fail before any loading
+    art = Artifact.load(artifact)
+    names = _backends(backends, art)
+    results = verify_backends(art.root, art.manifest, names, _registry_with(names), options)
+    report = art.report
+    report.setdefault("backends", {}).update(results)
+    _write_text_atomic(art.root / REPORT_MD, render_markdown(report, art.manifest))
+    art.update(files={REPORT_JSON: report})
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+    else:
+        _print_results(results)
+    failed = {n: r["gates"]["failures"] for n, r in results.items() if not r["passed"]}
+    if failed:
+        detail = "; ".join(f"{n}: {', '.join(f)}" for n, f in failed.items())
+        raise VerificationFailed(f"verification gates missed: {detail}")
+
+
+def _print_results(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup", "vs fastest dense", "cosine",
+                  "max abs diff", "precision", "sparse kernels", "passed")
+    for name, r in results.items():
+        table.add_row(name, f"{r['dense_p50_ms']:.2f}", f"{r['compiled_p50_ms']:.2f}", f"{r['speedup_vs_dense']:.2f}x",
+                      f"{r['speedup_vs_fastest_dense']:.2f}x", f"{r['cosine']:.4f}", f"{r['max_abs_diff']:.3g}",
+                      str(r.get("precision")), str(r.get("sparse_kernels")), str(r["passed"]))
+    console = Console()
+    console.print(table)
+    any_r = next(iter(results.values()))
+    fastest = any_r["fastest_dense"]
+    console.print(f"batch {any_r['batch_size']}, seqlen {any_r['seqlen']}, {any_r['threads']} threads, {any_r['runs']} "
+                  f"interleaved runs; fastest dense: {fastest['backend']} / {fastest['config']} {fastest['p50_ms']:.2f} ms")
+    for name, r in results.items():
+        if "decode" in r:
+            d = r["decode"]
+            console.print(f"{name} decode (1 token): dense {d['dense_p50_ms']:.2f} ms, compiled {d['compiled_p50_ms']:.2f} ms, "
+                          f"speedup {d['speedup_vs_dense']:.2f}x")
+
+
+@click.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--backend", "backends", help="Comma-separated backends (default: those verified before, else onnxruntime).")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", default="1,2", show_default=True, help="Comma-separated thread counts.")
+@click.option("--seqlen", type=int, default=128, show_default=True)
+@click.option("--runs", type=int, default=10, show_default=True, help="Timed runs per configuration and point.")
+@click.option("--max-accuracy-drop", type=float, default=0.05, show_default=True,
+              help="Accuracy gate (1 - cosine vs dense) a configuration must meet to be named fastest.")
+@click.option("--out", "out", type=click.Path(path_type=Path), help="JSON output (default: ARTIFACT/bench.json).")
+def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accuracy_drop, out):
+    """Sweep backends x batch sizes x threads; print a table and name the fastest configuration."""
+    from compiler.artifact import Artifact, write_json
+    from runtimes.bench import bench_artifact, parse_positive_list
+
+    sizes = parse_positive_list(batch_sizes, "--batch-sizes")
+    thread_counts = parse_positive_list(threads, "--threads")
+    if seqlen <= 0 or runs <= 0:
+        raise SparsecError(f"--seqlen and --runs must be > 0, got {seqlen} and {runs}")
+    art = Artifact.load(artifact)
+    names = _backends(backends, art)
+    result = bench_artifact(art.root, art.manifest, names, _registry_with(names), sizes, thread_counts,
+                            {"seqlen": seqlen, "runs": runs}, max_accuracy_drop)
+    if out is None:
+        art.update(files={"bench.json": result})
+        out = art.root / "bench.json"
+    else:
+        write_json(Path(out), result)
+    _print_bench(result, out)
+
+
+def _print_bench(result: dict, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("backend", "config", "batch", "threads", "p50 ms", "p90 ms", "ms/seq", "decode p50 ms", "cosine", "gate")
+    for r in result["rows"]:
+        table.add_row(r["backend"], r["config"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.2f}",
+                      f"{r['p90_ms']:.2f}", f"{r['ms_per_sequence']:.2f}",
+                      f"{r['decode']['p50_ms']:.2f}" if "decode" in r else "",
+                      "" if r["cosine"] is None else f"{r['cosine']:.4f}", "ok" if r["meets_accuracy"] else "no")
+    console = Console()
+    console.print(table)
+    f = result["fastest"]
+    if f:
+        console.print(f"fastest meeting the accuracy gate (1 - cosine <= {result['max_accuracy_drop']}): "
+                      f"{f['backend']} / {f['config']}, batch {f['batch_size']}, {f['threads']} threads: "
+                      f"{f['ms_per_sequence']:.2f} ms per sequence (p50 {f['p50_ms']:.2f} ms)")
+    else:
+        console.print("no configuration meets the accuracy gate")
+    console.print(f"wrote {out}")
