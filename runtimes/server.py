@@ -233,8 +233,10 @@ def _install_error_handlers(app) -> None:
     async def http_error(request, exc: HTTPException):
         messages = {404: f"no route {request.method} {request.url.path}", 405: f"method {request.method} not allowed "
                     f"on {request.url.path}", 413: str(exc.detail)}
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
         message = messages.get(exc.status_code, str(exc.detail))
-        return _json(APIError(exc.status_code, message).body(), exc.status_code, getattr(exc, "headers", None))
+        err = APIError(exc.status_code, message, code=codes.get(exc.status_code))
+        return _json(err.body(), exc.status_code, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
@@ -274,7 +276,7 @@ def _install_routes(app, state: ServerState) -> None:
         state.require(TASK_EMBEDDINGS, "/v1/embeddings")
         state.check_model(req.model)
         text = state.target.text
-        seqs = tokenize_inputs(req.input, text, "input")
+        seqs = await _tokenize(req.input, text, "input")
         check_lengths(seqs, text)
         vectors = await state.run(TASK_EMBEDDINGS, seqs)
         if req.dimensions is not None and req.dimensions != len(vectors[0]):
@@ -289,7 +291,7 @@ def _install_routes(app, state: ServerState) -> None:
         state.check_model(req.model)
         req.check_supported()
         text = state.target.text
-        prompts = tokenize_inputs(req.prompt, text, "prompt")
+        prompts = await _tokenize(req.prompt, text, "prompt")
         if any(not p for p in prompts):
             raise bad_request("a prompt tokenizes to zero tokens; give some text")
         check_lengths(prompts, text, extra=req.max_tokens, what="prompt")
@@ -324,6 +326,16 @@ def _install_routes(app, state: ServerState) -> None:
         return _json({"model": state.model_id, "outputs": {n: outputs[n].tolist() for n in wanted},
                       "shapes": {n: list(outputs[n].shape) for n in wanted},
                       "dtypes": {n: str(outputs[n].dtype) for n in wanted}})
+
+
+INLINE_TOKENIZE_CHARS = 8192  # larger inputs are tokenized in a thread, keeping the event loop responsive
+
+
+async def _tokenize(value: Any, text, what: str) -> list[list[int]]:
+    chars = len(value) if isinstance(value, str) else sum(len(v) for v in value if isinstance(v, str))
+    if chars <= INLINE_TOKENIZE_CHARS:
+        return tokenize_inputs(value, text, what)
+    return await asyncio.to_thread(tokenize_inputs, value, text, what)
 
 
 def _stream(state: ServerState, cid: str, prompts: list[list[int]], params: SamplingParams, stops: tuple[str, ...]):
