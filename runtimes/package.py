@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import tarfile
 import tempfile
 import time
@@ -58,8 +59,9 @@ else
 fi
 if [ "${{1:-}}" = "--install-only" ]; then exit 0; fi
 export PYTHONPATH="$here/sparsec${{PYTHONPATH:+:$PYTHONPATH}}"
+cd "$here"  # `python -m` puts the working directory first on sys.path
 # shellcheck disable=SC2086
-exec "$venv/bin/python" -m compiler.cli serve "$here/artifact" --backend {backend} \\
+exec "$venv/bin/python" -m compiler.cli serve "$here/artifact" --backend {backend} --model-name {model_name} \\
   --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" --workers "${{WORKERS:-1}}" ${{SPARSEC_SERVE_ARGS:-}} "$@"
 """
 
@@ -111,7 +113,8 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
             _add_text(tar, f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info/entry_points.txt",
                       metadata.distribution("sparsec").read_text("entry_points.txt") or "")
             _add_text(tar, f"{ROOT}/requirements.txt", render_requirements(requirements))
-            _add_text(tar, f"{ROOT}/start.sh", START_SH.format(backend=backend), mode=0o755)
+            _add_text(tar, f"{ROOT}/start.sh", START_SH.format(backend=backend, model_name=shlex.quote(art.root.resolve().name)),
+                      mode=0o755)
             _add_text(tar, f"{ROOT}/bundle.json", json.dumps(bundle_info, indent=2) + "\n")
         if out.exists() and not force:  # appeared while we were writing
             raise ArtifactError(f"output '{out}' already exists: pass --force to replace it")
