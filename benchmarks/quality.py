@@ -7,7 +7,7 @@ Rows: uniform / owl / alphapruning × magnitude / wanda / sparsegpt; columns: un
 and N:M patterns (N:M makes every eligible layer N:M, so it is run with the uniform allocation only:
 see passes/nm_structure.py). Calibration samples are built once and shared by every run. Prints a
 rich table and writes benchmarks/results/quality.json and quality.png. Bounded: --max-minutes stops
-launching new runs (finished ones are kept).
+launching new runs (finished ones are kept; `--resume` runs the missing ones later).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=40.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing ones")
     return ap.parse_args()
 
 
@@ -132,6 +133,10 @@ def main() -> None:
     reference = Reference.build(dense, args.eval_data, eval_cfg)  # dense embeddings / perplexity, once
     deadline = time.time() + args.max_minutes * 60
     rows, todo = [], configs(args)
+    if args.resume and args.out.is_file():
+        rows = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] == args.model]
+        done = {(r["allocation"], r["method"], r["setting"]) for r in rows}
+        todo = [c for c in todo if (c["allocation"], c["method"], c["setting"]) not in done]
     for i, cfg in enumerate(todo):
         if time.time() > deadline:
             console.print(f"[yellow]time limit: {len(todo) - i} runs not started[/yellow]")
@@ -142,6 +147,8 @@ def main() -> None:
                       f"{row['metric']} {row['compiled']:.4f} (measured {row['measured_sparsity']:.3f}, {row['compile_seconds']}s)")
     if not rows:
         return
+    order = {(c["allocation"], c["method"], c["setting"]): i for i, c in enumerate(configs(args))}
+    rows.sort(key=lambda r: order.get((r["allocation"], r["method"], r["setting"]), len(order)))
     metric = rows[0]["metric"]
     console.print(table(rows, metric))
     args.out.parent.mkdir(parents=True, exist_ok=True)
