@@ -210,6 +210,9 @@ class _Worker:
         except ValueError as exc:  # garbage on the pipe: a protocol error
             self.kill()
             raise DeepSparseWorkerError(f"DeepSparse worker broke the protocol during '{op}': {exc}; {self.stderr_tail()}") from None
+        except BaseException:  # e.g. Ctrl-C mid-exchange: the pipe is out of step, the worker unusable
+            self.kill()
+            raise
         if not reply.get("ok"):
             raise DeepSparseError(f"DeepSparse failed to {op}: {reply.get('error', 'unknown error')}")
         return reply, out
