@@ -43,6 +43,7 @@ MAX_LOADABLE_OPSET = 19  # the engine (and the worker's onnx 1.14) still load 18
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
 EXTERNAL_DATA_BYTES = 1_500_000_000
+PROTOBUF_LIMIT = 2**31 - 1
 MIN_SPARSITY_FOR_ANALYSIS = 0.05  # below this, `details` skips the (one extra compile) kernel analysis
 # DeepSparse's banner and the hex dumps of its native backtraces: useless in a one-line error
 _NOISE = re.compile(r"^(DeepSparse, Copyright|\[[0-9a-f]+\]$|\d+# 0x|Please email)")
@@ -151,12 +152,16 @@ def make_static(model, batch_size: int, seqlen: int) -> list[str]:
             dim.Clear()
             dim.dim_value = batch_size if axis == 0 else seqlen
             notes.append(f"{inp.name}[{axis}] '{label}' -> {dim.dim_value}")
+    if model.ByteSize() >= PROTOBUF_LIMIT:  # in-memory shape inference cannot serialize it
+        return [*notes, "output shapes not re-inferred (model > 2 GB); the engine infers them"]
+    original = {o.name: onnx.ValueInfoProto.FromString(o.SerializeToString()) for o in model.graph.output}
     for out in model.graph.output:
         out.type.tensor_type.ClearField("shape")
     del model.graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(model)
     del model.graph.output[:]
-    model.graph.output.extend(inferred.graph.output)
+    for out in inferred.graph.output:  # keep the original (symbolic) shape where inference gave none
+        model.graph.output.append(out if out.type.tensor_type.HasField("shape") else original[out.name])
     model.graph.value_info.extend(inferred.graph.value_info)
     return notes
 
@@ -175,10 +180,10 @@ def qdq_note(model) -> str | None:
 class _Worker:
     """One worker process with deadline-bound, length-prefixed request/response exchanges."""
 
-    def __init__(self, python: Path, timeout_s: float):
+    def __init__(self, python: Path, timeout_s: float, script: Path = WORKER):
         self._stderr = tempfile.TemporaryFile(prefix="sparsec-deepsparse-", suffix=".log")
         self.proc = subprocess.Popen(
-            [str(python), "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [str(python), "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, env=worker_env(), start_new_session=True)
         self._finalizer = weakref.finalize(self, _reap, self.proc)
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
