@@ -4,9 +4,9 @@ Each request submits one or more *items* (e.g. one per input text) with a groupi
 worker task takes the oldest queued item and every other queued item with the same key, up to
 `max_batch_size`, waiting for more until `max_wait_ms` after the oldest item arrived. Under load
 the oldest item has already waited while the backend was busy, so a batch leaves as soon as the
-backend is free (no added latency); at low load an item waits at most `max_wait_ms` for company
-(0 = never wait). The batch runs in one dedicated thread, so the backend sees one call at a time
-and the event loop keeps serving HTTP meanwhile.
+backend is free (no added latency); while requests overlap, an item waits at most `max_wait_ms`
+for company (0 = never wait); a lone request at low load is dispatched at once. The batch runs in
+one dedicated thread, so the backend sees one call at a time and the event loop keeps serving HTTP.
 
 The queue is bounded (in items): a request that does not fit is refused as a whole with
 `QueueFull`, before anything of it is queued. `close()` refuses new work, lets queued and running
@@ -71,6 +71,7 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._running = 0  # items in the batch being computed
+        self._last_size = 0  # items in the previous batch
         self._ewma_item_s = 0.0  # smoothed backend seconds per item, for Retry-After
 
     @property
@@ -121,7 +122,7 @@ class DynamicBatcher:
             batch = await self._gather()
             if not batch:
                 continue
-            self._running = len(batch)
+            self._running = self._last_size = len(batch)
             start = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key,
@@ -147,7 +148,10 @@ class DynamicBatcher:
     async def _gather(self) -> list[_Item]:
         """The oldest item plus same-key items, up to max_batch_size, waiting until its deadline."""
         head = self._queue[0]
-        deadline = head.enqueued + self.max_wait_s
+        # A lone request at low load is never delayed: waiting only pays when requests overlap
+        # (the previous batch grouped several, or several are queued now).
+        concurrent = self._last_size > 1 or len(self._queue) > 1
+        deadline = head.enqueued + (self.max_wait_s if concurrent else 0.0)
         while not self._closing:
             same = sum(1 for i in self._queue if i.key == head.key)
             remaining = deadline - time.monotonic()

@@ -17,7 +17,7 @@ import numpy as np
 from compiler.artifact import Artifact
 from compiler.errors import ArtifactError
 from runtimes.server_generate import PAST, GenRequest, GenResult, KVLayout, SamplingParams, generate
-from runtimes.server_text import TextModel, load_text_model, pad_batch, pool
+from runtimes.server_text import TextModel, length_buckets, load_text_model, pad_batch, pool
 
 TASK_EMBEDDINGS = "embeddings"
 TASK_COMPLETIONS = "completions"
@@ -172,13 +172,20 @@ class ServedModel:
         raise ValueError(f"unknown batch key '{key}'")
 
     def embed(self, seqs: list[list[int]]) -> np.ndarray:
+        """Pooled embeddings, one backend call per group of similar lengths (see length_buckets)."""
         text = self.target.text
-        ids, mask = pad_batch(seqs, text.pad_id)
-        feeds = {"input_ids": ids, "attention_mask": mask}
-        if self.sig.input("token_type_ids") is not None:
-            feeds["token_type_ids"] = np.zeros_like(ids)
-        out = self.runner.infer(self._cast(feeds))
-        return pool(out[self.sig.outputs[0].name], mask, text.pooling)
+        result: np.ndarray | None = None
+        for group in length_buckets([len(s) for s in seqs]):
+            ids, mask = pad_batch([seqs[i] for i in group], text.pad_id)
+            feeds = {"input_ids": ids, "attention_mask": mask}
+            if self.sig.input("token_type_ids") is not None:
+                feeds["token_type_ids"] = np.zeros_like(ids)
+            out = self.runner.infer(self._cast(feeds))
+            pooled = pool(out[self.sig.outputs[0].name], mask, text.pooling)
+            if result is None:
+                result = np.empty((len(seqs), pooled.shape[1]), dtype=np.float32)
+            result[group] = pooled
+        return result
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         text = self.target.text

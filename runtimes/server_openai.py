@@ -177,20 +177,27 @@ class ChoiceState:
             return False
         self.generated += 1
         self._text += self._decoder.push(token)
-        for stop in self._stops:
-            cut = self._text.find(stop)
-            if cut >= 0:
-                self._text = self._text[:cut]
-                self.stopped = True
+        self._apply_stops()
         safe = len(self._text) if self.stopped else max(self._sent, len(self._text) - self._holdback)
         if self._emit is not None and safe > self._sent:
             self._emit(self.index, self._text[self._sent:safe])
         self._sent = max(self._sent, safe)
         return not self.stopped
 
+    def _apply_stops(self) -> None:
+        for stop in self._stops:
+            cut = self._text.find(stop)
+            if cut >= 0:
+                self._text = self._text[:cut]
+                self.stopped = True
+
     def finish(self, reason: str) -> str:
-        """Record the finish reason; returns the text not yet emitted."""
+        """Record the finish reason; returns the text not yet emitted (including a trailing partial
+        character the incremental decoder held back)."""
         self.finish_reason = reason
+        if not self.stopped:
+            self._text = self._decoder.text
+            self._apply_stops()
         rest = self._text[self._sent:]
         self._sent = len(self._text)
         return rest

@@ -107,6 +107,26 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[n
     return ids, mask
 
 
+def length_buckets(lengths: list[int], max_waste: float = 0.25, slack_tokens: int = 64) -> list[list[int]]:
+    """Indices grouped so that each group, padded to its longest member, wastes at most `max_waste` of
+    its real tokens (or `slack_tokens`, whichever is more): similar lengths share one backend call,
+    a 10-token text is not padded to 200 because a long one arrived in the same batch."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            width = lengths[i]  # ascending: the newcomer is the longest
+            padded = width * (len(groups[-1]) + 1)
+            if padded - (real + width) <= max(max_waste * (real + width), slack_tokens):
+                groups[-1].append(i)
+                real += width
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
+
+
 def pool(hidden: np.ndarray, mask: np.ndarray, pooling: Pooling) -> np.ndarray:
     """(batch, seq, dim) token states and (batch, seq) mask -> (batch, dim) float32 embeddings."""
     hidden = hidden.astype(np.float32, copy=False)

@@ -25,7 +25,7 @@ pytest.importorskip("prometheus_client", reason="the server's /metrics needs pro
 
 from runtimes.server_batching import DynamicBatcher, QueueFull  # noqa: E402
 from runtimes.server_generate import SamplingParams, sample  # noqa: E402
-from runtimes.server_text import Pooling, pad_batch, pool  # noqa: E402
+from runtimes.server_text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
 
 COMPILE_FAST = ("--calib-samples", "4", "--calib-seqlen", "32", "--runs", "2", "--seqlen", "32")
 KEY = "test-key-123"
@@ -114,6 +114,17 @@ def test_pad_and_mean_pool_ignore_padding():
     normed = pool(hidden, mask, Pooling("mean", normalize=True))
     np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(pool(hidden, mask, Pooling("cls", normalize=False)), hidden[:, 0])
+
+
+def test_length_buckets_bound_padding_waste():
+    lengths = [10, 12, 100, 11, 95, 30, 200, 98]
+    groups = length_buckets(lengths, max_waste=0.25, slack_tokens=8)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert max(lengths[i] for i in g) * len(g) - real <= max(0.25 * real, 8)
+    assert any({2, 4, 7} <= set(g) for g in groups)  # 95, 98, 100 share a call
+    assert length_buckets([30] * 32) == [list(range(32))]
 
 
 def test_sampling_greedy_top_p_and_seed():
