@@ -23,6 +23,7 @@ import select
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -190,6 +191,7 @@ class _Worker:
         os.set_blocking(self._in, False)
         os.set_blocking(self._out, False)
         self.timeout_s = timeout_s
+        self._lock = threading.Lock()  # one exchange at a time: a server may call from several threads
 
     @property
     def pid(self) -> int:
@@ -197,6 +199,11 @@ class _Worker:
 
     def request(self, header: dict, arrays: dict[str, np.ndarray] | None = None,
                 timeout_s: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+        with self._lock:
+            return self._exchange(header, arrays, timeout_s)
+
+    def _exchange(self, header: dict, arrays: dict[str, np.ndarray] | None,
+                  timeout_s: float | None) -> tuple[dict, dict[str, np.ndarray]]:
         op = header.get("op", "?")
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s

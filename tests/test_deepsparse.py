@@ -272,6 +272,20 @@ def test_minilm_matches_onnxruntime_and_reports_sparse_kernels(deepsparse, prune
     assert _gone(pid)  # close() ended and reaped the worker
 
 
+def test_concurrent_callers_share_one_worker(deepsparse, tmp_path):
+    """A server calls infer() from several threads: exchanges must not interleave on the pipe."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _embedding_model(vocab=10)
+    emb, w = (nh.to_array(i) for i in model.graph.initializer)
+    path = _save(model, tmp_path / "emb.onnx")
+    batches = [np.array([[i % 10, (i + 3) % 10, (i + 5) % 10, (i + 7) % 10]], dtype=np.int64) for i in range(40)]
+    with deepsparse.runner(path, OPTS) as runner, ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda ids: runner.infer({"ids": ids})["y"], batches))
+    for ids, out in zip(batches, outs):
+        np.testing.assert_allclose(out, emb[ids] @ w, rtol=1e-5)
+
+
 def test_native_abort_is_a_clear_error_not_a_dead_cli(deepsparse, tmp_path):
     """An out-of-vocabulary token id makes the engine abort() the process (SIGABRT)."""
     model = _save(_embedding_model(vocab=10), tmp_path / "emb.onnx")
