@@ -295,7 +295,9 @@ def quant_root(target: Path, quant: dict[str, str]) -> Path:
     import hashlib
     import json
 
-    key = hashlib.sha256(json.dumps(sorted(quant.items())).encode()).hexdigest()[:12]
+    from compiler.lowering_quant import QUANT_FORMAT
+
+    key = hashlib.sha256(json.dumps([QUANT_FORMAT, sorted(quant.items())]).encode()).hexdigest()[:12]
     return target / f"quant-{key}"
 
 
@@ -360,7 +362,7 @@ def reference_quants(plan: dict[str, Any], backends: tuple[str, ...] | list[str]
     own = plan_quant(plan)
     if own:
         scheme = next(iter(set(own.values())))
-        quants.append(DenseQuant(own, tuple(variants_for_scheme(scheme)), "same-plan"))
+        quants.append(DenseQuant(own, tuple(variants_for_scheme(scheme, tuple(backends))), "same-plan"))
     if "onnxruntime" in backends:
         alt = block_layers_quant(plan, "int8-dynamic")
         if alt and alt != own:
