@@ -113,7 +113,10 @@ def _print_results(results: dict) -> None:
 @click.option("--max-accuracy-drop", type=float, default=0.05, show_default=True,
               help="Accuracy gate (1 - cosine vs dense) a configuration must meet to be named fastest.")
 @click.option("--out", "out", type=click.Path(path_type=Path), help="JSON output (default: ARTIFACT/bench.json).")
-def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accuracy_drop, out):
+@click.option("--decode", is_flag=True, help="Causal LMs: greedy decode tokens/s (batch 1, --seqlen prompt tokens) "
+              "against the measured memory bandwidth, per thread count.")
+@click.option("--tokens", type=int, default=128, show_default=True, help="--decode: tokens generated.")
+def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accuracy_drop, out, decode, tokens):
     """Sweep backends x batch sizes x threads; print a table and name the fastest configuration."""
     from compiler.artifact import Artifact, write_json
     from runtimes.bench import bench_artifact, parse_positive_list
@@ -124,6 +127,10 @@ def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accura
         raise SparsecError(f"--seqlen and --runs must be > 0, got {seqlen} and {runs}")
     art = Artifact.load(artifact)
     names = _backends(backends, art)
+    if decode:
+        from runtimes.decode_bench import run_decode_bench
+
+        return run_decode_bench(art, names, _registry_with(names), thread_counts, seqlen, tokens, out)
     result = bench_artifact(art.root, art.manifest, names, _registry_with(names), sizes, thread_counts,
                             {"seqlen": seqlen, "runs": runs}, max_accuracy_drop)
     if out is None:

@@ -143,6 +143,9 @@ class Worker:
             **graph_facts(req["model"]),
         }, {}
 
+    def ops(self) -> dict:
+        return {"load": self.load, "run": self.run, "analyze": self.analyze}
+
     def _ordered(self, arrays: dict) -> list[np.ndarray]:
         return [np.ascontiguousarray(arrays[name]) for name in self.engine.input_names]
 
@@ -173,7 +176,9 @@ class Worker:
         return {"ok": True, "layers": layers, "sparse_layers": sparse}, {}
 
 
-def main() -> int:
+def main(worker: "Worker | None" = None) -> int:
+    """Serve requests until `close` or EOF; `worker.ops()` names the ops (extended by subclasses,
+    e.g. runtimes/decode_deepsparse_worker.py)."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # its import otherwise phones home
     read_exact = _stream_reader(os.fdopen(os.dup(0), "rb", buffering=0))
     proto_out = os.fdopen(os.dup(1), "wb")
@@ -184,8 +189,8 @@ def main() -> int:
 
     os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
     sys.stdout = sys.stderr
-    worker = Worker()
-    ops = {"load": worker.load, "run": worker.run, "analyze": worker.analyze}
+    worker = worker or Worker()
+    ops = worker.ops()
     while True:
         try:
             req, arrays = read_message(read_exact)
