@@ -50,17 +50,18 @@ def _write_text_atomic(path: Path, text: str) -> None:
 @click.option("--seqlen", type=int, default=128, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per configuration (interleaved).")
+@click.option("--decode-tokens", type=int, default=32, show_default=True, help="Causal LMs: greedy tokens decoded per timing round.")
 @click.option("--min-speedup", type=float, help="Gate: exit 2 when speedup vs dense (same backend) is below this.")
 @click.option("--max-accuracy-drop", type=float, help="Gate: exit 2 when 1 - cosine vs dense exceeds this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-backend results as JSON.")
-def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, min_speedup, max_accuracy_drop, as_json):
+def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tokens, min_speedup, max_accuracy_drop, as_json):
     """Verify ARTIFACT on backends: accuracy and latency vs its dense reference; updates report.json/report.md."""
     from compiler.artifact import REPORT_JSON, REPORT_MD, Artifact
     from compiler.errors import VerificationFailed
     from compiler.report import render_markdown
     from runtimes.verify import VerifyOptions, verify_backends
 
-    options = {"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
+    options = {"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs, "decode_tokens": decode_tokens,
                "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop}
     VerifyOptions.from_dict(options)  # bad numbers fail before any loading
     art = Artifact.load(artifact)
@@ -99,8 +100,9 @@ def _print_results(results: dict) -> None:
     for name, r in results.items():
         if "decode" in r:
             d = r["decode"]
-            console.print(f"{name} decode (1 token): dense {d['dense_p50_ms']:.2f} ms, compiled {d['compiled_p50_ms']:.2f} ms, "
-                          f"speedup {d['speedup_vs_dense']:.2f}x")
+            console.print(f"{name} decode ({d['new_tokens']} greedy tokens, batch 1): dense {d['dense_tokens_per_s']:.1f} tokens/s, "
+                          f"compiled {d['compiled_tokens_per_s']:.1f} tokens/s (step p50 {d['compiled_p50_ms']:.2f} ms), "
+                          f"speedup {d['speedup_vs_dense']:.2f}x, same tokens as dense: {d['same_tokens_as_dense']}")
 
 
 @click.command("bench")

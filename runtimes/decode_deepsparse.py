@@ -24,6 +24,16 @@ def _deepsparse_rewrite(model: Any) -> Any:
     return downgrade(model)[0]
 
 
+def _graph_facts(path: Path) -> dict[str, Any]:
+    import onnx
+
+    from runtimes.decode_bytes import weight_traffic
+    from runtimes.deepsparse_worker import graph_precision
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return {"precision": graph_precision(ops), "weight_sparsity": round(weight_traffic(path).sparsity, 4)}
+
+
 class DeepSparseDecoder(Decoder):
     backend = "deepsparse"
     cache = "static"
@@ -52,7 +62,9 @@ class DeepSparseDecoder(Decoder):
             raise
         self._timeout = backend.infer_timeout_s
         self._load_timeout = backend.load_timeout_s
-        self.details = {"cache": self.cache, "slots": opts.slots, "prefill": opts.prefill,
+        self._kernels: dict[str, Any] | None = None
+        self._facts = _graph_facts(decode)
+        self._details = {"cache": self.cache, "slots": opts.slots, "prefill": opts.prefill,
                         "release_prefill": opts.release_prefill, "load_seconds": time.perf_counter() - start,
                         "engine": f"deepsparse {info['version']}", "compile_seconds": info["compile_seconds"],
                         "rss_load_delta_bytes": info["rss_after_load"] - info["rss_before_load"],
@@ -63,7 +75,7 @@ class DeepSparseDecoder(Decoder):
     def generate(self, ids, mask, new_tokens, stop_ids=(), pad_id=0) -> DecodeTrace:
         _check_prompt(ids, mask, new_tokens, self.opts, True)
         # the whole generation is one request: allow the per-token timeout for every token
-        timeout = self._timeout * (new_tokens + 1) + (self.details["load_seconds"] if self.opts.release_prefill else 0)
+        timeout = self._timeout * (new_tokens + 1) + (self._details["load_seconds"] if self.opts.release_prefill else 0)
         reply, _ = self._worker.request({"op": "generate", "new_tokens": int(new_tokens), "stop_ids": [int(s) for s in stop_ids],
                                          "pad_id": int(pad_id)},
                                         {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64)},
@@ -79,10 +91,22 @@ class DeepSparseDecoder(Decoder):
         return out["logits"]
 
     def sparse_kernels(self) -> dict[str, Any]:
-        """Which layers of the decode graph DeepSparse compiled with sparse kernels (one more compile)."""
-        reply, _ = self._worker.request({"op": "analyze"}, timeout_s=self._load_timeout)
-        sparse = {e["layer"]: e["kernel_sparsity"] for e in reply["sparse_layers"]}
-        return {"used": bool(sparse), "sparse_layers": len(sparse), "by_layer": sparse}
+        """Which layers of the decode graph DeepSparse compiled with sparse kernels (its analysis
+        engine: one more compile, asked once)."""
+        if self._kernels is None:
+            reply, _ = self._worker.request({"op": "analyze"}, timeout_s=self._load_timeout)
+            sparse = {e["layer"]: e["kernel_sparsity"] for e in reply["sparse_layers"]}
+            self._kernels = {"used": bool(sparse), "sparse_layers": len(sparse), "by_layer": sparse}
+        return self._kernels
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """Load facts, precision, weight sparsity, and (when the weights hold zeros) whether sparse kernels ran."""
+        from runtimes.deepsparse_backend import MIN_SPARSITY_FOR_ANALYSIS
+
+        kernels = self.sparse_kernels() if self._facts["weight_sparsity"] >= MIN_SPARSITY_FOR_ANALYSIS else None
+        return {**self._details, **self._facts, "sparse_kernels": bool(kernels and kernels["used"]),
+                "sparse_layers": kernels["sparse_layers"] if kernels else 0}
 
     @property
     def pid(self) -> int:

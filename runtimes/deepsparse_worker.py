@@ -105,13 +105,16 @@ def graph_facts(model_path: str) -> dict:
             w = numpy_helper.to_array(inits[node.input[slot]])
             zeros += int(w.size - np.count_nonzero(w))
             total += int(w.size)
+    return {"weight_sparsity": zeros / total if total else 0.0, "precision": graph_precision(ops)}
+
+
+def graph_precision(ops: set[str]) -> str:
+    """'int8 (QOperator)', 'int8 (QDQ)' or 'fp32', from a graph's op types."""
     if ops & {"QLinearMatMul", "MatMulInteger"}:
-        precision = "int8 (QOperator)"
-    elif ops & {"QuantizeLinear", "DequantizeLinear"}:
-        precision = "int8 (QDQ)"
-    else:
-        precision = "fp32"
-    return {"weight_sparsity": zeros / total if total else 0.0, "precision": precision}
+        return "int8 (QOperator)"
+    if ops & {"QuantizeLinear", "DequantizeLinear"}:
+        return "int8 (QDQ)"
+    return "fp32"
 
 
 class Worker:

@@ -35,7 +35,7 @@ import numpy as np
 
 from compiler.errors import SparsecError
 from compiler.lowering import MODEL_FILE, dense_reference, dense_variant_files, model_file, reference_quants
-from compiler.lowering_feeds import graph_feeds, lm_feeds, long_texts, present_to_past, text_batch
+from compiler.lowering_feeds import graph_feeds, long_texts, text_batch
 from runtimes.base import Runner, RunnerOptions
 
 COMPILED = "compiled"
@@ -52,14 +52,16 @@ class VerifyOptions:
     min_speedup: float | None = None
     max_accuracy_drop: float | None = None
     accuracy_batches: int = 4
-    decode: bool = True  # causal LMs: also time one decode step after `seqlen` tokens
+    decode: bool = True  # causal LMs: also time greedy decode of `decode_tokens` tokens after `seqlen` tokens
+    decode_tokens: int = 32
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         RunnerOptions(threads=self.threads, batch_size=self.batch_size, seqlen=self.seqlen)  # validates > 0
-        if self.runs <= 0 or self.warmup < 0 or self.accuracy_batches <= 0:
-            raise SparsecError(f"runs and accuracy batches must be > 0, warm-up >= 0 (got runs={self.runs}, "
-                               f"warmup={self.warmup}, accuracy_batches={self.accuracy_batches})")
+        if self.runs <= 0 or self.warmup < 0 or self.accuracy_batches <= 0 or self.decode_tokens <= 0:
+            raise SparsecError(f"runs, accuracy batches and decode tokens must be > 0, warm-up >= 0 (got runs={self.runs}, "
+                               f"warmup={self.warmup}, accuracy_batches={self.accuracy_batches}, "
+                               f"decode_tokens={self.decode_tokens})")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> "VerifyOptions":
@@ -199,8 +201,8 @@ def build_inputs(root: Path, lowering: dict[str, Any], opts: VerifyOptions, text
     if limit and seqlen > limit:
         notes.append(f"seqlen capped from {seqlen} to the model's {limit} positions")
         seqlen = limit
-    if lowering["task"] == "text-generation" and opts.decode and limit and seqlen >= limit:
-        seqlen = limit - 1  # room for the decode step
+    if lowering["task"] == "text-generation" and opts.decode and limit and seqlen + opts.decode_tokens > limit:
+        seqlen = max(1, limit - opts.decode_tokens)  # room for the decoded tokens
     tokenizer = load_tokenizer(root)
     if lowering["task"] == "module" or tokenizer is None:
         return _random_inputs(root, lowering, opts, seqlen, notes)
@@ -255,7 +257,12 @@ def model_configs(root: Path, manifest: dict[str, Any], backend: str, dense_root
 # -- one backend -----------------------------------------------------------------------------------
 def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, Any], inputs: InputSet,
                     opts: VerifyOptions, workdir: Path) -> dict[str, Any]:
-    """Build every configuration on `backend`, compare outputs with dense fp32, time them interleaved."""
+    """Build every configuration on `backend`, compare outputs with dense fp32, time them interleaved.
+    Causal LMs go through the decoders (prefill + greedy decode, runtimes/decode_verify.py)."""
+    if lowering["task"] == "text-generation":
+        from runtimes.decode_verify import measure_lm_backend
+
+        return measure_lm_backend(backend, configs, lowering, inputs, opts, workdir)
     ropts = opts.runner_options()
     runners: dict[str, Runner] = {}
     try:
@@ -276,26 +283,10 @@ def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, 
                                 **({"accuracy": merge_accuracy(accuracy[label])} if label in accuracy else {}),
                                 "details": getattr(runners[label], "details", {})} for label in runners},
         }
-        if task == "text-generation" and opts.decode:
-            decode = interleaved_timing(_decode_calls(runners, lowering, inputs.timing), opts.runs, opts.warmup)
-            for label in runners:
-                result["configs"][label]["decode"] = percentiles(decode[label])
         return result
     finally:
         for r in runners.values():
             r.close()
-
-
-def _decode_calls(runners: dict[str, Runner], lowering: dict[str, Any], feeds: dict[str, np.ndarray]):
-    """One-token decode after the timing batch: each config decodes from its own prefill cache."""
-    calls = {}
-    for label, runner in runners.items():
-        past = present_to_past(runner.infer(feeds))
-        ids = feeds["input_ids"][:, -1:]
-        mask = np.concatenate([feeds["attention_mask"], np.ones((ids.shape[0], 1), dtype=np.int64)], axis=1)
-        step = lm_feeds(lowering, ids, mask, past)
-        calls[label] = lambda r=runner, s=step: r.infer(s)
-    return calls
 
 
 def _display_path(path: Path, root: Path) -> str:
@@ -343,6 +334,9 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
     if "decode" in comp:
         out["decode"] = {"dense_p50_ms": cfgs[DENSE]["decode"]["p50_ms"], "compiled_p50_ms": comp["decode"]["p50_ms"],
                          "speedup_vs_dense": cfgs[DENSE]["decode"]["p50_ms"] / comp["decode"]["p50_ms"],
+                         "dense_tokens_per_s": cfgs[DENSE]["decode"]["tokens_per_s"],
+                         "compiled_tokens_per_s": comp["decode"]["tokens_per_s"], "new_tokens": comp["decode"]["new_tokens"],
+                         "same_tokens_as_dense": comp["decode"]["same_tokens_as_dense"],
                          "dense_configs_p50_ms": {label: c["decode"]["p50_ms"] for label, c in cfgs.items() if label != COMPILED}}
     return out
 

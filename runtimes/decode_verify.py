@@ -1,0 +1,91 @@
+"""Verification of causal LMs through the decoders (runtimes/decode.py), on every backend — DeepSparse
+included, whose engines need the fixed-shape graphs only the decoders build.
+
+`measure_lm_backend` returns what `runtimes.verify.measure_backend` returns, per configuration:
+- accuracy: prefill logits of every accuracy row (its valid tokens) vs dense fp32 on the same backend;
+- `prefill`: time to the first token at batch 1 (`seqlen` prompt tokens), interleaved over configurations;
+- `decode`: `decode_tokens` greedy tokens after that prompt, `min(runs, 3)` interleaved rounds:
+  per-step percentiles, tokens/s (median of the rounds), and whether the greedy tokens equal dense fp32's.
+Causal LMs are timed at batch 1 whatever `batch_size` says (a note says so): decode is a batch-1 regime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtimes.decode import DecodeOptions, Decoder, open_decoder
+from runtimes.decode_bench import tokens_per_s
+
+DECODE_ROUNDS = 3
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(1, n) ids and mask of each row's valid tokens (right-padded batches)."""
+    out = []
+    for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"]):
+        valid = mask.astype(bool)
+        out.append((ids[valid][None, :], np.ones((1, int(valid.sum())), dtype=np.int64)))
+    return out
+
+
+def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: str) -> dict[str, dict[str, Any]]:
+    from runtimes.verify import compare_outputs, merge_accuracy
+
+    parts: dict[str, list[dict[str, Any]]] = {label: [] for label in decoders if label != reference}
+    for feeds, _ in inputs.accuracy:
+        for ids, mask in _rows(feeds):
+            ref = decoders[reference].prefill_logits(ids, mask)
+            valid = np.ones(ref.shape[:2], dtype=bool)
+            for label in parts:
+                parts[label].append(compare_outputs(task, ref, decoders[label].prefill_logits(ids, mask), valid))
+    return {label: merge_accuracy(p) for label, p in parts.items()}
+
+
+def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                   rounds: int) -> dict[str, dict[str, Any]]:
+    from runtimes.verify import percentiles
+
+    labels = list(decoders)
+    steps: dict[str, list[float]] = {label: [] for label in labels}
+    rates: dict[str, list[float]] = {label: [] for label in labels}
+    tokens: dict[str, list[int]] = {}
+    for r in range(rounds):
+        k = r % len(labels)
+        for label in labels[k:] + labels[:k]:
+            trace = decoders[label].generate(ids, mask, new_tokens)
+            steps[label] += trace.step_ms
+            rates[label].append(tokens_per_s(trace))
+            tokens[label] = trace.tokens
+    return {label: {**percentiles(steps[label] or [0.0]), "tokens_per_s": float(np.median(rates[label])),
+                    "new_tokens": new_tokens, "tokens": tokens[label]} for label in labels}
+
+
+def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, Any], inputs: Any, opts: Any,
+                       workdir: Path) -> dict[str, Any]:
+    from runtimes.verify import DENSE, interleaved_timing, percentiles
+
+    ids, mask = _rows({k: v[:1] for k, v in inputs.timing.items()})[0]
+    dopts = DecodeOptions(prompt_len=inputs.seqlen, new_tokens=opts.decode_tokens, threads=opts.threads)
+    decoders: dict[str, Decoder] = {}
+    try:
+        for label, path in configs.items():
+            decoders[label] = open_decoder(backend, path, lowering, dopts, Path(workdir) / label.replace(" ", "_"))
+        accuracy = _accuracy(decoders, DENSE, inputs, lowering["task"])
+        prefill = interleaved_timing({label: (lambda d=d: d.generate(ids, mask, 1)) for label, d in decoders.items()},
+                                     opts.runs, opts.warmup)
+        decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, max(1, min(opts.runs, DECODE_ROUNDS))) \
+            if opts.decode else {}
+        for label, d in decode.items():
+            d["same_tokens_as_dense"] = d["tokens"] == decode[DENSE]["tokens"]
+        if opts.batch_size > 1 and "causal LMs are timed at batch 1" not in inputs.notes:
+            inputs.notes.append("causal LMs are timed at batch 1 (prefill and decode)")
+        return {"configs": {label: {"file": configs[label], "prefill": percentiles(prefill[label]),
+                                    **({"accuracy": accuracy[label]} if label in accuracy else {}),
+                                    **({"decode": decode[label]} if label in decode else {}),
+                                    "details": decoders[label].details} for label in decoders}}
+    finally:
+        for d in decoders.values():
+            d.close()
