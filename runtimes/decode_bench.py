@@ -68,7 +68,8 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         details = dict(decoder.details)
     shutil.rmtree(workdir, ignore_errors=True)
     rate = tokens_per_s(trace)
-    per_token = traffic.per_token(sparse)
+    float_itemsize = 2 if str(details.get("precision", "")).lower() in ("bf16", "f16") else 4
+    per_token = traffic.per_token(sparse, float_itemsize)
     kv = kv_bytes_per_token(lowering, int(mask.sum()) + len(trace.tokens) / 2)
     achieved = per_token * rate / 1e9
     return {
@@ -77,7 +78,8 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         "tokens_per_s": rate, "step_p50_ms": float(np.median(trace.step_ms)) if trace.step_ms else None,
         "prefill_ms": trace.prefill_ms, "weight_sparsity": traffic.sparsity, "sparse_kernels": sparse,
         "weight_bytes_per_token": per_token, "weights": traffic.to_dict(),
-        "weights_resident_bytes": traffic.resident(sparse), "kv_bytes_per_token": kv,
+        "weights_resident_bytes": traffic.resident(sparse, float_itemsize), "kv_bytes_per_token": kv,
+        "precision": details.get("precision"),
         "achieved_gbps": achieved, "membw_gbps": bandwidth_gbps,
         "fraction_of_membw": achieved / bandwidth_gbps if bandwidth_gbps else None,
         "peak_rss_bytes": trace.peak_rss_bytes, "rss_load_delta_bytes": details.get("rss_load_delta_bytes"),
@@ -136,10 +138,10 @@ def print_decode_bench(result: dict[str, Any], out: Path) -> None:
     from rich.table import Table
 
     mb = 1e6
-    table = Table("backend", "config", "tok/s", "step ms", "prefill ms", "weight MB/tok", "kernels",
+    table = Table("backend", "config", "precision", "tok/s", "step ms", "prefill ms", "weight MB/tok", "kernels",
                   "GB/s", "% membw", "peak RSS MB", "load RSS MB", "disk MB", "= dense")
     for r in result["rows"]:
-        table.add_row(r["backend"], r["config"], f"{r['tokens_per_s']:.2f}", f"{r['step_p50_ms']:.2f}",
+        table.add_row(r["backend"], r["config"], str(r["precision"]), f"{r['tokens_per_s']:.2f}", f"{r['step_p50_ms']:.2f}",
                       f"{r['prefill_ms']:.1f}", f"{r['weight_bytes_per_token'] / mb:.1f}",
                       "sparse" if r["sparse_kernels"] else "dense", f"{r['achieved_gbps']:.2f}",
                       f"{100 * r['fraction_of_membw']:.0f}%", f"{r['peak_rss_bytes'] / mb:.0f}",

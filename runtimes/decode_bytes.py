@@ -25,6 +25,7 @@ MIN_MATRIX_ELEMENTS = 1024
 @dataclass(frozen=True)
 class WeightTraffic:
     dense_bytes: int  # matrices as stored (zeros included)
+    float_dense_bytes: int  # the float32 part of dense_bytes (a bf16 runtime reads half of it)
     nonzero_bytes: int  # matrices: non-zero values only
     mask_bytes: int  # matrices: 1 bit per element
     elements: int
@@ -42,14 +43,16 @@ class WeightTraffic:
     def sparse_bytes(self) -> int:
         return self.nonzero_bytes + self.mask_bytes
 
-    def per_token(self, sparse_kernels: bool) -> int:
-        """Weight bytes streamed per generated token, dense or sparse (whichever the kernel reads)."""
-        matrices = min(self.sparse_bytes, self.dense_bytes) if sparse_kernels else self.dense_bytes
+    def per_token(self, sparse_kernels: bool, float_itemsize: int = 4) -> int:
+        """Weight bytes streamed per generated token, dense or sparse (whichever the kernel reads);
+        `float_itemsize` 2 when the runtime keeps float32 matrices in bf16 (OpenVINO on AMX)."""
+        dense = self.dense_bytes - self.float_dense_bytes * (4 - float_itemsize) // 4
+        matrices = min(self.sparse_bytes, dense) if sparse_kernels else dense
         return matrices + self.embedding_row_bytes + self.other_bytes
 
-    def resident(self, sparse_kernels: bool) -> int:
+    def resident(self, sparse_kernels: bool, float_itemsize: int = 4) -> int:
         """Bytes the weights take in memory in that representation (whole embedding tables)."""
-        return self.per_token(sparse_kernels) - self.embedding_row_bytes + self.embedding_bytes
+        return self.per_token(sparse_kernels, float_itemsize) - self.embedding_row_bytes + self.embedding_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {"dense_bytes": self.dense_bytes, "sparse_bytes": self.sparse_bytes, "nonzero_bytes": self.nonzero_bytes,
@@ -83,7 +86,7 @@ def weight_traffic(path: Path) -> WeightTraffic:
         for i, name in enumerate(node.input):
             if name in arrays:
                 (gathered if node.op_type == "Gather" and i == 0 else other_use).add(name)
-    counts = dict(dense=0, nonzero=0, mask=0, elements=0, nonzeros=0, row=0, emb=0, other=0, matrices=0)
+    counts = dict(dense=0, float_dense=0, nonzero=0, mask=0, elements=0, nonzeros=0, row=0, emb=0, other=0, matrices=0)
     for name, arr in arrays.items():
         size = arr.size * arr.itemsize
         if name in gathered and name not in other_use:
@@ -92,6 +95,7 @@ def weight_traffic(path: Path) -> WeightTraffic:
         elif arr.ndim == 2 and arr.size >= MIN_MATRIX_ELEMENTS:
             nnz = _count_nonzero(arr)
             counts["dense"] += size
+            counts["float_dense"] += size if arr.dtype == np.float32 else 0
             counts["nonzero"] += nnz * arr.itemsize
             counts["mask"] += (arr.size + 7) // 8
             counts["elements"] += arr.size
@@ -99,7 +103,7 @@ def weight_traffic(path: Path) -> WeightTraffic:
             counts["matrices"] += 1
         else:
             counts["other"] += size
-    return WeightTraffic(counts["dense"], counts["nonzero"], counts["mask"], counts["elements"], counts["nonzeros"],
+    return WeightTraffic(counts["dense"], counts["float_dense"], counts["nonzero"], counts["mask"], counts["elements"], counts["nonzeros"],
                          counts["row"], counts["emb"], counts["other"], counts["matrices"])
 
 

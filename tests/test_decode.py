@@ -1,0 +1,173 @@
+"""Decode loops with KV cache (runtimes/decode*.py): every backend's greedy tokens equal the torch
+model's of the same weights; static and dynamic caches agree; bytes per token; bench --decode; verify."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compiler.errors import SparsecError
+
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def llama_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    """Tiny Llama, 70% magnitude + int8, lowered and verified on onnxruntime (decode included)."""
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    out = tmp_path_factory.mktemp("decode") / "art"
+    args = ["compile", tiny_model_dir("llama"), "-o", out, "--sparsity", "0.7", "--method", "magnitude",
+            "--allocation", "uniform", "--quantize", "int8", "--calib-samples", "4", "--calib-seqlen", "32",
+            "--backend", "onnxruntime", "--runs", "2", "--seqlen", "32"]
+    res = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def _manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def _prompt(n: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.random.default_rng(0).integers(6, 500, size=(1, n))
+    return ids, np.ones_like(ids)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_artifact) -> list[int]:
+    from runtimes.decode import torch_greedy
+
+    ids, mask = _prompt()
+    return torch_greedy(llama_artifact / "model", ids, mask, NEW)
+
+
+def _backend(name: str):
+    from compiler.registry import Registry
+
+    reg = Registry.default()
+    if name not in reg.backends:
+        pytest.skip(f"backend '{name}' is not registered here")
+    backend = reg.get_backend(name)()
+    ok, reason = backend.available()
+    if not ok:
+        pytest.skip(f"backend '{name}' unavailable: {reason}")
+    return backend
+
+
+def _generate(backend, root: Path, rel: str, tmp_path: Path, ids=None, mask=None, **opts):
+    from runtimes.decode import DecodeOptions, open_decoder
+
+    if ids is None:
+        ids, mask = _prompt()
+    options = DecodeOptions(prompt_len=32, new_tokens=NEW, **opts)
+    with open_decoder(backend, root / rel, _manifest(root)["lowering"], options, tmp_path / "work") as dec:
+        logits = dec.prefill_logits(ids, mask) if options.prefill == "engine" else None
+        return dec.generate(ids, mask, NEW), logits, dict(dec.details)
+
+
+@pytest.mark.parametrize("cache,prefill", [("dynamic", "engine"), ("static", "engine"), ("static", "tokens")])
+def test_onnxruntime_loops_match_torch(llama_artifact, reference, tmp_path, cache, prefill):
+    trace, logits, details = _generate(_backend("onnxruntime"), llama_artifact, "onnx/model.onnx", tmp_path,
+                                       cache=cache, prefill=prefill)
+    assert trace.tokens == reference
+    assert len(trace.step_ms) == NEW - 1 and trace.prefill_ms > 0 and trace.peak_rss_bytes > 0
+    assert details["cache"] == cache
+    assert logits is None or logits.shape[:2] == (1, 20)
+
+
+def test_static_cache_with_left_padding_matches_dynamic(llama_artifact, tmp_path):
+    """A prompt shorter than the static prefill length is left-padded and masked: same tokens and
+    logits as the dynamic cache on the exact prompt."""
+    backend = _backend("onnxruntime")
+    ids, mask = _prompt(9)
+    dyn, dyn_logits, _ = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "d", ids, mask, cache="dynamic")
+    sta, sta_logits, _ = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "s", ids, mask, cache="static")
+    assert sta.tokens == dyn.tokens
+    np.testing.assert_allclose(sta_logits, dyn_logits, atol=1e-4)
+
+
+def test_static_cache_limits_are_one_line_errors(llama_artifact, tmp_path):
+    from runtimes.decode import DecodeOptions, kv_shapes, open_decoder
+
+    backend = _backend("onnxruntime")
+    lowering = _manifest(llama_artifact)["lowering"]
+    with open_decoder(backend, llama_artifact / "onnx/model.onnx", lowering,
+                      DecodeOptions(prompt_len=8, new_tokens=4, cache="static"), tmp_path) as dec:
+        ids, mask = _prompt(9)
+        with pytest.raises(SparsecError, match="exceeds the static prefill length"):
+            dec.generate(ids, mask, 4)
+        with pytest.raises(SparsecError, match="exceed the static cache"):
+            dec.generate(ids[:, :8], mask[:, :8], 5)
+    with pytest.raises(SparsecError, match="causal-LM"):
+        kv_shapes({"task": "feature-extraction", "inputs": ["input_ids"]})
+    with pytest.raises(SparsecError, match="cache must be"):
+        DecodeOptions(cache="ring")
+
+
+def test_deepsparse_decode_matches_torch(llama_artifact, reference, tmp_path):
+    backend = _backend("deepsparse")
+    trace, logits, details = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "fp32")
+    assert trace.tokens == reference
+    assert details["cache"] == "static" and details["rss_process"] == "deepsparse worker"
+    assert trace.peak_rss_bytes > 0 and details["precision"] == "fp32"
+    assert details["weight_sparsity"] > 0.4  # the zeros reach the engine
+    # the int8 QLinearMatMul variant runs the same loop (int8 tokens may differ from fp32 ones)
+    trace8, _, details8 = _generate(backend, llama_artifact, "onnx/int8-qoperator/model.onnx", tmp_path / "int8",
+                                    release_prefill=True)
+    assert len(trace8.tokens) == NEW and details8["precision"] == "int8 (QOperator)"
+
+
+def test_openvino_decode_matches_torch(llama_artifact, reference, tmp_path):
+    trace, _, details = _generate(_backend("openvino"), llama_artifact, "onnx/model.onnx", tmp_path)
+    assert trace.tokens == reference
+    assert details["cache"] == "dynamic"
+
+
+def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
+    from runtimes.decode_bytes import weight_traffic
+
+    manifest = _manifest(llama_artifact)
+    fp32 = weight_traffic(llama_artifact / "onnx/model.onnx")
+    int8 = weight_traffic(llama_artifact / "onnx/int8-qdq/model.onnx")
+    zeros = manifest["lowering"]["zeros"]["torch_zeros"]
+    assert fp32.elements - fp32.nonzeros == zeros  # every pruned zero of the prunable layers, nothing else
+    assert fp32.dense_bytes == 4 * fp32.elements
+    assert fp32.sparse_bytes < fp32.dense_bytes and fp32.per_token(True) < fp32.per_token(False)
+    # int8 blocks: 1 byte per element, the fp32 LM head unchanged (4 bytes)
+    head = manifest["plan"]["lm_head"]["params"]
+    assert int8.dense_bytes == (fp32.elements - head) + 4 * head
+    assert fp32.embedding_row_bytes * int(json.loads((llama_artifact / "model/config.json").read_text())["vocab_size"]) \
+        == fp32.embedding_bytes
+
+
+def test_bench_decode_cli(llama_artifact, cli, tmp_path):
+    out = tmp_path / "decode.json"
+    res = cli("bench", llama_artifact, "--decode", "--backend", "onnxruntime", "--threads", "2", "--seqlen", "24",
+              "--tokens", "8", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "memory bandwidth" in res.output or "bandwidth" in res.output
+    result = json.loads(out.read_text())["decode"][0]
+    rows = {r["config"]: r for r in result["rows"]}
+    assert {"compiled", "dense fp32"} <= set(rows)
+    for r in rows.values():
+        assert r["new_tokens"] == 8 and r["tokens_per_s"] > 0
+        assert r["achieved_gbps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)
+        assert r["fraction_of_membw"] == pytest.approx(r["achieved_gbps"] / result["membw"]["best_gbps"], rel=0.01)
+    assert rows["dense fp32"]["same_tokens_as_dense"] is True
+    # the compiled int8 graph (blocks int8, LM head fp32) streams fewer bytes than dense fp32
+    assert rows["compiled"]["weight_bytes_per_token"] < 0.6 * rows["dense fp32"]["weight_bytes_per_token"]
+    assert rows["compiled"]["disk_bytes"] < rows["dense fp32"]["disk_bytes"]
+
+
+def test_verify_reports_decode_tokens_per_s(llama_artifact):
+    report = json.loads((llama_artifact / "report.json").read_text())
+    ort = report["backends"]["onnxruntime"]
+    assert ort["decode"]["compiled_tokens_per_s"] > 0 and ort["decode"]["dense_tokens_per_s"] > 0
+    assert ort["latency"]["compiled"]["prefill"]["p50_ms"] > 0
+    assert 0 < ort["cosine"] <= 1.0
