@@ -115,13 +115,22 @@ def test_prepare_drops_unused_domains_and_refuses_extra_symbolic_axes(tmp_path):
         DeepSparseBackend().prepare(_save(kv, tmp_path / "kv.onnx"), tmp_path / "kv", OPTS)
 
 
-def test_prepare_warns_about_qdq_int8(tmp_path):
+def test_prepare_notes_int8_forms_deepsparse_runs_slowly(tmp_path):
     nodes = [h.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="q"),
              h.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="dq")]
     inits = [nh.from_array(np.array(0.1, dtype=np.float32), "s"), nh.from_array(np.array(0, dtype=np.int8), "z")]
     model = _model(nodes, [h.make_tensor_value_info("x", T.FLOAT, [1, 4])], [h.make_tensor_value_info("y", T.FLOAT, [1, 4])], inits)
     DeepSparseBackend().prepare(_save(model, tmp_path / "qdq.onnx"), tmp_path / "qdq", OPTS)
-    assert "QLinearMatMul" in (tmp_path / "qdq" / "deepsparse.json").read_text()
+    assert "QDQ int8 graph (2 Q/DQ nodes)" in (tmp_path / "qdq" / "deepsparse.json").read_text()
+    names = ["a", "a_s", "a_z", "w", "w_s", "w_z", "y_s", "y_z"]
+    inits = [nh.from_array(np.ones((4, 3), dtype=np.int8), "w"), nh.from_array(np.full(3, 0.1, dtype=np.float32), "w_s"),
+             nh.from_array(np.zeros(3, dtype=np.int8), "w_z")]
+    inits += [nh.from_array(np.array(v, dtype=t), n) for n, v, t in
+              [("a_s", 0.1, np.float32), ("a_z", 0, np.uint8), ("y_s", 0.1, np.float32), ("y_z", 0, np.uint8)]]
+    model = _model([h.make_node("QLinearMatMul", names, ["y"], name="qmm")], [h.make_tensor_value_info("a", T.UINT8, [1, 4])],
+                   [h.make_tensor_value_info("y", T.UINT8, [1, 3])], inits)
+    DeepSparseBackend().prepare(_save(model, tmp_path / "pc.onnx"), tmp_path / "pc", OPTS)
+    assert "1 QLinearMatMul nodes (e.g. 'qmm') have per-channel weight scales" in (tmp_path / "pc" / "deepsparse.json").read_text()
 
 
 # ------------------------------------------------------------------ venv detection and the install command
@@ -268,6 +277,7 @@ def test_minilm_matches_onnxruntime_and_reports_sparse_kernels(deepsparse, prune
         details = runner.details  # what verification records
         assert details["sparse_kernels"] and details["precision"] == "fp32"
         assert 0.79 < details["weight_sparsity"] < 0.81
+        assert "input_ids[0] 'batch' -> 2" in details["prepare_notes"]
         pid = runner.pid
     assert _gone(pid)  # close() ended and reaped the worker
 
