@@ -193,10 +193,10 @@ def int8_notes(model) -> list[str]:
 class _Worker:
     """One worker process with deadline-bound, length-prefixed request/response exchanges."""
 
-    def __init__(self, python: Path, timeout_s: float, script: Path = WORKER):
+    def __init__(self, python: Path, timeout_s: float):
         self._stderr = tempfile.TemporaryFile(prefix="sparsec-deepsparse-", suffix=".log")
         self.proc = subprocess.Popen(
-            [str(python), "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [str(python), "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, env=worker_env(), start_new_session=True)
         self._finalizer = weakref.finalize(self, _reap, self.proc)
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
@@ -245,9 +245,10 @@ class _Worker:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
-        r, w, _ = select.select([] if writable else [fd], [fd] if writable else [], [], remaining)
-        if not (r or w):
-            raise TimeoutError
+        poller = select.poll()  # not select(): a server may hold more than 1024 descriptors
+        poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+        if not poller.poll(remaining * 1e3):
+            raise TimeoutError  # hang-up and errors do wake poll(): the read/write then reports them
 
     def _write_all(self, data: bytes, deadline: float) -> None:
         view = memoryview(data)
