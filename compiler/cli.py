@@ -74,7 +74,7 @@ def _positive(ctx, param, value):
 @click.option("--calib-seqlen", type=int, default=128, show_default=True, callback=_positive, help="Tokens per sample (capped by the model).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sparsity", type=float, help="Target sparsity (shorthand; default 0.5).")
-@click.option("--allocation", help="Layerwise allocation: uniform | owl | alphapruning | manual ... (shorthand).")
+@click.option("--allocation", help="Layerwise allocation: auto (default: best on held-out data) | uniform | owl | alphapruning (shorthand).")
 @click.option("--method", help="Pruning method: magnitude | wanda | sparsegpt (shorthand).")
 @click.option("--pattern", help="unstructured | N:M such as 2:4 (shorthand).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic"]), help="Quantization (shorthand).")
@@ -215,6 +215,7 @@ def inspect_cmd(artifact, as_json):
         metrics = {k: v for k, v in p["metrics"].items() if not isinstance(v, (dict, list))}
         passes.add_row(p["name"], f"{p['seconds']:.2f}", str(p["modified"]), ", ".join(f"{k}={v}" for k, v in metrics.items()))
     console.print(passes)
+    _print_allocation_candidates(console, m.get("analyses", {}).get("allocation_candidates"))
     if report.get("backends"):
         bt = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup", "cosine", "max abs diff", "passed")
         for name, b in report["backends"].items():
@@ -223,6 +224,20 @@ def inspect_cmd(artifact, as_json):
         console.print(bt)
     s = report.get("sparsity", {})
     console.print(f"overall measured sparsity: {100 * s.get('overall_measured', 0):.2f}% of {s.get('prunable_params', 0):,} prunable params")
+
+
+def _print_allocation_candidates(console, auto) -> None:
+    from rich.table import Table
+
+    from compiler.report import candidate_rows, candidates_summary
+
+    rows = candidate_rows(auto)
+    if not rows:
+        return
+    table = Table("allocation candidate", "held-out score", "block sparsity", "", title=f"method=auto: {candidates_summary(auto)}")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 from compiler.cli_eval import eval_cmd; main.add_command(eval_cmd)  # noqa: E402

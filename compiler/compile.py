@@ -25,7 +25,7 @@ from compiler.report import build_report, plot_plan, render_markdown
 from compiler.trace import DEFAULT_MODEL, load_and_trace
 
 DEFAULT_SPARSITY = 0.5
-DEFAULT_ALLOCATION = "owl"
+DEFAULT_ALLOCATION = "auto"  # scores uniform/OWL/AlphaPruning/... on held-out calibration data
 DEFAULT_METHOD = "wanda"
 
 
@@ -33,13 +33,16 @@ def shorthand_spec(sparsity: float | None = None, allocation: str | None = None,
                    pattern: str | None = None, quantize: str | None = None) -> str:
     """The default pipeline with `--sparsity/--allocation/--method/--pattern/--quantize` applied."""
     sparsity = DEFAULT_SPARSITY if sparsity is None else sparsity
-    allocation = allocation or DEFAULT_ALLOCATION
+    structured = bool(pattern) and pattern != "unstructured"
+    # nm-structure replaces every allocated target with 1 - n/m, so a search would be thrown away
+    allocation = allocation or ("uniform" if structured else DEFAULT_ALLOCATION)
     method = method or DEFAULT_METHOD
     parts = []
-    if allocation == "owl":
+    if allocation == "owl":  # auto computes its own outlier statistics
         parts.append("outlier-analysis")
-    parts.append(f"sparsity-allocation{{method={allocation},target={sparsity!r}}}")
-    if pattern and pattern != "unstructured":
+    extra = f",prune_method={method}" if allocation == "auto" else ""
+    parts.append(f"sparsity-allocation{{method={allocation},target={sparsity!r}{extra}}}")
+    if structured:
         n, sep, m = pattern.partition(":")
         if not sep or not n.isdigit() or not m.isdigit():
             raise SpecError(f"--pattern must be 'unstructured' or N:M such as 2:4, got '{pattern}'")

@@ -1,10 +1,11 @@
 """Pass and backend registry.
 
-No global mutable state: `@register_pass` / `@register_backend` only *mark* a class. A `Registry`
-is built per run from (1) the entry-point groups `sparsec.passes` / `sparsec.backends` (our
-built-ins are declared there too, in pyproject.toml), (2) `--plugin FILE_OR_MODULE` imports, whose
-marked classes are collected, and (3) explicit `add()` calls. A name defined twice is an error that
-names both origins; a plugin that fails to import is an error carrying the original exception.
+No global mutable state: `@register_pass` / `@register_backend` / `@register_allocation` only
+*mark* a class. A `Registry` is built per run from (1) the entry-point groups `sparsec.passes` /
+`sparsec.backends` / `sparsec.allocations` (our built-ins are declared there too, in pyproject.toml),
+(2) `--plugin FILE_OR_MODULE` imports, whose marked classes are collected, and (3) explicit `add()`
+calls. A name defined twice is an error that names both origins; a plugin that fails to import is an
+error carrying the original exception.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any, Literal
 
 from compiler.errors import PluginError, SpecError
 
-Kind = Literal["pass", "backend"]
+Kind = Literal["pass", "backend", "allocation"]
 _MARK = "__sparsec_kind__"
-GROUPS: dict[str, Kind] = {"sparsec.passes": "pass", "sparsec.backends": "backend"}
+GROUPS: dict[str, Kind] = {"sparsec.passes": "pass", "sparsec.backends": "backend",
+                           "sparsec.allocations": "allocation"}
 
 
 def register_pass(cls: type) -> type:
@@ -45,6 +47,15 @@ def register_backend(cls: type) -> type:
     return cls
 
 
+def register_allocation(cls: type) -> type:
+    """Mark an allocation class: `name` plus `allocate(ir, stats, target) -> {layer: ratio}`, a
+    candidate that `sparsity-allocation{method=auto}` scores (see passes/allocation_auto.py)."""
+    if not (inspect.isclass(cls) and getattr(cls, "name", "") and callable(getattr(cls, "allocate", None))):
+        raise TypeError("@register_allocation decorates a class with a `name` and an `allocate(ir, stats, target)` method")
+    setattr(cls, _MARK, "allocation")
+    return cls
+
+
 @dataclass
 class Entry:
     name: str
@@ -56,6 +67,7 @@ class Entry:
 class Registry:
     passes: dict[str, Entry] = field(default_factory=dict)
     backends: dict[str, Entry] = field(default_factory=dict)
+    allocations: dict[str, Entry] = field(default_factory=dict)
 
     @classmethod
     def default(cls, plugins: tuple[str, ...] | list[str] = ()) -> "Registry":
@@ -66,7 +78,7 @@ class Registry:
         return reg
 
     def _table(self, kind: Kind) -> dict[str, Entry]:
-        return self.passes if kind == "pass" else self.backends
+        return {"pass": self.passes, "backend": self.backends, "allocation": self.allocations}[kind]
 
     def add(self, kind: Kind, obj: Any, origin: str) -> None:
         name = obj.name
@@ -114,7 +126,7 @@ class Registry:
             raise PluginError(f"{origin} failed to import: {type(exc).__name__}: {exc}") from exc
         found = self._collect(module, origin)
         if not found:
-            raise PluginError(f"{origin} defines no class marked with @register_pass or @register_backend")
+            raise PluginError(f"{origin} defines no class marked with @register_pass, @register_backend or @register_allocation")
 
     def _collect(self, module: Any, origin: str) -> int:
         found = 0

@@ -83,13 +83,56 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
         r = ratios.get(name)
         lines.append(f"| {name} | {p.get('block')} | {p['params']:,} | {tgt} | {p['measured_sparsity']:.3f} | "
                      f"{p.get('pattern') or ''} | {'' if r is None else f'{r:.4f}'} |")
+    lines += allocation_candidates_markdown(manifest.get("analyses", {}).get("allocation_candidates"))
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
 
 
+def candidate_rows(auto: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    """(name, score, per-block sparsity, winner / duplicate mark) of every candidate that
+    `sparsity-allocation{method=auto}` scored, best first; empty when it did not run."""
+    if not auto or not auto.get("candidates"):
+        return []
+    ranked = sorted(auto["candidates"], key=lambda c: -c["score"] if c.get("score") is not None else float("inf"))
+    rows = []
+    for c in ranked:
+        blocks = " ".join(f"{v:.3f}" for v in c.get("block_sparsity", {}).values())
+        mark = "winner" if c["name"] == auto.get("winner") else (f"= {c['duplicate_of']}" if c.get("duplicate_of") else "")
+        rows.append((c["name"], "" if c.get("score") is None else f"{c['score']:.5f}", blocks, mark))
+    return rows
+
+
+def candidates_summary(auto: dict[str, Any]) -> str:
+    return (f"fidelity {auto.get('fidelity')} on {auto.get('holdout_samples')} held-out calibration samples "
+            f"(statistics from {auto.get('stats_samples')}), masks of prune method {auto.get('prune_method')}, "
+            f"search {_fmt(auto.get('seconds', {}).get('total'))} s")
+
+
+def allocation_candidates_markdown(auto: dict[str, Any] | None) -> list[str]:
+    rows = candidate_rows(auto)
+    if not rows:
+        return []
+    lines = ["", "## Allocation candidates (held-out fidelity, higher is better)", "", f"- {candidates_summary(auto)}", "",
+             "| candidate | score | block sparsity | |", "|---|---:|---|---|"]
+    return lines + [f"| {' | '.join(r)} |" for r in rows]
+
+
+def reference_candidates(auto: dict[str, Any]) -> list[dict[str, Any]]:
+    """Winner, OWL at the paper defaults (λ=0.08, m=5; else the first OWL candidate) and uniform."""
+    cands = {c["name"]: c for c in auto.get("candidates", [])}
+    owl = cands.get("owl(lam=0.08,m=5)") or next((c for c in cands.values() if c.get("family") == "owl"), None)
+    chosen = [cands.get(auto.get("winner")), owl, cands.get("uniform")]
+    out: list[dict[str, Any]] = []
+    for c in chosen:
+        if c is not None and all(c["name"] != o["name"] for o in out):
+            out.append(c)
+    return out
+
+
 def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Per-layer sparsity (target vs measured) and outlier ratio plots."""
+    """Per-layer sparsity (target vs measured), outlier ratio and (after method=auto) per-block
+    sparsity of the winning allocation vs OWL vs uniform."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,6 +168,22 @@ def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_title("Per-layer activation outlier ratio (OWL)")
         fig.tight_layout()
         path = out_dir / "outlier_ratio.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    auto = manifest.get("analyses", {}).get("allocation_candidates")
+    if auto and auto.get("candidates"):
+        fig, ax = plt.subplots(figsize=(6.5, 3.5))
+        for c in reference_candidates(auto):
+            blocks = c.get("block_sparsity", {})
+            label = f"{c['name']}{' (winner)' if c['name'] == auto.get('winner') else ''}: {c.get('score') or 0:.4f}"
+            ax.plot([int(b) for b in blocks], list(blocks.values()), marker="o", label=label)
+        ax.set_xlabel("block")
+        ax.set_ylabel("sparsity")
+        ax.set_title(f"Per-block sparsity: auto's winner vs OWL vs uniform ({auto.get('fidelity')})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / "allocation.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)

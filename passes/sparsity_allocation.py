@@ -6,6 +6,9 @@ Methods:
   per layer; more outliers ⇒ lower sparsity, spread 2·lam, parameter-weighted mean exactly `target`.
 - `alphapruning`: the power-law alpha of each weight's ESD (no calibration data), averaged per block
   (or per layer); higher alpha ⇒ higher sparsity, spread 2·lam (AlphaPruning's ε), weighted mean `target`.
+- `auto`: scores candidate allocations (uniform, OWL over a λ × m grid, AlphaPruning, depth ramps,
+  plugin allocations) on held-out calibration samples with the masks of `prune_method`, and keeps the
+  one with the best fidelity to the dense model (passes/allocation_auto.py, docs/auto-allocation.md).
 - `manual`: a YAML mapping `{layer name or regex: ratio}` from `file`. Exact names win over regexes
   (full match, first matching regex in file order); a ratio `null` keeps the layer dense; layers
   matched by no entry get `target`; an entry matching no layer is an error.
@@ -34,7 +37,7 @@ from passes.math.masks import parse_pattern
 from passes.math.owl import Allocation, alpha_allocation, owl_allocation
 from passes.plan_utils import compile_patterns, require_prunable_layers, weighted_mean_target
 
-Method = Literal["uniform", "owl", "alphapruning", "manual"]
+Method = Literal["uniform", "owl", "alphapruning", "manual", "auto"]
 DEFAULT_DENSE = ("embed", "lm_head", "wte", "wpe", "shared")
 
 
@@ -43,12 +46,21 @@ class SparsityAllocation(Pass):
     """Per-layer target sparsity: uniform, OWL (outlier-weighted), AlphaPruning (ESD alpha) or manual YAML."""
 
     name = "sparsity-allocation"
-    method: Method = option("owl", "uniform | owl | alphapruning | manual")
+    method: Method = option("owl", "uniform | owl | alphapruning | manual | auto")
     target: float = option(0.5, "mean target sparsity over allocated parameters, in [0, 1)")
     lam: float = option(0.08, "half-width of the allocation spread (OWL lambda / AlphaPruning epsilon)")
     granularity: Literal["block", "layer"] = option("block", "one ratio per block (reference) or per layer")
     file: str = option("", "manual: YAML mapping {layer name or regex: ratio or null}")
     dense: tuple[str, ...] = option(DEFAULT_DENSE, "regexes (re.search) of layers never pruned")
+    prune_method: Literal["magnitude", "wanda", "sparsegpt"] = option("wanda", "auto: pruning method whose masks score the candidates (sparsegpt: Wanda proxy)")
+    holdout: float = option(0.25, "auto: share of calibration samples held out to score candidates")
+    grid_lam: tuple[float, ...] = option((0.02, 0.05, 0.08, 0.15), "auto: spreads (λ) tried by every candidate family")
+    grid_m: tuple[float, ...] = option((3.0, 5.0, 10.0), "auto: OWL outlier thresholds (m) tried")
+    families: tuple[str, ...] = option(("owl", "alphapruning", "depth"), "auto: candidate families besides uniform and plugins")
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.method == "auto"
 
     def validate(self) -> None:
         if not 0.0 <= self.target < 1.0:
@@ -60,6 +72,10 @@ class SparsityAllocation(Pass):
         if self.file and self.method != "manual":
             raise SpecError(f"sparsity-allocation: file is only read by method=manual (method is {self.method})")
         compile_patterns(self.dense, "sparsity-allocation dense")
+        if self.method == "auto":
+            from passes.allocation_auto import validate_settings
+
+            validate_settings(self._auto_settings())
 
     def requires(self, ir: ModelIR) -> None:
         require_prunable_layers(ir, self.name)
@@ -87,7 +103,7 @@ class SparsityAllocation(Pass):
             ir.plan[name].target_sparsity = None
             ir.plan[name].pattern = None
         if allocated:
-            ratios, info = self._ratios(ir, allocated, diagnostics)
+            ratios, info = self._ratios(ir, allocated, diagnostics, ctx)
             metrics.update(info)
             for name in allocated:
                 ir.plan[name].target_sparsity = ratios[name]
@@ -112,7 +128,17 @@ class SparsityAllocation(Pass):
                 raise SpecError(f"sparsity-allocation produced target {t} for layer '{name}' outside [0, 1)")
 
     # -- per-method ratios ------------------------------------------------------------------------
-    def _ratios(self, ir: ModelIR, names: list[str], diagnostics: list[str]) -> tuple[dict[str, float | None], dict[str, Any]]:
+    def _auto_settings(self) -> Any:
+        from passes.allocation_auto import AutoSettings
+
+        return AutoSettings(self.target, self.granularity, self.prune_method, self.holdout, self.grid_lam, self.grid_m, self.families)
+
+    def _ratios(self, ir: ModelIR, names: list[str], diagnostics: list[str],
+                ctx: PassContext | None = None) -> tuple[dict[str, float | None], dict[str, Any]]:
+        if self.method == "auto":
+            from passes.allocation_auto import auto_allocation
+
+            return auto_allocation(self._auto_settings(), ir, names, ctx or PassContext(), diagnostics)
         if self.method == "manual":
             return _manual_ratios(ir, names, Path(self.file), self.target, diagnostics), {"file": self.file}
         if self.method == "uniform":

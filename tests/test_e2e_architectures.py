@@ -69,7 +69,7 @@ def test_compile_tiny_architecture(cli, tiny_model_dir, tmp_path, arch, extra, p
 
 def test_compile_real_minilm_and_evaluate_it(cli, minilm_dir, tmp_path):
     out = tmp_path / "minilm"
-    r = cli("compile", "minilm", "-o", out, *CALIB, "--sparsity", "0.5")
+    r = cli("compile", "minilm", "-o", out, *CALIB, "--sparsity", "0.5", "--allocation", "owl")
     assert r.exit_code == 0, r.output
     manifest = _check_artifact(out, "unstructured", 0.5)
     targets = {p["target_sparsity"] for p in manifest["plan"].values() if p["target_sparsity"] is not None}
