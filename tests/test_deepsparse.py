@@ -282,6 +282,18 @@ def test_minilm_matches_onnxruntime_and_reports_sparse_kernels(deepsparse, prune
     assert _gone(pid)  # close() ended and reaped the worker
 
 
+def test_engine_rejection_is_reported_and_prepare_fixes_it(deepsparse, tmp_path):
+    """An unprepared IR-10 file: the engine's own message comes back; prepare() makes it loadable."""
+    model = _embedding_model()
+    model.ir_version = 10
+    src = _save(model, tmp_path / "ir10.onnx")
+    with pytest.raises(DeepSparseError, match="failed to load: .*IR version: 10, max supported IR version: 9") as exc:
+        deepsparse.runner(src, OPTS)
+    assert not isinstance(exc.value, DeepSparseWorkerError)  # the engine refused; nothing crashed
+    with deepsparse.runner(deepsparse.prepare(src, tmp_path / "ds", OPTS), OPTS) as runner:
+        assert runner.infer({"ids": np.zeros((1, 4), dtype=np.int64)})["y"].shape == (1, 4, 8)
+
+
 def test_concurrent_callers_share_one_worker(deepsparse, tmp_path):
     """A server calls infer() from several threads: exchanges must not interleave on the pipe."""
     from concurrent.futures import ThreadPoolExecutor
