@@ -24,8 +24,11 @@ class PowerLawFit:
 
 
 def esd(weight: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of WᵀW (ascending, float64): the squared singular values of W."""
-    return torch.linalg.svdvals(weight.detach().double()).square().sort().values
+    """Eigenvalues of WᵀW (ascending, float64): the squared singular values of W, from the smaller
+    Gram matrix (symmetric eigvalsh is ~10x faster than an SVD of W; its non-zero spectrum is the same)."""
+    w = weight.detach().double()
+    gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
+    return torch.linalg.eigvalsh(gram).clamp_min(0.0)
 
 
 def fit_power_law(eigs: torch.Tensor, min_tail: int = 2, eps: float = 1e-12) -> PowerLawFit:
