@@ -193,10 +193,11 @@ def int8_notes(model) -> list[str]:
 class _Worker:
     """One worker process with deadline-bound, length-prefixed request/response exchanges."""
 
-    def __init__(self, python: Path, timeout_s: float):
+    def __init__(self, python: Path, timeout_s: float, script: Path = WORKER):
+        """`script`: the worker program (runtimes/decode_deepsparse_worker.py extends the default one)."""
         self._stderr = tempfile.TemporaryFile(prefix="sparsec-deepsparse-", suffix=".log")
         self.proc = subprocess.Popen(
-            [str(python), "-I", str(WORKER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [str(python), "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, env=worker_env(), start_new_session=True)
         self._finalizer = weakref.finalize(self, _reap, self.proc)
         self._in, self._out = self.proc.stdin.fileno(), self.proc.stdout.fileno()
