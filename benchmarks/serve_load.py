@@ -3,19 +3,22 @@
     python benchmarks/serve_load.py                 # 30 s per scenario, compiles the MiniLM artifacts if needed
     python benchmarks/serve_load.py --seconds 10    # shorter
 
-Scenarios, all against real server processes serving the MiniLM artifact on onnxruntime:
-  * dynamic batching (server defaults) with 1, 8 and 32 concurrent clients;
-  * --max-batch-size 1 with 32 clients (what batching buys);
-  * the raw backend runner in-process at batch 1 on the same texts, versus the server's latency at one
-    client: the server's overhead (HTTP + JSON + tokenisation + batching + pooling);
-  * the dense reference (the same model compiled at sparsity 0) served the same way, at 1 and 32 clients.
-Each client keeps one keep-alive connection and sends one text per request (a docstring of 8-64 words
-from Python's standard library), then the next as soon as the answer is in. The load generator is a
-minimal asyncio HTTP/1.1 client, so that the client's own cost stays small next to the server's; it
-runs on the same machine as the server (loopback), which shares the CPU cores with it.
+All against real server processes serving MiniLM on onnxruntime (server defaults unless stated):
+  * sweep: dynamic batching with 1, 8 and 32 concurrent clients;
+  * batching: the default server vs one started with --max-batch-size 1, at 32 clients;
+  * overhead: at one client, each request to the server is paired with a call of the raw backend
+    runner (the server's own loader, in this process) on the same text, batch 1: the difference is
+    what HTTP + JSON + tokenisation + batching + pooling cost;
+  * sparse vs dense: the artifact vs the same model compiled at sparsity 0, served the same way, at
+    1 and 32 clients.
+A comparison keeps both servers up and alternates short rounds between them (`--rounds`), so that
+other load on the machine falls on both sides alike. Each client keeps one keep-alive connection and
+sends one text per request (a docstring of 8-64 words from Python's standard library), the next as
+soon as the answer is in. The load generator is a minimal asyncio HTTP/1.1 client, to keep its own
+cost small; it shares the machine's cores with the server (loopback).
 
-Prints a table and writes benchmarks/results/serve_load.json. Bounded: every scenario runs `--seconds`
-and at most `--max-requests` requests per client.
+Prints a table and writes benchmarks/results/serve_load.json. Bounded: `--seconds` per scenario side
+and at most `--max-requests` requests per client and round.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,32 +46,7 @@ DENSE_ARGS = ("--backend", "onnxruntime", "--sparsity", "0", "--allocation", "un
               "--runs", "5")
 
 
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    artifact: str
-    clients: int
-    server_args: tuple[str, ...] = ()
-
-
-@dataclass
-class Result:
-    scenario: str
-    artifact: str
-    clients: int
-    server_args: list[str]
-    seconds: float
-    requests: int
-    errors: int
-    throughput_rps: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_batch_size: float
-    server_exit_code: int
-
-
-# -- texts and the artifacts -------------------------------------------------------------------------------
+# -- texts and the artifacts ---------------------------------------------------------------------------------
 def load_texts(limit: int = 512) -> list[str]:
     from compiler.calibration import stdlib_corpus
 
@@ -86,7 +64,7 @@ def ensure_artifact(path: Path, args: tuple[str, ...]) -> Path:
 
 # -- a minimal HTTP/1.1 keep-alive client ----------------------------------------------------------------------
 class Connection:
-    def __init__(self, host: str, port: int):
+    def __init__(self, port: int, host: str = "127.0.0.1"):
         self.host, self.port = host, port
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -117,39 +95,59 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def closed_loop(port: int, clients: int, texts: list[str], seconds: float, max_requests: int) -> tuple[list[float], int]:
-    bodies = [json.dumps({"input": t}).encode() for t in texts]
-    latencies: list[float] = []
-    errors = 0
+def ok_answer(status: int, data: bytes) -> bool:
+    return status == 200 and data.startswith(b'{"object":"list"')
+
+
+@dataclass
+class Measure:
+    """Merged over rounds: latencies (s), errors, wall seconds, batcher items and calls."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    wall: float = 0.0
+    items: float = 0.0
+    calls: float = 0.0
+
+    def row(self, name: str, clients: int, server_args: tuple[str, ...]) -> dict:
+        lat = np.array(self.latencies or [np.nan]) * 1e3
+        p50, p90, p99 = (round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99))
+        return {"scenario": name, "clients": clients, "server_args": list(server_args), "seconds": round(self.wall, 2),
+                "requests": len(self.latencies), "errors": self.errors,
+                "throughput_rps": round(len(self.latencies) / self.wall, 2) if self.wall else 0.0,
+                "p50_ms": p50, "p90_ms": p90, "p99_ms": p99,
+                "mean_batch_size": round(self.items / self.calls, 2) if self.calls else 0.0}
+
+
+async def closed_loop(port: int, clients: int, bodies: list[bytes], seconds: float, max_requests: int,
+                      out: Measure) -> None:
     deadline = time.perf_counter() + seconds
 
     async def client(k: int) -> None:
-        nonlocal errors
-        conn = Connection("127.0.0.1", port)
-        i = k * 7919
-        sent = 0
+        conn = Connection(port)
+        i, sent = k * 7919, 0
         while time.perf_counter() < deadline and sent < max_requests:
             body = bodies[i % len(bodies)]
-            i += 1
-            sent += 1
+            i, sent = i + 1, sent + 1
             start = time.perf_counter()
             try:
                 status, data = await conn.post("/v1/embeddings", body)
             except (OSError, asyncio.IncompleteReadError, ValueError):
-                errors += 1
+                out.errors += 1
                 await conn.close()
                 continue
             elapsed = time.perf_counter() - start
-            if status != 200 or not data.startswith(b'{"object":"list"'):
-                errors += 1
+            if not ok_answer(status, data):
+                out.errors += 1
                 continue
-            if sent == 1:  # check one full answer per client
+            if sent == 1:  # one full answer per client is parsed and checked
                 assert len(json.loads(data)["data"][0]["embedding"]) > 0
-            latencies.append(elapsed)
+            out.latencies.append(elapsed)
         await conn.close()
 
+    start = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))
-    return latencies, errors
+    out.wall += time.perf_counter() - start
 
 
 # -- server processes --------------------------------------------------------------------------------------------
@@ -159,94 +157,118 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: str, port: int, args: tuple[str, ...], log: Path) -> subprocess.Popen:
-    import httpx
+class ServerProc:
+    """`sparsec serve ARTIFACT ARGS` on a free loopback port, for a `with` block; records the exit code."""
 
-    cmd = [sys.executable, "-m", "compiler.cli", "serve", artifact, "--port", str(port), *args]
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server not ready in 180 s: {log.read_text()[-2000:]}")
+    def __init__(self, name: str, artifact: str, args: tuple[str, ...], log_dir: Path):
+        self.name, self.artifact, self.args = name, artifact, args
+        self.port = free_port()
+        self.log = log_dir / f"{name}.log"
+        self.exit_code: int | None = None
 
+    def __enter__(self) -> "ServerProc":
+        from runtimes.server import wait_until_ready
 
-def batch_stats(port: int) -> tuple[float, float]:
-    import httpx
+        cmd = [sys.executable, "-m", "compiler.cli", "serve", self.artifact, "--port", str(self.port), *self.args]
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        state = wait_until_ready(f"http://127.0.0.1:{self.port}", 180, self.proc)
+        if state != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"server {self.name} {state} instead of getting ready: {self.log.read_text()[-2000:]}")
+        return self
 
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("sparsec_batch_size_sum{") and 'kind="embeddings"' in line:
-            total += float(line.rsplit(" ", 1)[1])
-        if line.startswith("sparsec_batch_size_count{") and 'kind="embeddings"' in line:
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.exit_code = self.proc.wait(60)
 
+    def batch_totals(self) -> tuple[float, float]:
+        import httpx
 
-def run_scenario(sc: Scenario, texts: list[str], seconds: float, max_requests: int, log_dir: Path) -> Result:
-    port = free_port()
-    proc = start_server(sc.artifact, port, sc.server_args, log_dir / f"{sc.name}.log")
-    try:
-        asyncio.run(closed_loop(port, sc.clients, texts, min(2.0, seconds / 5), max_requests))  # warm-up
-        items0, calls0 = batch_stats(port)
-        start = time.perf_counter()
-        latencies, errors = asyncio.run(closed_loop(port, sc.clients, texts, seconds, max_requests))
-        wall = time.perf_counter() - start
-        items1, calls1 = batch_stats(port)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
-    lat = np.array(latencies) * 1e3 if latencies else np.array([np.nan])
-    calls = calls1 - calls0
-    return Result(sc.name, Path(sc.artifact).name, sc.clients, list(sc.server_args), round(wall, 2), len(latencies),
-                  errors, round(len(latencies) / wall, 2), *(round(float(np.percentile(lat, q)), 3) for q in (50, 90, 99)),
-                  round((items1 - items0) / calls, 2) if calls else 0.0, code)
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=10).text
+        sums = {"sum": 0.0, "count": 0.0}
+        for line in text.splitlines():
+            for kind in sums:
+                if line.startswith(f"sparsec_batch_size_{kind}{{") and 'kind="embeddings"' in line:
+                    sums[kind] += float(line.rsplit(" ", 1)[1])
+        return sums["sum"], sums["count"]
 
 
-def raw_runner_latency(artifact: str, texts: list[str], seconds: float, threads: int) -> dict[str, float]:
-    """The backend runner alone (the server's own loader), batch 1, on the same texts: p50/p99 ms."""
+def alternate(servers: list[ServerProc], clients: int, bodies: list[bytes], seconds: float, rounds: int,
+              max_requests: int) -> dict[str, Measure]:
+    """`rounds` rounds of seconds/rounds on each server in turn, after a short warm-up of each."""
+    out = {s.name: Measure() for s in servers}
+    for s in servers:
+        asyncio.run(closed_loop(s.port, clients, bodies, min(2.0, seconds / 5), max_requests, Measure()))
+    for _ in range(rounds):
+        for s in servers:
+            items0, calls0 = s.batch_totals()
+            asyncio.run(closed_loop(s.port, clients, bodies, seconds / rounds, max_requests, out[s.name]))
+            items1, calls1 = s.batch_totals()
+            out[s.name].items += items1 - items0
+            out[s.name].calls += calls1 - calls0
+    return out
+
+
+def paired_overhead(server: ServerProc, texts: list[str], seconds: float, threads: int) -> dict:
+    """One client; each server request is followed by the raw runner on the same text (batch 1)."""
     from runtimes.server_model import ServedModel, open_artifact
 
-    target = open_artifact(artifact, "onnxruntime")
+    target = open_artifact(server.artifact, "onnxruntime")
     model = ServedModel.load(target, threads=threads, max_batch_size=1)
     seqs = target.text.encode(texts)
-    runner = model.runner
-    times = []
-    deadline = time.perf_counter() + seconds
-    i = 0
-    while time.perf_counter() < deadline:
-        seq = seqs[i % len(seqs)]
-        i += 1
+    bodies = [json.dumps({"input": t}).encode() for t in texts]
+
+    def raw_feeds(seq: list[int]) -> dict[str, np.ndarray]:
         ids = np.asarray([seq], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if target.signature.input("token_type_ids") is not None:
             feeds["token_type_ids"] = np.zeros_like(ids)
-        start = time.perf_counter()
-        runner.infer(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
+        return feeds
+
+    async def run() -> tuple[list[float], list[float], int]:
+        conn = Connection(server.port)
+        served, raw, errors = [], [], 0
+        deadline = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < deadline:
+            k = i % len(bodies)
+            i += 1
+            start = time.perf_counter()
+            status, data = await conn.post("/v1/embeddings", bodies[k])
+            served_s = time.perf_counter() - start
+            feeds = raw_feeds(seqs[k])
+            start = time.perf_counter()
+            model.runner.infer(feeds)
+            raw_s = time.perf_counter() - start
+            if not ok_answer(status, data):
+                errors += 1
+                continue
+            if i > 10:  # the first few warm both paths up
+                served.append(served_s * 1e3)
+                raw.append(raw_s * 1e3)
+        await conn.close()
+        return served, raw, errors
+
+    served, raw, errors = asyncio.run(run())
     model.close()
-    arr = np.array(times)
-    return {"runs": len(times), "p50_ms": round(float(np.percentile(arr, 50)), 3),
-            "p99_ms": round(float(np.percentile(arr, 99)), 3)}
+    s, r = np.array(served), np.array(raw)
+    p50_s, p50_r = float(np.median(s)), float(np.median(r))
+    return {"pairs": len(s), "errors": errors, "server_p50_ms": round(p50_s, 3), "raw_runner_p50_ms": round(p50_r, 3),
+            "server_p99_ms": round(float(np.percentile(s, 99)), 3), "raw_runner_p99_ms": round(float(np.percentile(r, 99)), 3),
+            "overhead_p50_ms": round(p50_s - p50_r, 3), "median_paired_overhead_ms": round(float(np.median(s - r)), 3),
+            "overhead_fraction_of_server_p50": round((p50_s - p50_r) / p50_s, 3)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=30.0, help="Measured seconds per scenario.")
-    ap.add_argument("--max-requests", type=int, default=100_000, help="Cap of requests per client per scenario.")
+    ap.add_argument("--seconds", type=float, default=30.0, help="Measured seconds per scenario (and side).")
+    ap.add_argument("--rounds", type=int, default=5, help="Alternating rounds in a comparison.")
+    ap.add_argument("--max-requests", type=int, default=100_000, help="Cap of requests per client and round.")
     ap.add_argument("--artifact", help="Sparse MiniLM artifact (default: compiled into benchmarks/artifacts/).")
     ap.add_argument("--dense-artifact", help="Dense reference artifact (default: MiniLM compiled at sparsity 0).")
     ap.add_argument("--clients", default="1,8,32")
-    ap.add_argument("--threads", type=int, default=0, help="--threads for the server (0 = its default).")
+    ap.add_argument("--threads", type=int, default=0, help="--threads for the servers (0 = their default).")
     ap.add_argument("--skip-dense", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = ap.parse_args()
@@ -256,52 +278,72 @@ def main() -> None:
     dense = None if args.skip_dense else str(ensure_artifact(
         Path(args.dense_artifact) if args.dense_artifact else ARTIFACTS / "minilm-dense", DENSE_ARGS))
     common = ("--no-access-log", "--log-level", "warning") + (("--threads", str(args.threads)) if args.threads else ())
+    threads = args.threads or (os.cpu_count() or 1)
     clients = [int(c) for c in args.clients.split(",")]
-    most = max(clients)
-    scenarios = [Scenario(f"batching-{c}", sparse, c, common) for c in clients]
-    scenarios.append(Scenario(f"batch1-{most}", sparse, most, (*common, "--max-batch-size", "1")))
-    if dense:
-        scenarios += [Scenario(f"dense-batching-{c}", dense, c, common) for c in sorted({min(clients), most})]
+    most, least = max(clients), min(clients)
     texts = load_texts()
+    bodies = [json.dumps({"input": t}).encode() for t in texts]
     log_dir = ARTIFACTS / "serve_load_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    servers: list[ServerProc] = []
 
-    results = []
-    for sc in scenarios:
-        print(f"running {sc.name} ({sc.clients} clients, {args.seconds:.0f} s)...", flush=True)
-        results.append(run_scenario(sc, texts, args.seconds, args.max_requests, log_dir))
-    threads = args.threads or (os.cpu_count() or 1)
-    raw = raw_runner_latency(sparse, texts, min(args.seconds, 15.0), threads)
+    def section(title: str) -> None:
+        print(f"{title}...", flush=True)
 
-    by = {r.scenario: r for r in results}
-    one, many, single = by[f"batching-{min(clients)}"], by[f"batching-{most}"], by[f"batch1-{most}"]
-    summary = {
-        "batching_speedup_at_max_clients": round(many.throughput_rps / single.throughput_rps, 2) if single.throughput_rps else None,
-        "server_p50_ms_at_1_client": one.p50_ms,
-        "raw_runner_p50_ms": raw["p50_ms"],
-        "server_overhead_ms": round(one.p50_ms - raw["p50_ms"], 3),
-        "server_overhead_fraction_of_p50": round((one.p50_ms - raw["p50_ms"]) / one.p50_ms, 3),
-        "total_errors": sum(r.errors for r in results),
-        "all_servers_exited_0": all(r.server_exit_code == 0 for r in results),
-    }
+    batching = ServerProc("batching", sparse, common, log_dir)
+    single = ServerProc("batch1", sparse, (*common, "--max-batch-size", "1"), log_dir)
+    servers += [batching, single]
+    with batching, single:
+        for c in clients:
+            section(f"sweep: {c} clients, {args.seconds:.0f} s")
+            m = alternate([batching], c, bodies, args.seconds, 1, args.max_requests)["batching"]
+            rows.append(m.row(f"batching-{c}", c, common))
+        section(f"batching vs --max-batch-size 1 at {most} clients, {args.rounds} alternating rounds")
+        pair = alternate([batching, single], most, bodies, args.seconds, args.rounds, args.max_requests)
+        rows.append(pair["batching"].row(f"batching-{most}-paired", most, common))
+        rows.append(pair["batch1"].row(f"batch1-{most}-paired", most, single.args))
+        section(f"overhead at 1 client vs the raw runner, {args.seconds:.0f} s")
+        overhead = paired_overhead(batching, texts, args.seconds, threads)
+    dense_rows = {}
     if dense:
-        d_many, d_one = by[f"dense-batching-{most}"], by[f"dense-batching-{min(clients)}"]
-        summary["sparse_vs_dense_throughput_at_max_clients"] = round(many.throughput_rps / d_many.throughput_rps, 3)
-        summary["sparse_vs_dense_p50_at_1_client"] = round(d_one.p50_ms / one.p50_ms, 3)
+        d_server = ServerProc("dense", dense, common, log_dir)
+        s_server = ServerProc("sparse", sparse, common, log_dir)
+        servers += [d_server, s_server]
+        with d_server, s_server:
+            for c in sorted({least, most}):
+                section(f"sparse vs dense at {c} clients, {args.rounds} alternating rounds")
+                pair = alternate([s_server, d_server], c, bodies, args.seconds, args.rounds, args.max_requests)
+                dense_rows[c] = (pair["sparse"].row(f"sparse-{c}-paired", c, common),
+                                 pair["dense"].row(f"dense-{c}-paired", c, common))
+                rows += list(dense_rows[c])
+
+    by = {r["scenario"]: r for r in rows}
+    b, s1 = by[f"batching-{most}-paired"], by[f"batch1-{most}-paired"]
+    summary = {
+        "batching_throughput_gain_at_max_clients": round(b["throughput_rps"] / s1["throughput_rps"], 2) if s1["throughput_rps"] else None,
+        "server_overhead_ms_at_1_client": overhead["overhead_p50_ms"],
+        "server_overhead_fraction_of_p50": overhead["overhead_fraction_of_server_p50"],
+        "total_errors": sum(r["errors"] for r in rows) + overhead["errors"],
+        "all_servers_exited_0": all(s.exit_code == 0 for s in servers),
+    }
+    for c, (sp, dn) in dense_rows.items():
+        summary[f"sparse_over_dense_throughput_{c}_clients"] = round(sp["throughput_rps"] / dn["throughput_rps"], 3)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
-              "seconds_per_scenario": args.seconds, "texts": len(texts), "results": [asdict(r) for r in results],
-              "raw_runner": raw, "summary": summary}
+              "seconds": args.seconds, "rounds": args.rounds, "texts": len(texts),
+              "artifacts": {"sparse": sparse, "dense": dense}, "results": rows, "overhead": overhead, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     header = f"{'scenario':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'batch':>8}{'errors':>8}"
     print(header)
     print("-" * len(header))
-    for r in results:
-        print(f"{r.scenario:<22}{r.clients:>8}{r.throughput_rps:>10.1f}{r.p50_ms:>10.2f}{r.p90_ms:>10.2f}{r.p99_ms:>10.2f}"
-              f"{r.mean_batch_size:>8.1f}{r.errors:>8}")
-    print(f"raw runner (batch 1): p50 {raw['p50_ms']:.2f} ms, p99 {raw['p99_ms']:.2f} ms over {raw['runs']} runs")
+    for r in rows:
+        print(f"{r['scenario']:<22}{r['clients']:>8}{r['throughput_rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+              f"{r['p99_ms']:>10.2f}{r['mean_batch_size']:>8.1f}{r['errors']:>8}")
+    print(f"1 client, paired: server p50 {overhead['server_p50_ms']:.2f} ms, raw runner p50 "
+          f"{overhead['raw_runner_p50_ms']:.2f} ms, median paired difference {overhead['median_paired_overhead_ms']:.2f} ms")
     for k, v in summary.items():
         print(f"{k}: {v}")
     print(f"wrote {args.out}")

@@ -35,6 +35,7 @@ from compiler.errors import ArtifactError
 ROOT = "sparsec-bundle"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SERVING_EXTRAS = ("prometheus_client",)  # needed by `serve`, not (yet) a declared sparsec requirement
+SPEEDUPS = ("httptools", "uvloop")  # uvicorn's C HTTP parser and event loop: pinned when installed here
 BACKEND_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
 
 START_SH = """#!/usr/bin/env bash
@@ -91,7 +92,8 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
         raise ArtifactError(f"cannot package for backend '{backend}' (known: {', '.join(BACKEND_DISTRIBUTIONS)})")
     art = Artifact.load(artifact, verify=True)
     find_onnx(art, backend)  # refuse an artifact that was never lowered
-    requirements = pinned_requirements(BACKEND_DISTRIBUTIONS[backend] + SERVING_EXTRAS)
+    speedups = tuple(d for d in SPEEDUPS if _installed(d))
+    requirements = pinned_requirements(BACKEND_DISTRIBUTIONS[backend] + SERVING_EXTRAS + speedups)
     bundle_info = {
         "sparsec": metadata.version("sparsec"), "backend": backend, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -192,6 +194,14 @@ def render_requirements(pins: list[str]) -> str:
               "# The PyTorch CPU index provides the CPU build of torch (PyPI's default pulls CUDA wheels).\n"
               f"--extra-index-url {TORCH_CPU_INDEX}\n")
     return header + "\n".join(pins) + "\n"
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _canonical(name: str) -> str:

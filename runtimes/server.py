@@ -278,9 +278,10 @@ def _install_routes(app, state: ServerState) -> None:
         text = state.target.text
         seqs = await _tokenize(req.input, text, "input")
         check_lengths(seqs, text)
+        width = next(o for o in state.target.signature.outputs if o.name == state.model.hidden_output).shape[-1]
+        if req.dimensions is not None and req.dimensions != width:
+            raise bad_request(f"'dimensions' must be {width} for this model (it cannot shorten embeddings)")
         vectors = await state.run(TASK_EMBEDDINGS, seqs)
-        if req.dimensions is not None and req.dimensions != len(vectors[0]):
-            raise bad_request(f"'dimensions' must be {len(vectors[0])} for this model (it cannot shorten embeddings)")
         tokens = sum(len(s) for s in seqs)
         state.metrics.tokens.labels(state.metrics.worker, "prompt").inc(tokens)
         return _json(embeddings_body(vectors, state.model_id, tokens, req.encoding_format))
@@ -488,6 +489,24 @@ def app_from_env() -> Any:
 
     config = ServeConfig.from_env(os.environ[CONFIG_ENV])
     return create_app(config, open_artifact(config.artifact, config.backend, config.plugins))
+
+
+def wait_until_ready(url: str, timeout_s: float, process: Any = None) -> str:
+    """Poll `url`/readyz: "ready" on 200, "exited" when `process` (a Popen) ends first, else "timeout".
+    For scripts, tests and benchmarks that start `sparsec serve` in a subprocess."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return "exited"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return "ready"
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return "timeout"
 
 
 def log_config(level: str) -> dict[str, Any]:

@@ -142,7 +142,8 @@ class DynamicBatcher:
             finally:
                 self._running = 0
             seconds = time.perf_counter() - start
-            self._ewma_item_s = 0.8 * self._ewma_item_s + 0.2 * seconds / len(batch) if self._ewma_item_s else seconds / len(batch)
+            per_item = seconds / len(batch)
+            self._ewma_item_s = 0.8 * self._ewma_item_s + 0.2 * per_item if self._ewma_item_s else per_item
             self._on_batch(BatchStats(batch[0].key, len(batch), seconds, len(self._queue)))
 
     async def _gather(self) -> list[_Item]:

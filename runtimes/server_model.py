@@ -135,6 +135,8 @@ class ServedModel:
         self.runner = runner
         self.sig = target.signature
         lowering = target.artifact.manifest.get("lowering") or {}
+        names = self.sig.output_names
+        self.hidden_output = "last_hidden_state" if "last_hidden_state" in names else names[0]
         self.layout = kv_layout(self.sig, lowering.get("kv")) if target.task == TASK_COMPLETIONS else None
 
     @classmethod
@@ -181,7 +183,7 @@ class ServedModel:
             if self.sig.input("token_type_ids") is not None:
                 feeds["token_type_ids"] = np.zeros_like(ids)
             out = self.runner.infer(self._cast(feeds))
-            pooled = pool(out[self.sig.outputs[0].name], mask, text.pooling)
+            pooled = pool(out[self.hidden_output], mask, text.pooling)
             if result is None:
                 result = np.empty((len(seqs), pooled.shape[1]), dtype=np.float32)
             result[group] = pooled
@@ -239,7 +241,8 @@ def raw_feeds(sig: Signature, inputs: dict[str, Any], vocab_size: int | None) ->
         except (ValueError, TypeError, OverflowError):
             raise ValueError(f"input '{spec.name}' must be a rectangular nested list of {spec.dtype} numbers") from None
         if arr.ndim != len(spec.shape):
-            raise ValueError(f"input '{spec.name}' has rank {arr.ndim}; the model expects rank {len(spec.shape)} {_shape(spec.shape)}")
+            raise ValueError(f"input '{spec.name}' has rank {arr.ndim}; the model expects rank {len(spec.shape)} "
+                             f"{_shape(spec.shape)}")
         for axis, (dim, want) in enumerate(zip(arr.shape, spec.shape)):
             if isinstance(want, int) and dim != want:
                 raise ValueError(f"input '{spec.name}' has size {dim} on axis {axis}; the model expects {want}")

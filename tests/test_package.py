@@ -12,12 +12,13 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
+
+from runtimes.server import wait_until_ready  # noqa: E402
 
 ROOT = "sparsec-bundle"
 
@@ -67,7 +68,8 @@ def test_bundle_holds_verified_artifact_pins_and_start_script(bundle, artifact):
         assert f"{ROOT}/artifact/manifest.json" in names
         assert f"{ROOT}/sparsec/runtimes/server.py" in names and f"{ROOT}/sparsec/compiler/cli.py" in names
         assert not any("__pycache__" in n for n in names)
-        entry_points = tar.extractfile(f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info/entry_points.txt").read().decode()
+        dist_info = f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info"
+        entry_points = tar.extractfile(f"{dist_info}/entry_points.txt").read().decode()
         assert "onnxruntime = runtimes.onnxruntime_backend:OnnxRuntimeBackend" in entry_points
         start = tar.getmember(f"{ROOT}/start.sh")
         assert start.mode & 0o111, "start.sh must be executable"
@@ -123,14 +125,7 @@ def test_extracted_bundle_starts_and_serves(bundle, tmp_path):
         proc = subprocess.Popen([str(root / "start.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        assert wait_until_ready(url, 120, proc) == "ready", log.read_text()
         r = httpx.post(f"{url}/v1/embeddings", json={"input": ["hello bundle"]}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "bert"

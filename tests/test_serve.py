@@ -23,6 +23,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client", reason="the server's /metrics needs prometheus_client")
 
+from runtimes.server import wait_until_ready  # noqa: E402
 from runtimes.server_batching import DynamicBatcher, QueueFull  # noqa: E402
 from runtimes.server_generate import SamplingParams, sample  # noqa: E402
 from runtimes.server_text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
@@ -127,6 +128,18 @@ def test_length_buckets_bound_padding_waste():
     assert length_buckets([30] * 32) == [list(range(32))]
 
 
+def test_fast_tokenizer_path_equals_the_hf_tokenizer(tiny_model_dir, minilm_dir):
+    from runtimes.server_text import load_text_model
+
+    texts = ["Return the sum of a and b.", "", "  spaces  ", "ünïcödé — ∑ 漢字 🙂", "word " * 600]
+    for directory in (tiny_model_dir("bert"), minilm_dir):
+        text = load_text_model(Path(directory))
+        assert text.fast is not None
+        expected = [list(ids) for ids in text.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        assert text.encode(texts) == expected  # no truncation from tokenizer.json, same special tokens
+        assert len(expected[-1]) > 600
+
+
 def test_sampling_greedy_top_p_and_seed():
     logits = np.array([0.0, 5.0, 4.9, -3.0])
     assert sample(logits, SamplingParams(temperature=0.0), np.random.default_rng(0)) == 1
@@ -175,18 +188,11 @@ def start_server(artifact: Path, log_dir: Path, *args: str, env: dict[str, str] 
         proc = subprocess.Popen(serve_cmd(artifact, port, *args), stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
     server = Server(proc, f"http://127.0.0.1:{port}", log)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{server.log_text()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    pytest.fail(f"server not ready after {ready_timeout}s:\n{server.log_text()}")
+    state = wait_until_ready(server.url, ready_timeout, proc)
+    if state != "ready":
+        server.stop()
+        pytest.fail(f"server {state} instead of getting ready:\n{server.log_text()}")
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +293,7 @@ def test_user_errors_are_4xx_never_500(bert_server):
             (c.post("/v1/embeddings", json={}), 422),
             (c.post("/v1/embeddings", json={"input": []}), 400),
             (c.post("/v1/embeddings", json={"input": "a", "model": "other"}), 404),
+            (c.post("/v1/embeddings", json={"input": "a", "dimensions": 5}), 400),
             (c.post("/v1/embeddings", json={"input": [[1, 2, 10 ** 9]]}), 400),
             (c.post("/v1/completions", json={"prompt": "a"}), 400),
             (c.post("/v1/infer", json={"inputs": {"input_ids": [[1, 2]]}}), 400),
@@ -336,8 +343,10 @@ def test_concurrent_requests_are_batched_and_answered_correctly(bert_server):
         np.testing.assert_allclose(r.json()["data"][0]["embedding"], ref, atol=2e-5)
     with bert_server.client(headers=AUTH) as c:
         after = c.get("/metrics").text
-    calls = _metric(after, "sparsec_batch_size_count", kind="embeddings") - _metric(before, "sparsec_batch_size_count", kind="embeddings")
-    items = _metric(after, "sparsec_batch_size_sum", kind="embeddings") - _metric(before, "sparsec_batch_size_sum", kind="embeddings")
+    def delta(name: str) -> float:
+        return _metric(after, name, kind="embeddings") - _metric(before, name, kind="embeddings")
+
+    calls, items = delta("sparsec_batch_size_count"), delta("sparsec_batch_size_sum")
     assert items == 16
     assert calls < 16, f"16 concurrent requests took {calls} backend calls: not batched"
 
