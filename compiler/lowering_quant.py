@@ -20,7 +20,9 @@ OpenVINO runs that on fp32 kernels, 4x slower — measured). DeepSparse always g
 (it runs QDQ int8 *slower* than fp32, QLinearMatMul fast), TensorRT `int8-qdq-sym` when requested.
 Weights are quantized symmetrically per output channel (per-tensor loses too much: MiniLM embedding
 cosine 0.947 with per-tensor int8-dynamic vs 0.994 per-channel), so every pruned zero stays an
-exact int8 zero.
+exact int8 zero — except `int8-qoperator`, per tensor: DeepSparse runs per-channel QLinearMatMul in
+its dense fallback (no sparse kernels; tiny Llama decode step 0.71 vs 0.45 ms per-tensor, 84% vs 91%
+of ops supported), so its only fast sparse int8 form is per-tensor (see docs/decode.md).
 
 Calibration uses the artifact's own calibration samples (`calib.samples`), converted to graph feeds;
 when the pipeline had none, a default calibration set is built here and the variant says so.
@@ -56,18 +58,19 @@ class VariantKind:
     backends: tuple[str, ...]
     calibrated: bool
     symmetric_activations: bool = False
+    per_channel: bool = True  # weight scales per output channel (else one per tensor)
 
 
 VARIANTS = {
     "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", ("onnxruntime",), calibrated=False),
     "int8-qdq": VariantKind("int8-qdq", "QDQ", ("onnxruntime", "openvino"), calibrated=True),
-    "int8-qoperator": VariantKind("int8-qoperator", "QOperator", ("deepsparse",), calibrated=True),
+    "int8-qoperator": VariantKind("int8-qoperator", "QOperator", ("deepsparse",), calibrated=True, per_channel=False),
     "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", ("tensorrt",), calibrated=True, symmetric_activations=True),
     "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", ("openvino",), calibrated=True),
 }
 
 
-QUANT_FORMAT = 2  # bump when a variant's settings change: keys the dense int8 references in the cache
+QUANT_FORMAT = 3  # bump when a variant's settings change: keys the dense int8 references in the cache
 
 
 def nncf_available() -> bool:
@@ -223,7 +226,7 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
                 raise LoweringError(f"variant '{name}' breaks rule '{failed[0]['rule']}': {failed[0]['detail']}")
             entries[name] = {
                 "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
-                "weights": "int8 symmetric per output channel",
+                "weights": f"int8 symmetric per {'output channel' if kind.per_channel else 'tensor'}",
                 "tool": "nncf" if name == "int8-openvino" else "onnxruntime.quantization",
                 "activations": "dynamic uint8" if not kind.calibrated else ("int8 symmetric" if kind.symmetric_activations else "uint8"),
                 "layers_quantized": len(mapping), "layers_planned": len(layers), "gemm_rewritten": gemms,
@@ -239,7 +242,7 @@ def _quantize(kind: VariantKind, src: Path, out: Path, nodes: list[str], feeds: 
               external: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True, reduce_range=False,
+    common = dict(op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=kind.per_channel, reduce_range=False,
                   weight_type=QuantType.QInt8, use_external_data_format=external)
     try:
         with _quiet_root_logger():

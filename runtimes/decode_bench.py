@@ -40,6 +40,12 @@ def decode_prompt(root: Path, lowering: dict[str, Any], opts: DecodeOptions) -> 
     return inputs.timing["input_ids"], inputs.timing["attention_mask"]
 
 
+def disk_bytes(path: Path) -> int:
+    """The graph plus its external data file, if any."""
+    data = Path(path).parent / "model.onnx.data"
+    return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
 def tokens_per_s(trace: DecodeTrace) -> float:
     total = sum(trace.step_ms)
     return len(trace.step_ms) / total * 1e3 if total > 0 else 0.0
@@ -56,13 +62,12 @@ def uses_sparse_kernels(backend: str, decoder: Any, sparsity: float) -> bool:
 
 
 def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], opts: DecodeOptions, ids: np.ndarray,
-               mask: np.ndarray, bandwidth_gbps: float, workdir: Path) -> dict[str, Any]:
-    """Load one configuration, warm it up, generate, and measure it against the roofline."""
-    from runtimes.verify import file_sizes
-
+               mask: np.ndarray, bandwidth_gbps: float, workdir: Path, warmup: bool = True) -> dict[str, Any]:
+    """Load one configuration, warm it up (a few tokens), generate, and measure it against the roofline."""
     traffic = weight_traffic(path)
     with open_decoder(backend, path, lowering, opts, workdir) as decoder:
-        decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
+        if warmup:
+            decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
         trace = decoder.generate(ids, mask, opts.new_tokens)
         sparse = uses_sparse_kernels(backend.name, decoder, traffic.sparsity)
         details = dict(decoder.details)
@@ -83,7 +88,7 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         "achieved_gbps": achieved, "membw_gbps": bandwidth_gbps,
         "fraction_of_membw": achieved / bandwidth_gbps if bandwidth_gbps else None,
         "peak_rss_bytes": trace.peak_rss_bytes, "rss_load_delta_bytes": details.get("rss_load_delta_bytes"),
-        "rss_process": details.get("rss_process"), "disk_bytes": file_sizes(path)["bytes"],
+        "rss_process": details.get("rss_process"), "disk_bytes": disk_bytes(path),
         "cache": details.get("cache"), "load_seconds": details.get("load_seconds"),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
