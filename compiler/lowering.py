@@ -17,7 +17,8 @@ and returns the manifest's "lowering" section:
      "model_type", "inputs": [...], "outputs": [...], "opset", "ir_version",
      "files": {"model": "onnx/model.onnx", ...}, "variants": {name: {file, format, scheme, backends, ...}},
      "backend_files": {backend: file it runs}, "kv": {layers, kv_heads, head_dim, dtype} (LMs),
-     "numerics": {output: max_abs_diff vs the torch model}, "zeros": {...}, "checks": [...]}
+     "numerics": {output: max_abs_diff vs the torch model}, "zeros": {...}, "checks": [...],
+     "sizes": {file: {bytes, compressed_bytes}}}
 
 Encoders take input_ids, attention_mask (+ token_type_ids) → last_hidden_state. Causal LMs use
 optimum's names: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits,
@@ -31,9 +32,11 @@ cache from the dense IR it already holds, so verification right after compile re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,7 @@ def lower_artifact(ir: ModelIR, dense_ir: ModelIR | None, root: Path, backends: 
     section["variants"] = {name: v for name, v in variants.items()}
     section["backend_files"] = {b: v["file"] for v in variants.values() for b in v["backends"]}
     section["quantization"] = scheme
+    section["sizes"] = {rel: file_sizes(root / rel) for rel in (section["files"]["model"], *(v["file"] for v in variants.values()))}
     if dense_ir is not None:
         from compiler.compile import state_dict_sha256
 
@@ -107,6 +111,32 @@ def lower_model(ir: ModelIR, path: Path) -> tuple[GraphSpec, dict[str, Any]]:
     if data.exists():
         section["files"]["model_data"] = path_rel(data)
     return spec, section
+
+
+def file_sizes(path: Path, cache: bool = False) -> dict[str, int]:
+    """Bytes on disk (graph + external data) and deflate-compressed (zlib level 1, streamed: fast,
+    and enough to show how much of a file is zeros). With `cache`, the result is kept beside the
+    file (for the dense references in the cache directory, measured once)."""
+    files = [path] + ([path.parent / "model.onnx.data"] if (path.parent / "model.onnx.data").exists() else [])
+    raw = sum(f.stat().st_size for f in files)
+    stamp = f"{raw}:{max(f.stat().st_mtime_ns for f in files)}"
+    memo = path.with_name(path.name + ".sizes.json")
+    if cache and memo.is_file():
+        data = json.loads(memo.read_text(encoding="utf-8"))
+        if data.get("stamp") == stamp:
+            return {"bytes": data["bytes"], "compressed_bytes": data["compressed_bytes"]}
+    comp = zlib.compressobj(1)
+    packed = 0
+    for f in files:
+        with open(f, "rb") as src:
+            while block := src.read(1 << 22):
+                packed += len(comp.compress(block))
+    packed += len(comp.flush())
+    out = {"bytes": raw, "compressed_bytes": packed}
+    if cache:
+        memo.write_text(json.dumps({"stamp": stamp, **out}), encoding="utf-8")
+    return out
+
 
 
 def path_rel(path: Path) -> str:
@@ -171,7 +201,8 @@ def layer_nodes(model: Any, layer_names: Any) -> dict[str, tuple[str, str]]:
     """Map prunable layer names to (node name, weight initializer) in an exported graph.
 
     TorchScript export names nodes by module scope (`/model/encoder/layer.0/attention/self/query/MatMul`);
-    with '/' read as '.', the scope minus the wrapper's attribute is the layer's qualified name."""
+    with '/' read as '.', the scope minus the wrapper's attribute is the layer's qualified name — or
+    its unique suffix, when a module's forward left no scope (OPT's `model.` level does not show)."""
     inits = {i.name for i in model.graph.initializer}
     wanted = set(layer_names)
     found: dict[str, tuple[str, str]] = {}
@@ -182,9 +213,12 @@ def layer_nodes(model: Any, layer_names: Any) -> dict[str, tuple[str, str]]:
         if weight is None:
             continue
         scope = node.name.strip("/").replace("/", ".").rpartition(".")[0]
-        layer = scope.partition(".")[2]  # drop the export wrapper's attribute ("model")
-        if layer in wanted and layer not in found:
-            found[layer] = (node.name, weight)
+        scope = scope.partition(".")[2]  # drop the export wrapper's attribute ("model")
+        if not scope:
+            continue
+        matches = [scope] if scope in wanted else [n for n in wanted if n.endswith("." + scope)]
+        if len(matches) == 1 and matches[0] not in found:
+            found[matches[0]] = (node.name, weight)
     return found
 
 
@@ -263,8 +297,6 @@ def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[s
     """Lower the dense model into the cache (once per source hash); returns the cache directory.
     Each entry of `quants` (which layers are int8, in which variants) also gets the dense model's
     int8 variants, under `quant_root(...)`."""
-    import json
-
     from compiler.artifact import write_json
     from compiler.lowering_quant import write_variants
 
@@ -293,7 +325,6 @@ def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[s
 def quant_root(target: Path, quant: dict[str, str]) -> Path:
     """Where the dense reference's int8 variants for one set of quantized layers live in the cache."""
     import hashlib
-    import json
 
     from compiler.lowering_quant import QUANT_FORMAT
 

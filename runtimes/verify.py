@@ -14,7 +14,7 @@ compiled model, then:
 - dense alternatives: besides dense fp32, the dense model quantized exactly like the compiled plan,
   and the backend's fastest known dense form (onnxruntime: int8-dynamic). `speedup_vs_fastest_dense`
   divides the fastest dense p50 measured on *any* verified backend by the compiled p50;
-- artifact size dense vs compiled (on disk and gzip-compressed: sparsity shows up there even when
+- artifact size dense vs compiled (on disk and deflate-compressed: sparsity shows up there even when
   the runtime ignores it), and whether sparse kernels ran where the runtime can tell.
 Gates: `min_speedup` (vs dense fp32 on the same backend) and `max_accuracy_drop` (1 − cosine) set
 `passed=False`; the CLI exits 2. A latency plot goes to `root/plots/latency.png`.
@@ -22,7 +22,6 @@ Gates: `min_speedup` (vs dense fp32 on the same backend) and `max_accuracy_drop`
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from compiler.errors import SparsecError
-from compiler.lowering import MODEL_FILE, dense_reference, dense_variant_files, model_file, reference_quants
+from compiler.lowering import MODEL_FILE, dense_reference, dense_variant_files, file_sizes, model_file, reference_quants
 from compiler.lowering_feeds import graph_feeds, long_texts, text_batch
 from runtimes.base import Runner, RunnerOptions
 
@@ -135,30 +134,6 @@ def merge_accuracy(parts: list[dict[str, Any]]) -> dict[str, Any]:
         values = [p[key] for p in parts]
         out[key] = min(values) if key.startswith("min") else max(values) if key.startswith("max") else float(np.mean(values))
     return out
-
-
-def file_sizes(path: Path) -> dict[str, int]:
-    """Bytes on disk (graph + external data) and gzip-compressed (level 6, streamed)."""
-    files = [path] + ([path.parent / "model.onnx.data"] if (path.parent / "model.onnx.data").exists() else [])
-    raw = sum(f.stat().st_size for f in files)
-    sink = _CountingSink()
-    with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as gz:
-        for f in files:
-            with open(f, "rb") as src:
-                shutil.copyfileobj(src, gz, 1 << 22)
-    return {"bytes": raw, "gzip_bytes": sink.count}
-
-
-class _CountingSink:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.count += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -289,6 +264,15 @@ def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, 
             r.close()
 
 
+def _sizes(path: Path, root: Path, lowering: dict[str, Any], memo: dict[Path, dict[str, int]]) -> dict[str, int]:
+    """Sizes of an artifact file from its lowering section (measured once, at lowering); others
+    (dense references) measured here and memoised beside the file in the cache."""
+    if path not in memo:
+        known = lowering.get("sizes", {}).get(_display_path(path, root))
+        memo[path] = known or file_sizes(path, cache=True)
+    return memo[path]
+
+
 def _display_path(path: Path, root: Path) -> str:
     """Artifact files relative to the artifact (its temp dir during compile), others absolute."""
     try:
@@ -384,7 +368,7 @@ def verify_backends(root: Path, manifest: dict[str, Any], backends: tuple[str, .
             backend = registry.get_backend(name)()
             configs = model_configs(root, manifest, name, dense_root, backends)
             measured = measure_backend(backend, configs, lowering, inputs, opts, work / name)
-            sizes = {label: size_cache.setdefault(p, file_sizes(p)) for label, p in configs.items()}
+            sizes = {label: _sizes(p, root, lowering, size_cache) for label, p in configs.items()}
             results[name] = summarize(root, measured, sizes, opts, inputs)
             if backend.licence_notice:
                 results[name]["licence"] = backend.licence_notice

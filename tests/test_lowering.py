@@ -1,0 +1,144 @@
+"""Lowering to ONNX: numerics vs torch on onnxruntime, pruning zeros kept, graph contract, KV cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from compiler.lowering import MODEL_FILE, explain_rejection, graph_rules, layer_nodes, lower_artifact, model_file
+from compiler.lowering_export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
+from compiler.lowering_feeds import lm_feeds, present_to_past
+from compiler.trace import load_and_trace
+from lowering_helpers import prune_half
+
+
+@pytest.fixture(scope="module")
+def lowered(tiny_model_dir, tmp_path_factory):
+    """arch -> (ir, artifact root, lowering section); each tiny model pruned 50% and lowered once."""
+    cache = {}
+
+    def make(arch: str):
+        if arch not in cache:
+            ir = load_and_trace(str(tiny_model_dir(arch)))
+            prune_half(ir)
+            root = tmp_path_factory.mktemp(f"lowered-{arch}")
+            cache[arch] = (ir, root, lower_artifact(ir, None, root, (), None, {}))
+        return cache[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "bert", "qwen2"])
+def test_lowered_graph_matches_torch_and_keeps_zeros(lowered, arch):
+    ir, root, section = lowered(arch)
+    model = onnx.load(str(root / MODEL_FILE))
+    assert model.ir_version == 8 and section["ir_version"] == 8 and section["opset"] == 17
+    assert all(rule["ok"] for rule in section["checks"])
+    # numerics: padded batch of real text (+ one decode step for LMs), onnxruntime vs torch
+    assert section["numerics"], "no numerics recorded"
+    for output, diff in section["numerics"].items():
+        assert diff < 1e-4, f"{arch}: {output} differs from torch by {diff}"
+    # every pruned zero is an exact zero in the initializer that holds the layer's weight
+    zeros = section["zeros"]
+    assert zeros["preserved"] and zeros["torch_zeros"] > 0
+    block_layers = [n for n, layer in ir.layers.items() if layer.block is not None]
+    mapping = layer_nodes(model, block_layers)
+    assert set(mapping) == set(block_layers)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for name, (_, weight) in mapping.items():
+        assert int((inits[weight] == 0).sum()) == int((ir.weight(name) == 0).sum()), name
+
+
+def test_encoder_contract(lowered):
+    _, root, section = lowered("bert")
+    assert section["task"] == "feature-extraction"
+    assert section["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert section["outputs"] == ["last_hidden_state"]
+    assert model_file(section, "onnxruntime") == "onnx/model.onnx"
+    graph = onnx.load(str(root / MODEL_FILE)).graph
+    dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch_size", "sequence_length"]
+
+
+def test_causal_lm_contract_and_optimum_layout(lowered):
+    ir, root, section = lowered("llama")
+    layers = ir.config.num_hidden_layers
+    assert section["task"] == "text-generation"
+    assert section["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert section["inputs"][3:] == [f"past_key_values.{i}.{t}" for i in range(layers) for t in ("key", "value")]
+    assert section["outputs"] == ["logits"] + [f"present.{i}.{t}" for i in range(layers) for t in ("key", "value")]
+    assert section["kv"]["layers"] == layers
+    onnx_dir = root / "onnx"
+    assert json.loads((onnx_dir / "config.json").read_text())["use_cache"] is True
+    assert (onnx_dir / "tokenizer.json").is_file() and (onnx_dir / "generation_config.json").is_file()
+
+
+def test_kv_cache_greedy_decoding_matches_torch(lowered):
+    """Prefill + 6 decode steps through the ONNX graph's KV cache give torch's greedy tokens."""
+    import onnxruntime as ort
+
+    ir, root, section = lowered("llama")
+    sess = ort.InferenceSession(str(root / MODEL_FILE), providers=["CPUExecutionProvider"])
+    prompt = ir.tokenizer("def parse(text):", return_tensors="np")["input_ids"].astype(np.int64)
+    with torch.no_grad():
+        expected = ir.module.generate(torch.from_numpy(prompt), max_new_tokens=6, do_sample=False,
+                                      pad_token_id=ir.config.pad_token_id)[0, prompt.shape[1]:].tolist()
+    ids, mask, past, got = prompt, np.ones_like(prompt), None, []
+    for _ in range(6):
+        out = dict(zip(section["outputs"], sess.run(None, lm_feeds(section, ids, mask, past))))
+        nxt = int(out["logits"][0, -1].argmax())
+        got.append(nxt)
+        past = present_to_past(out)
+        ids = np.array([[nxt]], dtype=np.int64)
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+    assert got == expected
+
+
+def test_plain_module_lowering(tmp_path):
+    from compiler.trace import LoadedModel, trace
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
+    ir = trace(LoadedModel(module, "module", example_inputs={"input": torch.randn(3, 16)}), source="seq")
+    prune_half(ir)
+    section = lower_artifact(ir, None, tmp_path, (), None, {})
+    assert section["task"] == "module" and section["inputs"] == ["input"] and section["outputs"] == ["output"]
+    assert section["numerics"]["output"] < 1e-5 and section["zeros"]["preserved"]
+
+
+def test_external_data_roundtrip(tmp_path, lowered):
+    """Models above 1.5 GB keep their weights beside the graph; onnxruntime loads them from there."""
+    import onnxruntime as ort
+
+    _, root, section = lowered("bert")
+    model = load_onnx(root / MODEL_FILE)
+    target = tmp_path / "big" / "model.onnx"
+    save_onnx(model, target, external=True)
+    assert (target.parent / EXTERNAL_DATA_FILE).stat().st_size > target.stat().st_size
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    a = ort.InferenceSession(str(root / MODEL_FILE)).run(None, feeds)[0]
+    b = ort.InferenceSession(str(target)).run(None, feeds)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rules_name_what_a_runtime_rejects(tmp_path, lowered):
+    from runtimes.onnxruntime_backend import OnnxRuntimeBackend
+    from runtimes.base import RunnerOptions
+
+    _, root, _ = lowered("bert")
+    model = onnx.load(str(root / MODEL_FILE))
+    model.ir_version = 10
+    model.opset_import.add(domain="ai.stray", version=1)
+    assert {r["rule"] for r in graph_rules(model) if not r["ok"]} == {"ir_version <= 9", "no stray opset domains"}
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"not a protobuf")
+    with pytest.raises(LoweringError) as err:
+        OnnxRuntimeBackend().runner(bad, RunnerOptions())
+    message = str(err.value)
+    assert "onnxruntime rejected" in message and "not even loadable by onnx" in message
+    assert "\n" not in explain_rejection("x", bad, RuntimeError("line one\nline two")).one_line()
