@@ -94,17 +94,27 @@ def candidate_rows(auto: dict[str, Any] | None) -> list[tuple[str, str, str, str
     `sparsity-allocation{method=auto}` scored, best first; empty when it did not run."""
     if not auto or not auto.get("candidates"):
         return []
-    ranked = sorted(auto["candidates"], key=lambda c: -c["score"] if c.get("score") is not None else float("inf"))
+    def rank(c: dict[str, Any]) -> tuple[int, float]:
+        if c.get("score") is not None:
+            return 0, -c["score"]
+        return (1, -c["screen_score"]) if c.get("screen_score") is not None else (2, 0.0)
+
     rows = []
-    for c in ranked:
+    for c in sorted(auto["candidates"], key=rank):
         blocks = " ".join(f"{v:.3f}" for v in c.get("block_sparsity", {}).values())
-        mark = "winner" if c["name"] == auto.get("winner") else (f"= {c['duplicate_of']}" if c.get("duplicate_of") else "")
-        rows.append((c["name"], "" if c.get("score") is None else f"{c['score']:.5f}", blocks, mark))
+        if c.get("duplicate_of"):
+            score, mark = "", f"= {c['duplicate_of']}"
+        elif c.get("score") is None:
+            score, mark = f"({c['screen_score']:.5f})", "screened out"
+        else:
+            score, mark = f"{c['score']:.5f}", "winner" if c["name"] == auto.get("winner") else ""
+        rows.append((c["name"], score, blocks, mark))
     return rows
 
 
 def candidates_summary(auto: dict[str, Any]) -> str:
-    return (f"fidelity {auto.get('fidelity')} on {auto.get('holdout_samples')} held-out calibration samples "
+    screen = f"; (screening score on the first {auto['screen_samples']})" if auto.get("screen_samples") else ""
+    return (f"fidelity {auto.get('fidelity')} on {auto.get('holdout_samples')} held-out calibration samples{screen} "
             f"(statistics from {auto.get('stats_samples')}), masks of prune method {auto.get('prune_method')}, "
             f"search {_fmt(auto.get('seconds', {}).get('total'))} s")
 

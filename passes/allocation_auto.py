@@ -47,8 +47,9 @@ from compiler.evaluate import _first_tensor
 from compiler.ir import ModelIR, weight_matrix
 from compiler.pass_infra import PassContext
 from compiler.trace import call_model
-from passes.math.candidates import (FAMILIES, GroupCandidate, allocation_key, best_index, fit_to_target, flat_ranks, gram_alpha,
-                                    group_candidates, keep_mask, pooled, row_cosines, row_ranks, token_kl)
+from passes.math.candidates import (FAMILIES, GroupCandidate, allocation_key, best_index, finalist_count, finalists,
+                                    fit_to_target, flat_ranks, gram_alpha, group_candidates, keep_mask, pooled,
+                                    row_cosines, row_ranks, screen_size, token_kl)
 from passes.math.masks import nm_mask, parse_pattern
 from passes.math.scores import magnitude_scores, outlier_ratio, pooled_outlier_ratio, wanda_scores
 
@@ -106,7 +107,9 @@ class Candidate:
     params: dict[str, float]
     ratios: dict[str, float]
     clamped: int = 0
-    score: float | None = None
+    score: float | None = None  # mean fidelity on all held-out samples (finalists only)
+    screen_score: float | None = None  # on the screening samples (when the held-out part was split)
+    screened_out: bool = False
     seconds: float = 0.0
     duplicate_of: str | None = None
 
@@ -149,10 +152,7 @@ def collect_input_norms(ir: ModelIR, samples: list[dict[str, torch.Tensor]], nam
     handles = []
     for name in names:
         def hook(m: nn.Module, inp: tuple, _out: Any, name: str = name) -> None:
-            x = inp[0].detach().float()
-            if not torch.isfinite(x).all():
-                raise NumericsError(f"NaN/Inf in the calibration activations entering layer '{name}'")
-            xm = _input_matrix(ir.layers[name], m, x)
+            xm = _input_matrix(ir.layers[name], m, inp[0].detach().float())
             stats[name].sq_norm += (xm * xm).sum(0)
             stats[name].tokens += xm.shape[0]
 
@@ -164,6 +164,9 @@ def collect_input_norms(ir: ModelIR, samples: list[dict[str, torch.Tensor]], nam
     finally:
         for h in handles:
             h.remove()
+    bad = [n for n, st in stats.items() if not torch.isfinite(st.sq_norm).all()]
+    if bad:
+        raise NumericsError(f"NaN/Inf in the calibration activations entering layer '{bad[0]}'")
     return stats
 
 
@@ -198,8 +201,15 @@ def dense_reference(ir: ModelIR, samples: list[dict[str, torch.Tensor]]) -> Refe
 @contextmanager
 def temporary_masks(ir: ModelIR, keep: Mapping[str, Callable[[], torch.Tensor]]) -> Iterator[None]:
     """While active, each named layer computes with `weight × keep()`: a pre-hook swaps in a masked
-    copy, a post-hook restores the original tensor (also on errors). The weights never change."""
+    copy, a post-hook restores the original tensor (also on errors). The weights never change. The
+    copies share one scratch buffer (the largest layer's size): a layer's masked weight only lives
+    during its own call."""
     originals: dict[str, torch.Tensor] = {}
+    scratch: dict[torch.dtype, torch.Tensor] = {}
+    for name in keep:
+        w = ir.get_module(name).weight
+        if w.numel() > scratch.get(w.dtype, torch.empty(0)).numel():
+            scratch[w.dtype] = torch.empty(w.numel(), dtype=w.dtype)
     handles = []
 
     def restore(name: str) -> None:
@@ -211,7 +221,8 @@ def temporary_masks(ir: ModelIR, keep: Mapping[str, Callable[[], torch.Tensor]])
 
         def pre(m: nn.Module, _args: tuple, name: str = name, kind: str = kind, make_keep: Callable = make_keep) -> None:
             original = m.weight.data
-            masked = torch.where(make_keep(), weight_matrix(m, kind), torch.zeros((), dtype=original.dtype))
+            matrix = weight_matrix(m, kind)
+            masked = torch.mul(matrix, make_keep(), out=scratch[original.dtype][: matrix.numel()].view(matrix.shape))
             originals[name] = original
             m.weight.data = native_layout(masked, kind, original.shape)
 
@@ -236,18 +247,23 @@ def native_layout(matrix: torch.Tensor, kind: str, shape: torch.Size) -> torch.T
     return matrix.reshape(shape)
 
 
-def score_candidate(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[], torch.Tensor]]) -> float:
-    """Held-out fidelity of the model under `keep` masks: mean cosine, or −mean per-token KL."""
-    total, count = 0.0, 0
+def candidate_values(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    """Fidelity of the model under `keep` masks on `ref`'s samples, one value per token (−KL) or per
+    sample (cosine); higher is better. Non-finite outputs give −inf."""
+    out = []
     with temporary_masks(ir, keep):
         for batch, target in zip(ref.batches, ref.outputs):
             y = _model_output(ir, batch, ref.kind)
             values = -token_kl(target, y) if ref.kind == "kl" else row_cosines(y, target)
             if not torch.isfinite(values).all():
-                return float("-inf")
-            total += float(values.double().sum())
-            count += values.numel()
-    return total / max(count, 1)
+                return torch.tensor([float("-inf")], dtype=torch.float64)
+            out.append(values.flatten().double())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def score_candidate(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[], torch.Tensor]]) -> float:
+    """Held-out fidelity of the model under `keep` masks: mean cosine, or −mean per-token KL."""
+    return float(candidate_values(ir, ref, keep).mean())
 
 
 # -- the auto allocation ----------------------------------------------------------------------------
@@ -267,45 +283,75 @@ def auto_allocation(settings: AutoSettings, ir: ModelIR, names: list[str], ctx: 
     ranks, fixed, stats = _layer_statistics(ir, settings, names, nm_layers, norms)
     t_stats = time.perf_counter() - started
 
-    ref = dense_reference(ir, held)
+    n_screen = screen_size(len(held))
+    refs = [dense_reference(ir, part) for part in ((held[:n_screen], held[n_screen:]) if n_screen else (held,))]
     t_ref = time.perf_counter() - started - t_stats
 
     candidates = _build_candidates(settings, ir, names, stats, ctx, diagnostics)
+    distinct = _mark_duplicates(candidates, names)
     per_row = settings.prune_method != "magnitude"
-    seen: dict[tuple, str] = {}
-    for i, cand in enumerate(candidates):
-        key = allocation_key([cand.ratios[n] for n in names])
-        if key in seen:
-            cand.duplicate_of = seen[key]
-        else:
-            seen[key] = cand.name
+
+    def keep_of(cand: Candidate) -> dict[str, Callable[[], torch.Tensor]]:
+        keep: dict[str, Callable[[], torch.Tensor]] = {
+            n: (lambda r=ranks[n], s=cand.ratios[n]: keep_mask(r, s, per_row)) for n in names}
+        keep.update({n: (lambda m=fixed[n]: m) for n in nm_layers})
+        return keep
+
+    values: dict[str, list[torch.Tensor]] = {}
+    total = len(distinct) + (min(len(distinct), finalist_count(len(distinct)) + 1) if n_screen else 0)
+
+    def score_round(cands: list[Candidate], ref: Reference) -> None:
+        for cand in cands:
             t0 = time.perf_counter()
-            keep: dict[str, Callable[[], torch.Tensor]] = {
-                n: (lambda r=ranks[n], s=cand.ratios[n]: keep_mask(r, s, per_row)) for n in names}
-            keep.update({n: (lambda m=fixed[n]: m) for n in nm_layers})
-            cand.score = score_candidate(ir, ref, keep)
-            cand.seconds = time.perf_counter() - t0
-        ctx.progress("sparsity-allocation:auto", i + 1, len(candidates))
-    scored = [c for c in candidates if c.score is not None]
-    win = scored[best_index([c.score for c in scored])]
+            values.setdefault(cand.name, []).append(candidate_values(ir, ref, keep_of(cand)))
+            cand.seconds += time.perf_counter() - t0
+            ctx.progress("sparsity-allocation:auto", sum(len(v) for v in values.values()), total)
+
+    score_round(distinct, refs[0])
+    if n_screen:  # racing: only the best of the screening round (and uniform) see the other samples
+        screen = [float(values[c.name][0].mean()) for c in distinct]
+        chosen = set(finalists(screen, finalist_count(len(distinct))))
+        for i, c in enumerate(distinct):
+            c.screen_score, c.screened_out = screen[i], i not in chosen
+        score_round([c for c in distinct if not c.screened_out], refs[1])
+    final = [c for c in distinct if not c.screened_out]
+    for c in final:
+        c.score = float(torch.cat(values[c.name]).mean())
+    win = final[best_index([c.score for c in final])]
     uniform = candidates[0]
     t_total = time.perf_counter() - started
     seconds = {"statistics": t_stats, "reference": t_ref, "candidates": t_total - t_stats - t_ref, "total": t_total}
     records = [_candidate_record(c, ir) for c in candidates]
-    _store_analyses(ir, settings, stats, records, win, ref, len(stats_part), len(held), seconds)
+    metric = _metric_name(refs[0])
+    _store_analyses(ir, settings, stats, records, win, metric, (len(stats_part), len(held), n_screen), seconds)
     if settings.prune_method == "sparsegpt":
         diagnostics.append("auto: sparsegpt candidates are ranked with Wanda masks (a proxy: SparseGPT also updates weights)")
-    diagnostics.append(f"auto: {win.name} wins ({_metric_name(ref)} {win.score:.5g} vs uniform {uniform.score:.5g}) "
-                       f"among {len(scored)} distinct candidates, {t_total:.1f}s")
+    diagnostics.append(f"auto: {win.name} wins ({metric} {win.score:.5g} vs uniform {uniform.score:.5g}) among "
+                       f"{len(final)} finalists of {len(distinct)} distinct candidates, {t_total:.1f}s")
     info = {
-        "winner": win.name, "winner_score": win.score, "uniform_score": uniform.score, "fidelity": _metric_name(ref),
-        "candidates_scored": len(scored), "holdout_samples": len(held), "stats_samples": len(stats_part),
+        "winner": win.name, "winner_score": win.score, "uniform_score": uniform.score, "fidelity": metric,
+        "candidates_scored": len(distinct), "finalists": len(final), "holdout_samples": len(held),
+        "screen_samples": n_screen, "stats_samples": len(stats_part),
         "prune_method": settings.prune_method, "auto_seconds": round(t_total, 3),
         "auto_seconds_detail": {k: round(v, 3) for k, v in seconds.items()},
         "candidates": records,
         "clamped_groups": win.clamped, "group_sparsity": _block_sparsity(ir, win.ratios),
     }
     return dict(win.ratios), info
+
+
+def _mark_duplicates(candidates: list[Candidate], names: list[str]) -> list[Candidate]:
+    """Candidates with distinct allocations (the first of each); the others get `duplicate_of`."""
+    seen: dict[tuple, str] = {}
+    distinct = []
+    for cand in candidates:
+        key = allocation_key([cand.ratios[n] for n in names])
+        if key in seen:
+            cand.duplicate_of = seen[key]
+        else:
+            seen[key] = cand.name
+            distinct.append(cand)
+    return distinct
 
 
 def _metric_name(ref: Reference) -> str:
@@ -407,17 +453,22 @@ def _block_sparsity(ir: ModelIR, ratios: Mapping[str, float]) -> dict[str, float
 def _candidate_record(c: Candidate, ir: ModelIR) -> dict[str, Any]:
     rec: dict[str, Any] = {"name": c.name, "family": c.family, "params": dict(c.params), "score": c.score,
                            "seconds": round(c.seconds, 3), "clamped": c.clamped, "block_sparsity": _block_sparsity(ir, c.ratios)}
+    if c.screen_score is not None:
+        rec["screen_score"] = c.screen_score
+        rec["screened_out"] = c.screened_out
     if c.duplicate_of:
         rec["duplicate_of"] = c.duplicate_of
     return rec
 
 
 def _store_analyses(ir: ModelIR, settings: AutoSettings, stats: AllocationStats, records: list[dict[str, Any]], win: Candidate,
-                    ref: Reference, n_stats: int, n_held: int, seconds: dict[str, float]) -> None:
+                    metric: str, sizes: tuple[int, int, int], seconds: dict[str, float]) -> None:
+    n_stats, n_held, n_screen = sizes
     ir.analyses["allocation_candidates"] = {
-        "winner": win.name, "fidelity": _metric_name(ref), "higher_is_better": True,
+        "winner": win.name, "fidelity": metric, "higher_is_better": True,
         "prune_method": settings.prune_method, "granularity": settings.granularity, "target": settings.target,
-        "stats_samples": n_stats, "holdout_samples": n_held, "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "stats_samples": n_stats, "holdout_samples": n_held, "screen_samples": n_screen,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "candidates": records,
     }
     m = REPORT_M if REPORT_M in stats.outlier_ratio else (settings.grid_m[0] if settings.grid_m else None)

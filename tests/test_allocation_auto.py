@@ -14,8 +14,8 @@ from compiler.registry import Registry, register_allocation
 from passes.allocation_auto import (batches, collect_input_norms, dense_reference, score_candidate, split_holdout,
                                     temporary_masks)
 from passes.math.alpha import layer_alpha
-from passes.math.candidates import (best_index, flat_ranks, gram_alpha, group_candidates, keep_mask, row_ranks,
-                                    token_kl)
+from passes.math.candidates import (best_index, finalist_count, finalists, flat_ranks, gram_alpha, group_candidates,
+                                    keep_mask, row_ranks, screen_size, token_kl)
 from passes.math.masks import layer_mask, row_mask
 from passes.math.scores import wanda_scores
 from sparsity_helpers import context, load_ir
@@ -52,6 +52,13 @@ def test_group_candidates_all_keep_the_weighted_mean_and_uniform_comes_first():
     up = next(c for c in cands if c.name == "depth-up(lam=0.04)").sparsities
     assert list(up) == sorted(up) and up[-1] - up[0] == pytest.approx(0.08)
     assert group_candidates(0.6, weights, (0.1,), lods, alphas, families=())[0].name == "uniform"
+
+
+def test_racing_screens_a_quarter_and_always_keeps_uniform():
+    assert [screen_size(n) for n in (1, 3, 4, 8, 10)] == [0, 0, 1, 2, 2]
+    assert [finalist_count(n) for n in (3, 16, 25)] == [4, 4, 7]
+    assert finalists([0.1, 0.5, 0.3, 0.9, 0.2], 2) == [0, 1, 3]  # uniform (index 0) always goes on
+    assert finalists([0.9, 0.5, 0.5, 0.1], 2) == [0, 1]  # ties: the earlier candidate
 
 
 def test_best_index_prefers_the_first_of_equal_scores_and_kl_of_equal_distributions_is_zero():
@@ -125,11 +132,16 @@ def _llama_with_an_outlier_block(directory, tokenizer, block=2, layers=4):
 
 def test_auto_protects_the_block_with_strong_outliers(tmp_path, tiny_tokenizer):
     ir = load_ir(_llama_with_an_outlier_block(tmp_path / "m", tiny_tokenizer))
-    run = Pipeline.from_spec(f"sparsity-allocation{{method=auto,target=0.6,{FAST}}}", Registry.default()).run(ir, context(ir, samples=8))
+    run = Pipeline.from_spec(f"sparsity-allocation{{method=auto,target=0.6,{FAST}}}", Registry.default()).run(ir, context(ir, samples=16))
     auto = run.ir.analyses["allocation_candidates"]
     cands = {c["name"]: c for c in auto["candidates"]}
     winner = cands[auto["winner"]]
-    assert auto["fidelity"] == "-kl" and auto["holdout_samples"] == 2 and auto["stats_samples"] == 6
+    assert auto["fidelity"] == "-kl" and auto["holdout_samples"] == 4 and auto["stats_samples"] == 12
+    # racing: all 9 candidates screened on 1 held-out sample, the best 4 and uniform finish on the other 3
+    assert auto["screen_samples"] == 1 and all(c["screen_score"] is not None for c in cands.values())
+    finalists = [c for c in cands.values() if not c["screened_out"]]
+    assert len(finalists) == 5 and cands["uniform"] in finalists and winner in finalists
+    assert all((c["score"] is None) == c["screened_out"] for c in cands.values())
     assert winner["name"] != "uniform" and winner["score"] > cands["uniform"]["score"]
     blocks = winner["block_sparsity"]
     assert min(blocks, key=blocks.get) == "2" and blocks["2"] < 0.6

@@ -19,6 +19,7 @@ next-token distributions of causal LMs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,28 @@ def gram_alpha(weight: torch.Tensor) -> float:
     w = weight.detach().double()
     gram = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
     return fit_power_law(torch.linalg.eigvalsh(gram).clamp_min(0.0)).alpha
+
+
+# -- racing: screen every candidate on a few held-out samples, finish the best on the rest ------------
+SCREEN_SHARE = 0.25  # of the held-out samples, seen by every candidate
+MIN_HELD_TO_SCREEN = 4  # fewer held-out samples: every candidate sees them all
+FINALIST_SHARE = 0.25  # of the distinct candidates go on (at least MIN_FINALISTS), plus uniform
+MIN_FINALISTS = 4
+
+
+def screen_size(held: int) -> int:
+    """Held-out samples in the screening round (0 = no screening: score everyone on everything)."""
+    return max(1, round(held * SCREEN_SHARE)) if held >= MIN_HELD_TO_SCREEN else 0
+
+
+def finalist_count(candidates: int) -> int:
+    return max(MIN_FINALISTS, math.ceil(candidates * FINALIST_SHARE))
+
+
+def finalists(screen_scores: list[float], count: int) -> list[int]:
+    """Indices (ascending) of the `count` best screening scores, plus index 0 (uniform) always."""
+    order = sorted(range(len(screen_scores)), key=lambda i: (-screen_scores[i], i))
+    return sorted(set(order[:count]) | {0})
 
 
 # -- rank-based masks ----------------------------------------------------------------------------
