@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from compiler.errors import SparsecError
-from runtimes.server_batching import DynamicBatcher, QueueFull, ShuttingDown
+from runtimes.server_batching import Done, DynamicBatcher, QueueFull, ShuttingDown
 from runtimes.server_generate import GenRequest, GenResult, SamplingParams
 from runtimes.server_metrics import ServerMetrics
 from runtimes.server_model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
@@ -149,12 +149,16 @@ class ServerState:
         self.metrics.queue_depth.labels(self.metrics.worker).set(self.batcher.queue_depth)
         return futures
 
-    async def run(self, key: str, payloads: list[Any]) -> list[Any]:
+    async def run(self, key: str, payloads: list[Any]) -> tuple[list[Any], dict[str, str]]:
+        """Results in order, and a Server-Timing header: the longest queue wait and batch run (ms)."""
         futures = self.enqueue(key, payloads)
         try:
-            return list(await asyncio.gather(*futures))
+            done: list[Done] = list(await asyncio.gather(*futures))
         except Exception as exc:  # noqa: BLE001 - a failing backend call; user input was validated
             raise backend_failure(exc) from None
+        timing = (f"queue;dur={1e3 * max(d.queued_s for d in done):.3f}, "
+                  f"inference;dur={1e3 * max(d.run_s for d in done):.3f}")
+        return [d.result for d in done], {"Server-Timing": timing}
 
 
 def backend_failure(exc: BaseException) -> APIError:
@@ -281,10 +285,10 @@ def _install_routes(app, state: ServerState) -> None:
         width = next(o for o in state.target.signature.outputs if o.name == state.model.hidden_output).shape[-1]
         if req.dimensions is not None and req.dimensions != width:
             raise bad_request(f"'dimensions' must be {width} for this model (it cannot shorten embeddings)")
-        vectors = await state.run(TASK_EMBEDDINGS, seqs)
+        vectors, timing = await state.run(TASK_EMBEDDINGS, seqs)
         tokens = sum(len(s) for s in seqs)
         state.metrics.tokens.labels(state.metrics.worker, "prompt").inc(tokens)
-        return _json(embeddings_body(vectors, state.model_id, tokens, req.encoding_format))
+        return _json(embeddings_body(vectors, state.model_id, tokens, req.encoding_format), headers=timing)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -303,11 +307,12 @@ def _install_routes(app, state: ServerState) -> None:
         cid = completion_id()
         if not req.stream:
             choices = [ChoiceState(i, text, stops) for i in range(len(prompts))]
-            results = await state.run(TASK_COMPLETIONS, [GenRequest(p, params, c.on_token) for p, c in zip(prompts, choices)])
+            requests = [GenRequest(p, params, c.on_token) for p, c in zip(prompts, choices)]
+            results, timing = await state.run(TASK_COMPLETIONS, requests)
             for choice, result in zip(choices, results):
                 choice.finish(result.finish_reason)
             state.metrics.tokens.labels(state.metrics.worker, "completion").inc(sum(c.generated for c in choices))
-            return _json(completion_body(cid, state.model_id, choices, prompt_tokens))
+            return _json(completion_body(cid, state.model_id, choices, prompt_tokens), headers=timing)
         return StreamingResponse(_stream(state, cid, prompts, params, stops), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -323,10 +328,10 @@ def _install_routes(app, state: ServerState) -> None:
         unknown = [n for n in wanted if n not in sig.output_names]
         if unknown:
             raise bad_request(f"unknown outputs {unknown} (the model gives {list(sig.output_names)})")
-        (outputs,) = await state.run(TASK_RAW, [feeds])
-        return _json({"model": state.model_id, "outputs": {n: outputs[n].tolist() for n in wanted},
-                      "shapes": {n: list(outputs[n].shape) for n in wanted},
-                      "dtypes": {n: str(outputs[n].dtype) for n in wanted}})
+        (outputs,), timing = await state.run(TASK_RAW, [feeds])
+        body = {"model": state.model_id, "outputs": {n: outputs[n].tolist() for n in wanted},
+                "shapes": {n: list(outputs[n].shape) for n in wanted}, "dtypes": {n: str(outputs[n].dtype) for n in wanted}}
+        return _json(body, headers=timing)
 
 
 INLINE_TOKENIZE_CHARS = 8192  # larger inputs are tokenized in a thread, keeping the event loop responsive
@@ -366,7 +371,7 @@ def _stream(state: ServerState, cid: str, prompts: list[list[int]], params: Samp
                     err = backend_failure(item.exception() or RuntimeError("generation cancelled"))
                     yield _sse(err.body())
                     break
-                result: GenResult = item.result()
+                result: GenResult = item.result().result
                 rest = choices[index].finish(result.finish_reason)
                 yield _sse(chunk_body(cid, state.model_id, index, rest, result.finish_reason))
             state.metrics.tokens.labels(state.metrics.worker, "completion").inc(sum(c.generated for c in choices))

@@ -46,6 +46,15 @@ class _Item:
 
 
 @dataclass(frozen=True)
+class Done:
+    """What an item's future resolves to: its result, and how long it queued and its batch ran."""
+
+    result: Any
+    queued_s: float
+    run_s: float
+
+
+@dataclass(frozen=True)
 class BatchStats:
     key: str
     size: int
@@ -83,7 +92,7 @@ class DynamicBatcher:
             self._task = asyncio.get_running_loop().create_task(self._worker(), name="sparsec-batcher")
 
     def enqueue(self, key: str, payloads: list[Any]) -> list[asyncio.Future]:
-        """Queue `payloads` (all or nothing); their futures resolve to the results, in order."""
+        """Queue `payloads` (all or nothing); their futures resolve to `Done` records, in order."""
         if self._closing:
             raise ShuttingDown("server is shutting down")
         if len(self._queue) + len(payloads) > self.max_queue:
@@ -96,7 +105,7 @@ class DynamicBatcher:
 
     async def submit(self, key: str, payloads: list[Any]) -> list[Any]:
         """Queue `payloads` and wait for their results, in order."""
-        return list(await asyncio.gather(*self.enqueue(key, payloads)))
+        return [done.result for done in await asyncio.gather(*self.enqueue(key, payloads))]
 
     def _retry_after(self, pending: int) -> int:
         per_item = self._ewma_item_s or 0.05
@@ -124,6 +133,7 @@ class DynamicBatcher:
                 continue
             self._running = self._last_size = len(batch)
             start = time.perf_counter()
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, batch[0].key,
                                                      [i.payload for i in batch])
@@ -136,9 +146,10 @@ class DynamicBatcher:
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
             else:
+                run_s = time.perf_counter() - start
                 for item, result in zip(batch, results):
                     if not item.future.done():
-                        item.future.set_result(result)
+                        item.future.set_result(Done(result, started - item.enqueued, run_s))
             finally:
                 self._running = 0
             seconds = time.perf_counter() - start

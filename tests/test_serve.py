@@ -251,6 +251,8 @@ def test_embeddings_match_the_torch_model(bert_server, artifacts):
         got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
         np.testing.assert_allclose(got, reference_embeddings(artifacts["bert"] / "model", TEXTS), atol=2e-4)
         assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 3
+        timing = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+        assert set(timing) == {"queue", "inference"} and float(timing["inference"]) > 0
         b64 = c.post("/v1/embeddings", json={"input": TEXTS[0], "encoding_format": "base64"}).json()
         decoded = np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4")
         np.testing.assert_allclose(decoded, got[0], atol=1e-6)
