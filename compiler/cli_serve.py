@@ -7,33 +7,27 @@ from pathlib import Path
 import click
 
 
-def _positive(ctx, param, value):
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be > 0")
-    return value
-
-
 @click.command("serve")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--backend", default="onnxruntime", show_default=True, help="Backend that runs the lowered graph.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind; use 0.0.0.0 to listen on all (explicitly).")
-@click.option("--port", type=int, default=8000, show_default=True, callback=_positive)
-@click.option("--workers", type=int, default=1, show_default=True, callback=_positive, help="Server processes (each loads the model).")
-@click.option("--threads", type=int, default=0, show_default=True, help="Inference threads per worker (0 = CPU cores / workers).")
-@click.option("--max-batch-size", type=int, default=32, show_default=True, callback=_positive, help="Most inputs grouped into one backend call.")
-@click.option("--max-wait-ms", type=float, default=2.0, show_default=True, help="Longest a request waits for a batch to fill (0 = never).")
-@click.option("--max-queue", type=int, default=1024, show_default=True, callback=_positive, help="Queued inputs before answering 503.")
-@click.option("--max-body-kb", type=int, default=2048, show_default=True, callback=_positive, help="Request body limit (413 above).")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server processes (each loads the model).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Inference threads per worker (0 = CPU cores / workers).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most inputs grouped into one backend call.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Longest a request waits for a batch to fill (0 = never).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True, help="Queued inputs before answering 503.")
+@click.option("--max-body-kb", type=click.IntRange(min=1), default=2048, show_default=True, help="Request body limit (413 above).")
 @click.option("--api-key", envvar="SPARSEC_API_KEY", help="Require this key (Bearer) on /v1 routes; env SPARSEC_API_KEY (preferred: not in `ps`).")
 @click.option("--model-name", help="Model id in /v1/models and responses (default: the artifact directory name).")
 @click.option("--plugin", "plugins", multiple=True, help="Plugin file or module defining a backend (repeatable).")
-@click.option("--graceful-timeout", type=float, default=30.0, show_default=True, help="Seconds in-flight requests get after SIGTERM.")
+@click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds in-flight requests get after SIGTERM.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
 def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, max_wait_ms, max_queue, max_body_kb,
               api_key, model_name, plugins, graceful_timeout, access_log, log_level):
     """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings and /v1/completions, /v1/infer)."""
-    from runtimes.server import ServeConfig, serve
+    from runtimes.server import ServeConfig, check_bindable, serve
     from runtimes.server_model import open_artifact
 
     config = ServeConfig(artifact=str(artifact), backend=backend, host=host, port=port, workers=workers, threads=threads,
@@ -42,6 +36,7 @@ def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, m
                          plugins=tuple(plugins), graceful_timeout_s=graceful_timeout, access_log=access_log,
                          log_level=log_level)
     target = open_artifact(artifact, backend, tuple(plugins))
+    check_bindable(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.secho(f"warning: listening on {host} without an API key (set SPARSEC_API_KEY)", fg="yellow", err=True)
     click.echo(f"serving {artifact} ({target.task}, backend {backend}) on http://{host}:{port}", err=True)

@@ -514,6 +514,23 @@ def wait_until_ready(url: str, timeout_s: float, process: Any = None) -> str:
     return "timeout"
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Fail before loading anything when the address is taken or invalid (uvicorn binds after startup)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise SparsecError(f"cannot resolve --host {host}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise SparsecError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def log_config(level: str) -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
@@ -530,6 +547,7 @@ def serve(config: ServeConfig, target: ServeTarget) -> None:
     common = dict(host=config.host, port=config.port, log_level=config.log_level, access_log=config.access_log,
                   log_config=log_config(config.log_level), timeout_graceful_shutdown=config.graceful_timeout_s,
                   lifespan="on", server_header=False)
+    check_bindable(config.host, config.port)
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes a
     # graceful SIGTERM/SIGINT end in exit status 0 instead of death by signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -542,7 +560,10 @@ def serve(config: ServeConfig, target: ServeTarget) -> None:
     server = uvicorn.Server(uvicorn.Config(app, **common))
     state: ServerState = app.state.sparsec
     state.on_fatal = lambda: setattr(server, "should_exit", True)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind or start
+        raise SparsecError(f"the server could not start on {config.host}:{config.port} (see the log above)") from None
     if state.load_error is not None:
         raise SparsecError(f"the model could not be loaded on backend '{config.backend}': {state.load_error}")
     if not server.started:

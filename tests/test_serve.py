@@ -414,6 +414,23 @@ def test_tampered_artifact_is_refused(artifacts, tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_unlowered_artifact_and_taken_port_are_one_line_errors(artifacts, tmp_path):
+    from compiler.artifact import Artifact
+
+    bare = tmp_path / "bare"
+    shutil.copytree(artifacts["bert"], bare)
+    shutil.rmtree(bare / "onnx")
+    Artifact.load(bare, verify=False).update()  # a consistent manifest, without the lowered graph
+    res = subprocess.run(serve_cmd(bare, free_port()), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "has no lowered graph" in res.stderr and "--backend onnxruntime" in res.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        res = subprocess.run(serve_cmd(artifacts["bert"], taken.getsockname()[1]), capture_output=True, text=True,
+                             timeout=120)
+    assert res.returncode == 1 and "cannot listen on 127.0.0.1" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_backend_failure_is_500_with_logged_error_id(artifacts, tmp_path):
     """A graph that fails at run time for real (Gather index out of range on token ids >= 3)."""
     import onnx
