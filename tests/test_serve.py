@@ -431,26 +431,31 @@ def test_unlowered_artifact_and_taken_port_are_one_line_errors(artifacts, tmp_pa
     assert res.returncode == 1 and "cannot listen on 127.0.0.1" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_backend_failure_is_500_with_logged_error_id(artifacts, tmp_path):
-    """A graph that fails at run time for real (Gather index out of range on token ids >= 3)."""
+def with_graph(artifact: Path, out: Path, node_op: str) -> Path:
+    """A copy of `artifact` whose graph is one `node_op` node over a 3x4 table indexed by input_ids
+    (manifest re-hashed, so it verifies): a real graph that real onnxruntime runs, or rejects."""
     import onnx
     from onnx import TensorProto, helper
 
     from compiler.artifact import Artifact
 
-    broken = tmp_path / "broken"
-    shutil.copytree(artifacts["bert"], broken)
-    art = Artifact.load(broken)
-    sig_inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-                  for n in ("input_ids", "attention_mask")]
+    shutil.copytree(artifact, out)
+    art = Artifact.load(out)
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask")]
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", 4])
     table = helper.make_tensor("table", TensorProto.FLOAT, [3, 4], [0.1] * 12)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["last_hidden_state"])], "broken",
-                              sig_inputs, [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
-                                                                          ["batch", "seq", 4])], [table])
+    node = helper.make_node(node_op, ["table", "input_ids"], ["last_hidden_state"])
+    graph = helper.make_graph([node], "edited", inputs, [output], [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
-              str(broken / "onnx" / "model.onnx"))
-    lowering = dict(art.manifest["lowering"], backend_files={}, files={"model": "onnx/model.onnx"})
-    art.update(manifest_updates={"lowering": lowering})
+              str(out / "onnx" / "model.onnx"))
+    art.update(manifest_updates={"lowering": dict(art.manifest["lowering"], backend_files={},
+                                                  files={"model": "onnx/model.onnx"})})
+    return out
+
+
+def test_backend_failure_is_500_with_logged_error_id(artifacts, tmp_path):
+    """A graph that fails at run time for real (Gather index out of range on token ids >= 3)."""
+    broken = with_graph(artifacts["bert"], tmp_path / "broken", "Gather")
     server = start_server(broken, tmp_path, "--max-wait-ms", "0")
     try:
         with server.client() as c:
@@ -464,6 +469,15 @@ def test_backend_failure_is_500_with_logged_error_id(artifacts, tmp_path):
         assert server.stop() == 0
     assert f"error id {error_id}: backend failure" in server.log_text()
 
+
+def test_model_that_fails_to_load_stops_the_server_with_exit_1(artifacts, tmp_path):
+    """The model loads in the background (after verification); onnxruntime rejects an unknown op."""
+    rejected = with_graph(artifacts["bert"], tmp_path / "rejected", "NoSuchOperator")
+    res = subprocess.run(serve_cmd(rejected, free_port()), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "could not be loaded on backend 'onnxruntime'" in errors[0]
+    assert "error id" in errors[0] and "Traceback" in res.stderr  # the log keeps the cause
 
 # -- completions ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
