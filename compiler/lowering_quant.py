@@ -70,7 +70,7 @@ VARIANTS = {
 }
 
 
-QUANT_FORMAT = 3  # bump when a variant's settings change: keys the dense int8 references in the cache
+QUANT_FORMAT = 4  # bump when a variant's settings change: keys the dense int8 references in the cache
 
 
 def nncf_available() -> bool:
@@ -163,8 +163,40 @@ class _FeedReader:
         pass
 
 
-def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
-    """Graph feeds from the artifact's calibration samples (or a default set built now)."""
+STATIC_MAX_ACTIVATION_RATIO = 45.0  # static int8 keeps layers fp32 above this input max|x|/rms
+
+
+def activation_ratios(ir: ModelIR, names: list[str], samples: list[dict[str, Any]]) -> dict[str, float]:
+    """max|x| / rms(x) of each layer's input over all calibration tokens (one forward per sample).
+    Static int8 fixes the activation range at calibration: a large ratio means either clipped
+    outliers or all 256 levels spent on them."""
+    import torch
+
+    from compiler.trace import call_model
+
+    acc = {n: [0.0, 0.0, 0] for n in names}  # max |x|, sum x², count
+
+    def hook(inputs: tuple, name: str) -> None:
+        x = inputs[0].detach().float()
+        a = acc[name]
+        a[0] = max(a[0], float(x.abs().max()))
+        a[1] += float((x * x).sum())
+        a[2] += x.numel()
+
+    handles = [ir.get_module(n).register_forward_hook(lambda m, i, o, n=n: hook(i, n)) for n in names]
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                call_model(ir.module, sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: (mx / (ss / c) ** 0.5 if c and ss > 0 else 0.0) for n, (mx, ss, c) in acc.items()}
+
+
+def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any], Any]:
+    """Graph feeds from the artifact's calibration samples (or a default set built now), their
+    provenance, and the calibration set itself."""
     note = "the artifact's calibration samples"
     if calib is None:
         from compiler.calibration import CalibrationConfig, build_calibration
@@ -182,7 +214,7 @@ def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple
         feeds.append(graph_feeds(section, ids, mask))
     info = {"samples": len(feeds), "seqlen": int(getattr(calib, "seqlen", 0) or 0), "method": "MinMax",
             "sha256": getattr(calib, "sha256", None), "source": note}
-    return feeds, info
+    return feeds, info, calib
 
 
 # -- variants --------------------------------------------------------------------------------------
@@ -200,12 +232,14 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
     mapping = layer_nodes(model, layers)
     if not mapping:
         raise LoweringError(f"none of the {len(layers)} layers planned for {scheme} maps to a MatMul node of the graph")
-    nodes = [node for node, _ in mapping.values()]
     fp32_nodes = [node for layer, (node, _) in layer_nodes(model, [n for n in ir.layers if n not in set(layers)]).items()]
     external = (src.parent / "model.onnx.data").exists()
-    feeds, cal_info = ([], {})
+    feeds, cal_info, static_mapping = [], {}, mapping
     if any(VARIANTS[v].calibrated for v in wanted):
-        feeds, cal_info = calibration_feeds(ir, section, calib)
+        feeds, cal_info, calib = calibration_feeds(ir, section, calib)
+        if scheme == "int8-dynamic":  # the pass did not screen layers for static int8: do it for these variants
+            ratios = activation_ratios(ir, list(mapping), calib.samples)
+            static_mapping = {n: v for n, v in mapping.items() if ratios[n] <= STATIC_MAX_ACTIVATION_RATIO}
     entries: dict[str, dict[str, Any]] = {}
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".quant-", dir=root))
@@ -216,10 +250,11 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
             kind = VARIANTS[name]
             out = root / "onnx" / name / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
+            used = static_mapping if kind.calibrated and name != "int8-openvino" else mapping
             if name == "int8-openvino":
                 _quantize_nncf(prepared, out, fp32_nodes, feeds, external)
             else:
-                _quantize(kind, prepared, out, nodes, feeds, external)
+                _quantize(kind, prepared, out, [node for node, _ in used.values()], feeds, external)
             qmodel = load_onnx(out)
             failed = [c for c in graph_rules(qmodel) if not c["ok"]]
             if failed:
@@ -229,9 +264,10 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
                 "weights": f"int8 symmetric per {'output channel' if kind.per_channel else 'tensor'}",
                 "tool": "nncf" if name == "int8-openvino" else "onnxruntime.quantization",
                 "activations": "dynamic uint8" if not kind.calibrated else ("int8 symmetric" if kind.symmetric_activations else "uint8"),
-                "layers_quantized": len(mapping), "layers_planned": len(layers), "gemm_rewritten": gemms,
+                "layers_quantized": len(used), "layers_planned": len(layers), "gemm_rewritten": gemms,
+                "layers_fp32_activation_outliers": sorted(set(mapping) - set(used)),
                 "calibration": cal_info if kind.calibrated else None,
-                "zeros": int8_zeros(ir, qmodel, mapping),
+                "zeros": int8_zeros(ir, qmodel, used),
             }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,7 @@ outliers (max|x| / rms over the calibration tokens above `max_activation_ratio`)
 them or spends all 256 levels on them. Those layers stay fp32 under `scheme=int8` (measured on
 MiniLM: the FFN down-projections have ratio 50-86, every other layer ≤ 42; quantizing them drops the
 embedding cosine vs fp32 from 0.995 to 0.943). Dynamic int8 measures the range per call and keeps
-every selected layer.
+every selected layer (its static variants for OpenVINO / DeepSparse apply the same screen at lowering).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
-
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
+from compiler.lowering_quant import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from compiler.pass_infra import Pass, PassContext, PassResult, option
 from passes.plan_utils import compile_patterns, require_prunable_layers
 
@@ -39,30 +38,6 @@ def select_layers(ir: ModelIR, include_outside_blocks: bool, exclude: tuple[str,
             if (include_outside_blocks or layer.block is not None) and not any(p.search(n) for p in patterns)]
 
 
-def activation_ratios(ir: ModelIR, names: list[str], samples: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """max|x| / rms(x) of each layer's input over all calibration tokens (one forward per sample)."""
-    from compiler.trace import call_model
-
-    acc = {n: [0.0, 0.0, 0] for n in names}  # max |x|, sum x², count
-
-    def hook(_m, inputs, _o, name):
-        x = inputs[0].detach().float()
-        a = acc[name]
-        a[0] = max(a[0], float(x.abs().max()))
-        a[1] += float((x * x).sum())
-        a[2] += x.numel()
-
-    handles = [ir.get_module(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                call_model(ir.module, sample)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (mx / (ss / c) ** 0.5 if c and ss > 0 else 0.0) for n, (mx, ss, c) in acc.items()}
-
-
 @dataclass(frozen=True)
 class Quantize(Pass):
     """Plan int8 quantization (static calibrated or dynamic) of the prunable layers."""
@@ -72,7 +47,7 @@ class Quantize(Pass):
     scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); int8-dynamic: activations quantized at run time (MatMulInteger)")
     include_outside_blocks: bool = option(False, "also quantize layers outside the blocks (LM head, pooler, classifier)")
     exclude: tuple[str, ...] = option((), "regular expressions of layer names to keep fp32")
-    max_activation_ratio: float = option(45.0, "int8 (static): keep layers fp32 whose input max|x|/rms exceeds this (0 = off)")
+    max_activation_ratio: float = option(STATIC_MAX_ACTIVATION_RATIO, "int8 (static): keep layers fp32 whose input max|x|/rms exceeds this (0 = off)")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]

@@ -16,7 +16,8 @@ from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
-from passes.quantization import Quantize, activation_ratios
+from compiler.lowering_quant import activation_ratios
+from passes.quantization import Quantize
 from runtimes.verify import compare_outputs
 from lowering_helpers import prune_half
 
