@@ -219,33 +219,21 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def pruned_minilm_onnx(tmp_path_factory, minilm_dir):
-    """MiniLM with every encoder Linear magnitude-pruned to 80%, exported as the lowering does
-    (torch.onnx.export, dynamo=False, opset 17, dynamic batch/sequence)."""
+def pruned_minilm_onnx(tmp_path_factory):
+    """MiniLM with every block Linear magnitude-pruned to 80%, lowered by sparsec's own lowering
+    (fp32, dynamic batch/sequence, opset 17, IR 8) — the file `sparsec compile` writes."""
     import torch
-    from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(minilm_dir).eval()
+    from compiler.lowering import lower_model
+    from compiler.trace import load_and_trace
+
+    ir = load_and_trace("minilm")
     with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and ".layer." in name:
-                w = mod.weight
-                w[w.abs() <= w.abs().flatten().kthvalue(int(0.8 * w.numel())).values] = 0.0
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    ids = torch.ones((1, 8), dtype=torch.long)
+        for name in ir.layers:
+            w = ir.weight(name)
+            ir.set_weight(name, torch.where(w.abs() <= w.abs().flatten().kthvalue(int(0.8 * w.numel())).values, 0.0, w))
     path = tmp_path_factory.mktemp("minilm") / "model.onnx"
-    torch.onnx.export(Encoder(model), (ids, ids, ids), str(path), dynamo=False, opset_version=17,
-                      input_names=names, output_names=["last_hidden_state"],
-                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]})
+    lower_model(ir, path)
     return path
 
 
@@ -277,7 +265,7 @@ def test_minilm_matches_onnxruntime_and_reports_sparse_kernels(deepsparse, prune
         details = runner.details  # what verification records
         assert details["sparse_kernels"] and details["precision"] == "fp32"
         assert 0.79 < details["weight_sparsity"] < 0.81
-        assert "input_ids[0] 'batch' -> 2" in details["prepare_notes"]
+        assert "input_ids[1] 'sequence_length' -> 32" in details["prepare_notes"]
         pid = runner.pid
     assert _gone(pid)  # close() ended and reaped the worker
 
