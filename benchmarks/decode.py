@@ -62,8 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def key(model: str, sparsity: float, quant: str, backend: str) -> str:
-    return f"{model}/s{round(sparsity * 100):02d}/{quant}/{backend}"
+def key(model: str, sparsity: float, quant: str, backend: str, threads: int) -> str:
+    return f"{model}/s{round(sparsity * 100):02d}/{quant}/{backend}/t{threads}"
 
 
 # -- models and their compiled forms (cached) ------------------------------------------------------
@@ -197,8 +197,9 @@ def drive(args: argparse.Namespace) -> dict:
     results = load_results(args.out)
     deadline = time.monotonic() + args.max_minutes * 60
     membw = measure_read_bandwidth(threads=args.threads)
-    results["meta"].setdefault("membw", []).append({**membw.to_dict(), "at": time.strftime("%Y-%m-%d %H:%M:%S")})
-    results["meta"].update(prompt=args.prompt, tokens=args.tokens, threads=args.threads, cpu=_cpu_name())
+    results["meta"].setdefault("membw", []).append({**membw.to_dict(), "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                    "load_average": os.getloadavg()[0]})
+    results["meta"].update(prompt=args.prompt, tokens=args.tokens, cpu=_cpu_name())
     save_results(args.out, results)
     backends = tuple(b for b in args.backends.split(",") if b)
     common = ["--cache", str(args.cache), "--prompt", str(args.prompt), "--tokens", str(args.tokens),
@@ -206,7 +207,7 @@ def drive(args: argparse.Namespace) -> dict:
     for model in [m for m in args.models.split(",") if m]:
         for sparsity in [float(s) for s in args.sparsities.split(",") if s]:
             for quant in [q for q in args.quants.split(",") if q]:
-                todo = [b for b in backends if _wanted(results, key(model, sparsity, quant, b), args.retry_errors)]
+                todo = [b for b in backends if _wanted(results, key(model, sparsity, quant, b, args.threads), args.retry_errors)]
                 if not todo:
                     continue
                 if time.monotonic() > deadline:
@@ -216,12 +217,12 @@ def drive(args: argparse.Namespace) -> dict:
                                    "--backends", args.backends], args.timeout_minutes * 60)
                 if rc != 0:
                     for b in todo:
-                        results["rows"][key(model, sparsity, quant, b)] = {"error": f"build failed (rc {rc}): {tail[-800:]}"}
+                        results["rows"][key(model, sparsity, quant, b, args.threads)] = {"error": f"build failed (rc {rc}): {tail[-800:]}"}
                     save_results(args.out, results)
                     continue
                 for b in todo:
                     rc, tail = _child(["--one", model, str(sparsity), quant, b, *common], args.timeout_minutes * 60)
-                    k = key(model, sparsity, quant, b)
+                    k = key(model, sparsity, quant, b, args.threads)
                     if rc == 0:
                         results["rows"][k] = json.loads(tail.strip().splitlines()[-1])
                         r = results["rows"][k]
@@ -250,18 +251,18 @@ def _cpu_name() -> str:
 
 
 # -- report ------------------------------------------------------------------------------------------
-def targets(rows: list[dict], membw_gbps: float) -> dict:
-    """The issue's three targets, per model."""
+def targets(rows: list[dict]) -> dict:
+    """The issue's three targets, per model and thread count."""
     out = {}
-    for model in sorted({r["model"] for r in rows}):
-        mine = [r for r in rows if r["model"] == model]
+    for model, threads in sorted({(r["model"], r["threads"]) for r in rows}):
+        mine = [r for r in rows if r["model"] == model and r["threads"] == threads]
         dense = [r for r in mine if r["sparsity"] == 0]
         s70 = [r for r in mine if abs(r["sparsity"] - 0.7) < 1e-9 and r["quant"] == "int8"]
         best_dense = max(dense, key=lambda r: r["tokens_per_s"], default=None)
         best70 = max(s70, key=lambda r: r["tokens_per_s"], default=None)
         best = max(mine, key=lambda r: r["fraction_of_membw"], default=None)
         fastest = max(mine, key=lambda r: r["tokens_per_s"], default=None)
-        out[model] = {
+        out[f"{model}, {threads} threads"] = {
             "speedup_70_int8_vs_fastest_dense": {
                 "target": 2.0, "best_70_int8": _label(best70), "fastest_dense": _label(best_dense),
                 "value": best70["tokens_per_s"] / best_dense["tokens_per_s"] if best70 and best_dense else None},
@@ -272,7 +273,7 @@ def targets(rows: list[dict], membw_gbps: float) -> dict:
                     "met": [_label(r) for r in mine if r["rss_target_met"]],
                     "missed": [_label(r) for r in mine if not r["rss_target_met"]]},
         }
-        for t in out[model].values():
+        for t in out[f"{model}, {threads} threads"].values():
             if "value" in t and t["value"] is not None and isinstance(t["target"], float):
                 t["met"] = t["value"] >= t["target"]
     return out
@@ -290,10 +291,10 @@ def report(results: dict, out: Path) -> None:
 
     rows = [r for r in results["rows"].values() if "error" not in r]
     errors = {k: r["error"] for k, r in results["rows"].items() if "error" in r}
-    table = Table("model", "sparsity", "int8", "backend", "precision", "tok/s", "step ms", "prefill ms", "MB/token",
+    table = Table("model", "threads", "sparsity", "int8", "backend", "precision", "tok/s", "step ms", "prefill ms", "MB/token",
                   "kernels", "GB/s", "% membw", "peak RSS GiB", "RSS limit GiB", "disk MB", "load avg")
-    for r in sorted(rows, key=lambda r: (r["model"], r["sparsity"], r["quant"], r["backend"])):
-        table.add_row(r["model"], f"{r['sparsity']:.0%}", "yes" if r["quant"] == "int8" else "no", r["backend"],
+    for r in sorted(rows, key=lambda r: (r["model"], r["threads"], r["sparsity"], r["quant"], r["backend"])):
+        table.add_row(r["model"], str(r["threads"]), f"{r['sparsity']:.0%}", "yes" if r["quant"] == "int8" else "no", r["backend"],
                       str(r.get("precision")), f"{r['tokens_per_s']:.2f}", f"{r['step_p50_ms']:.1f}", f"{r['prefill_ms']:.0f}",
                       f"{r['weight_bytes_per_token'] / 1e6:.0f}", "sparse" if r["sparse_kernels"] else "dense",
                       f"{r['achieved_gbps']:.2f}", f"{100 * r['fraction_of_membw']:.0f}%", f"{r['peak_rss_bytes'] / GIB:.2f}",
@@ -301,13 +302,13 @@ def report(results: dict, out: Path) -> None:
     console = Console(width=220)
     console.print(table)
     membw = results["meta"].get("membw", [{}])
-    console.print(f"streaming-read bandwidth ({results['meta'].get('threads')} threads): "
-                  + ", ".join(f"{m.get('best_gbps')} GB/s at {m.get('at')}" for m in membw))
+    console.print("streaming-read bandwidth: " + ", ".join(
+        f"{m.get('best_gbps')} GB/s ({m.get('threads')} threads, load {m.get('load_average', 0):.1f}, {m.get('at')})" for m in membw))
     if errors:
         for k, e in errors.items():
             console.print(f"[red]{k}[/red]: {' '.join(e.split())[:300]}")
     if rows:
-        results["targets"] = targets(rows, max(m.get("best_gbps", 0) for m in membw))
+        results["targets"] = targets(rows)
         console.print_json(json.dumps(results["targets"]))
         save_results(out, results)
         plot(rows, out.with_suffix(".png"))
@@ -319,19 +320,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(2, len(models), figsize=(6.5 * len(models), 8), squeeze=False)
-    for col, model in enumerate(models):
+    groups = sorted({(r["model"], r["threads"]) for r in rows})
+    fig, axes = plt.subplots(2, len(groups), figsize=(6.5 * len(groups), 8), squeeze=False)
+    for col, (model, threads) in enumerate(groups):
         for backend in sorted({r["backend"] for r in rows}):
             for quant, style in (("none", "--"), ("int8", "-")):
-                pts = sorted((r["sparsity"], r) for r in rows if r["model"] == model and r["backend"] == backend and r["quant"] == quant)
+                pts = sorted(((r["sparsity"], r) for r in rows if r["model"] == model and r["threads"] == threads
+                              and r["backend"] == backend and r["quant"] == quant), key=lambda p: p[0])
                 if not pts:
                     continue
                 xs = [100 * s for s, _ in pts]
                 label = f"{backend} {'int8' if quant == 'int8' else 'fp32'}"
                 axes[0][col].plot(xs, [r["tokens_per_s"] for _, r in pts], style, marker="o", label=label)
                 axes[1][col].plot(xs, [100 * r["fraction_of_membw"] for _, r in pts], style, marker="o", label=label)
-        axes[0][col].set_title(f"Llama {model}: greedy decode, batch 1")
+        axes[0][col].set_title(f"Llama {model}: greedy decode, batch 1, {threads} threads")
         axes[0][col].set_ylabel("tokens/s")
         axes[1][col].set_ylabel("weight bytes read / s, % of measured bandwidth")
         axes[1][col].axhline(60, color="grey", lw=0.8, ls=":")
