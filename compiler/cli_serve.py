@@ -15,6 +15,7 @@ import click
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server processes (each loads the model).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Inference threads per worker (0 = CPU cores / workers).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most inputs grouped into one backend call.")
+@click.option("--seqlen", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length for backends that compile static shapes (DeepSparse); dynamic backends ignore it.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Longest a request waits for a batch to fill (0 = never).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True, help="Queued inputs before answering 503.")
 @click.option("--max-body-kb", type=click.IntRange(min=1), default=2048, show_default=True, help="Request body limit (413 above).")
@@ -24,19 +25,22 @@ import click
 @click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds in-flight requests get after SIGTERM.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
-def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, max_wait_ms, max_queue, max_body_kb,
+def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_body_kb,
               api_key, model_name, plugins, graceful_timeout, access_log, log_level):
     """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings and /v1/completions, /v1/infer)."""
     from runtimes.server import ServeConfig, check_bindable, serve
     from runtimes.server_model import open_artifact
 
     config = ServeConfig(artifact=str(artifact), backend=backend, host=host, port=port, workers=workers, threads=threads,
-                         max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                         max_batch_size=max_batch_size, seqlen=seqlen, max_wait_ms=max_wait_ms, max_queue=max_queue,
                          max_body_bytes=max_body_kb * 1024, api_key=api_key or None, model_name=model_name,
                          plugins=tuple(plugins), graceful_timeout_s=graceful_timeout, access_log=access_log,
                          log_level=log_level)
+    from compiler.cli_backends import echo_licence_notices
+
     target = open_artifact(artifact, backend, tuple(plugins))
     check_bindable(host, port)
+    echo_licence_notices([backend], tuple(plugins))
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.secho(f"warning: listening on {host} without an API key (set SPARSEC_API_KEY)", fg="yellow", err=True)
     click.echo(f"serving {artifact} ({target.task}, backend {backend}) on http://{host}:{port}", err=True)

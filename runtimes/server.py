@@ -53,6 +53,7 @@ class ServeConfig:
     workers: int = 1
     threads: int = 0  # intra-op threads per worker; 0 = CPU cores / workers
     max_batch_size: int = 32
+    seqlen: int = 128  # sequence length for backends that compile static shapes (DeepSparse)
     max_wait_ms: float = 2.0
     max_queue: int = 1024  # queued items (texts / prompts) before 503
     max_body_bytes: int = 2 * 1024 * 1024
@@ -64,7 +65,7 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        for key in ("port", "workers", "max_batch_size", "max_queue", "max_body_bytes"):
+        for key in ("port", "workers", "max_batch_size", "seqlen", "max_queue", "max_body_bytes"):
             if getattr(self, key) <= 0:
                 raise SparsecError(f"--{key.replace('_', '-')} must be > 0, got {getattr(self, key)}")
         if self.threads < 0 or self.max_wait_ms < 0 or self.graceful_timeout_s < 0:
@@ -106,7 +107,7 @@ class ServerState:
     async def load(self) -> None:
         try:
             self.model = await asyncio.to_thread(ServedModel.load, self.target, self.config.intra_op_threads,
-                                                 self.config.max_batch_size)
+                                                 self.config.max_batch_size, self.config.seqlen)
         except Exception as exc:  # noqa: BLE001 - any load failure makes this worker unhealthy
             error_id = uuid.uuid4().hex[:12]
             self.load_error = f"{type(exc).__name__}: {exc} (error id {error_id})"
@@ -281,7 +282,7 @@ def _install_routes(app, state: ServerState) -> None:
         state.check_model(req.model)
         text = state.target.text
         seqs = await _tokenize(req.input, text, "input")
-        check_lengths(seqs, text)
+        check_lengths(seqs, state.model.token_limit)
         width = next(o for o in state.target.signature.outputs if o.name == state.model.hidden_output).shape[-1]
         if req.dimensions is not None and req.dimensions != width:
             raise bad_request(f"'dimensions' must be {width} for this model (it cannot shorten embeddings)")
@@ -299,7 +300,7 @@ def _install_routes(app, state: ServerState) -> None:
         prompts = await _tokenize(req.prompt, text, "prompt")
         if any(not p for p in prompts):
             raise bad_request("a prompt tokenizes to zero tokens; give some text")
-        check_lengths(prompts, text, extra=req.max_tokens, what="prompt")
+        check_lengths(prompts, state.model.token_limit, extra=req.max_tokens, what="prompt")
         params = SamplingParams(req.max_tokens, float(req.temperature), float(req.top_p), req.seed)
         stops = req.stops()
         prompt_tokens = sum(len(p) for p in prompts)
@@ -319,7 +320,7 @@ def _install_routes(app, state: ServerState) -> None:
     @app.post("/v1/infer")
     async def infer(req: InferRequest):
         state.require(TASK_RAW, "/v1/infer")
-        sig = state.target.signature
+        sig = state.model.sig
         try:
             feeds = raw_feeds(sig, req.inputs, state.target.text.vocab_size if state.target.text else None)
         except ValueError as exc:
@@ -398,8 +399,8 @@ def model_card(state: ServerState) -> dict[str, Any]:
     return {
         "id": state.model_id, "object": "model", "created": created, "owned_by": "sparsec",
         "task": state.target.task, "backend": state.target.backend_name, "ready": state.ready,
-        "max_input_tokens": text.max_positions if text else None,
-        "inputs": [dataclasses.asdict(t) for t in state.target.signature.inputs],
+        "max_input_tokens": (state.model.token_limit[0] if state.model else text.max_positions) if text else None,
+        "inputs": [dataclasses.asdict(t) for t in (state.model.sig if state.model else state.target.signature).inputs],
         "outputs": [dataclasses.asdict(t) for t in state.target.signature.outputs],
         "artifact": {
             "schema_version": m.get("schema_version"), "tool": m.get("tool"),

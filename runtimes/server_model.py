@@ -8,6 +8,7 @@ it in the background and reports ready once it is done.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,29 +128,68 @@ def open_artifact(path: str | Path, backend: str, plugins: tuple[str, ...] = ())
     return ServeTarget(artifact, backend, onnx_path, sig, task, text, tuple(plugins))
 
 
+def static_shapes(runner: Any, sig: Signature) -> dict[str, tuple[int, ...]] | None:
+    """The fixed input shapes of a runner compiled for static shapes (DeepSparse reports them as
+    `input_shapes`); None for a runner that takes any batch and sequence length."""
+    shapes = getattr(runner, "input_shapes", None)
+    if not isinstance(shapes, dict) or not shapes:
+        return None
+    fixed = {n: tuple(s) for n, s in shapes.items()}
+    if not all(isinstance(d, int) and d > 0 for s in fixed.values() for d in s):
+        return None
+    dynamic = [t.name for t in sig.inputs if any(not isinstance(d, int) for d in t.shape)]
+    return fixed if dynamic else None
+
+
 class ServedModel:
-    """A loaded runner plus the task-specific batch functions the batcher calls (in its thread)."""
+    """A loaded runner plus the task-specific batch functions the batcher calls (in its thread).
+
+    Static-shape runners (compiled for one (batch, seqlen), e.g. DeepSparse) get every batch padded
+    to that shape; their sequence length is also the token limit."""
 
     def __init__(self, target: ServeTarget, runner: Any):
         self.target = target
         self.runner = runner
-        self.sig = target.signature
         lowering = target.artifact.manifest.get("lowering") or {}
+        self.static = static_shapes(runner, target.signature)
+        self.sig = target.signature if self.static is None else Signature(
+            tuple(dataclasses.replace(t, shape=self.static.get(t.name, t.shape)) for t in target.signature.inputs),
+            target.signature.outputs)
         names = self.sig.output_names
         self.hidden_output = "last_hidden_state" if "last_hidden_state" in names else names[0]
         self.layout = kv_layout(self.sig, lowering.get("kv")) if target.task == TASK_COMPLETIONS else None
+        if self.static is not None and target.task == TASK_COMPLETIONS:
+            raise ArtifactError(f"backend '{target.backend_name}' compiled static shapes {self.static}: text "
+                                "generation needs a backend with dynamic shapes (onnxruntime, openvino)")
 
     @classmethod
-    def load(cls, target: ServeTarget, threads: int, max_batch_size: int) -> "ServedModel":
+    def load(cls, target: ServeTarget, threads: int, max_batch_size: int, seqlen: int = 128) -> "ServedModel":
+        """Build the backend's runner (`seqlen` matters only to backends that compile static shapes)."""
         from compiler.registry import Registry
         from runtimes.base import RunnerOptions
 
         backend = Registry.default(target.plugins).get_backend(target.backend_name)()
-        seqlen = target.text.max_positions if target.text else 128
+        if target.text is not None:
+            seqlen = min(seqlen, target.text.max_positions)
         options = RunnerOptions(threads=threads, batch_size=max_batch_size, seqlen=seqlen)
-        model = cls(target, backend.runner(target.onnx_path, options))
-        model.warmup(max_batch_size)
+        runner = backend.runner(target.onnx_path, options)
+        try:
+            model = cls(target, runner)
+            model.warmup(max_batch_size)
+        except BaseException:
+            runner.close()
+            raise
         return model
+
+    @property
+    def token_limit(self) -> tuple[int, str]:
+        """(longest input in tokens, where that limit comes from) for 400 messages."""
+        text = self.target.text
+        if self.static is not None and "input_ids" in self.static:
+            width = self.static["input_ids"][1]
+            if width < text.max_positions:
+                return width, f"the static sequence length the '{self.target.backend_name}' engine was compiled for"
+        return text.max_positions, text.limit_source
 
     def close(self) -> None:
         self.runner.close()
@@ -157,7 +197,7 @@ class ServedModel:
     def warmup(self, max_batch_size: int) -> None:
         """One small call and one full-batch call, so the first requests do not pay for allocation."""
         if self.target.task == TASK_EMBEDDINGS:
-            for size in (1, max_batch_size):
+            for size in (1, min(max_batch_size, self.rows or max_batch_size)):
                 self.embed([[self.target.text.pad_id] * 8] * size)
         elif self.target.task == TASK_COMPLETIONS:
             greedy = SamplingParams(max_tokens=2)
@@ -173,17 +213,28 @@ class ServedModel:
             return [self.runner.infer(feeds) for feeds in payloads]
         raise ValueError(f"unknown batch key '{key}'")
 
+    @property
+    def rows(self) -> int | None:
+        """The static batch size, if any."""
+        return self.static["input_ids"][0] if self.static and "input_ids" in self.static else None
+
     def embed(self, seqs: list[list[int]]) -> np.ndarray:
-        """Pooled embeddings, one backend call per group of similar lengths (see length_buckets)."""
+        """Pooled embeddings, one backend call per group of similar lengths (see length_buckets), or
+        per `rows` inputs padded to the static shape."""
         text = self.target.text
         result: np.ndarray | None = None
-        for group in length_buckets([len(s) for s in seqs]):
-            ids, mask = pad_batch([seqs[i] for i in group], text.pad_id)
+        if self.static is None:
+            groups = length_buckets([len(s) for s in seqs])
+        else:
+            groups = [list(range(k, min(k + self.rows, len(seqs)))) for k in range(0, len(seqs), self.rows)]
+        for group in groups:
+            shape = (self.rows, self.static["input_ids"][1]) if self.static else None
+            ids, mask = pad_batch([seqs[i] for i in group], text.pad_id, shape=shape)
             feeds = {"input_ids": ids, "attention_mask": mask}
             if self.sig.input("token_type_ids") is not None:
                 feeds["token_type_ids"] = np.zeros_like(ids)
             out = self.runner.infer(self._cast(feeds))
-            pooled = pool(out[self.hidden_output], mask, text.pooling)
+            pooled = pool(out[self.hidden_output], mask, text.pooling)[:len(group)]
             if result is None:
                 result = np.empty((len(seqs), pooled.shape[1]), dtype=np.float32)
             result[group] = pooled

@@ -116,13 +116,14 @@ def tokenize_inputs(value: Any, text: TextModel, what: str) -> list[list[int]]:
     return seqs
 
 
-def check_lengths(seqs: list[list[int]], text: TextModel, extra: int = 0, what: str = "input") -> None:
-    """400 naming the model limit when an input (plus `extra` tokens to generate) is too long."""
+def check_lengths(seqs: list[list[int]], limit: tuple[int, str], extra: int = 0, what: str = "input") -> None:
+    """400 naming the limit (tokens, its source) when an input (plus `extra` tokens to generate) is too long."""
+    most, source = limit
     for i, seq in enumerate(seqs):
-        if len(seq) + extra > text.max_positions:
+        if len(seq) + extra > most:
             more = f" plus max_tokens {extra}" if extra else ""
             raise bad_request(f"{what} {i} has {len(seq)} tokens{more}; this model accepts at most "
-                              f"{text.max_positions} tokens ({text.limit_source})", code="context_length_exceeded")
+                              f"{most} tokens ({source})", code="context_length_exceeded")
 
 
 def embeddings_body(vectors: list[np.ndarray], model: str, prompt_tokens: int, encoding: str) -> dict[str, Any]:

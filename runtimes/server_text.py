@@ -111,11 +111,14 @@ def read_pooling(model_dir: Path) -> Pooling:
     return Pooling(mode, normalize)
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 arrays padded to the longest sequence of the batch."""
-    width = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), width), dtype=np.int64)
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False,
+              shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) int64 arrays padded to the longest sequence of the batch, or to a
+    static (rows, width); filler rows attend to their first position only (no fully masked row)."""
+    rows, width = shape or (len(seqs), max(len(s) for s in seqs))
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    mask = np.zeros((rows, width), dtype=np.int64)
+    mask[len(seqs):, 0] = 1
     for row, seq in enumerate(seqs):
         span = slice(width - len(seq), width) if left else slice(0, len(seq))
         ids[row, span] = seq

@@ -479,6 +479,31 @@ def test_model_that_fails_to_load_stops_the_server_with_exit_1(artifacts, tmp_pa
     assert len(errors) == 1 and "could not be loaded on backend 'onnxruntime'" in errors[0]
     assert "error id" in errors[0] and "Traceback" in res.stderr  # the log keeps the cause
 
+def test_static_shape_backend_pads_to_its_compiled_shape(artifacts, tmp_path):
+    """DeepSparse compiles one (batch, seqlen): batches are padded to it, and seqlen is the token limit."""
+    from compiler.registry import Registry
+
+    ok, reason = Registry.default().get_backend("deepsparse").available()
+    if not ok:
+        pytest.skip(f"deepsparse unavailable: {reason}")
+    server = start_server(artifacts["bert"], tmp_path, "--backend", "deepsparse", "--max-batch-size", "4",
+                          "--seqlen", "32", "--max-wait-ms", "0", ready_timeout=300)
+    try:
+        with server.client() as c:
+            texts = TEXTS + ["one more text", "and a fifth, beyond one static batch of four"]
+            r = c.post("/v1/embeddings", json={"input": texts})
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]])
+            np.testing.assert_allclose(got, reference_embeddings(artifacts["bert"] / "model", texts), atol=1e-3)
+            long = c.post("/v1/embeddings", json={"input": "word " * 40})
+            assert long.status_code == 400 and "at most 32 tokens" in long.json()["error"]["message"]
+            card = c.get("/v1/models").json()["data"][0]
+            assert card["max_input_tokens"] == 32 and card["inputs"][0]["shape"] == [4, 32]
+    finally:
+        assert server.stop() == 0
+    assert "evaluation" in server.log_text().lower()  # the licence notice is shown
+
+
 # -- completions ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_server(artifacts, tmp_path_factory):
