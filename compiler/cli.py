@@ -234,7 +234,11 @@ def _print_allocation_candidates(console, auto) -> None:
     rows = candidate_rows(auto)
     if not rows:
         return
-    table = Table("allocation candidate", "held-out score", "block sparsity", "", title=f"method=auto: {candidates_summary(auto)}")
+    table = Table(title=f"method=auto: {candidates_summary(auto)}")
+    table.add_column("allocation candidate", no_wrap=True)
+    table.add_column("held-out score", no_wrap=True)
+    table.add_column("block sparsity")
+    table.add_column("", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     console.print(table)

@@ -113,9 +113,9 @@ def candidate_rows(auto: dict[str, Any] | None) -> list[tuple[str, str, str, str
 
 
 def candidates_summary(auto: dict[str, Any]) -> str:
-    screen = f"; (screening score on the first {auto['screen_samples']})" if auto.get("screen_samples") else ""
-    return (f"fidelity {auto.get('fidelity')} on {auto.get('holdout_samples')} held-out calibration samples{screen} "
-            f"(statistics from {auto.get('stats_samples')}), masks of prune method {auto.get('prune_method')}, "
+    screen = f" (all screened on the first {auto['screen_samples']}: scores in parentheses)" if auto.get("screen_samples") else ""
+    return (f"fidelity {auto.get('fidelity')} on {auto.get('holdout_samples')} held-out calibration samples{screen}, "
+            f"statistics from {auto.get('stats_samples')}, masks of prune method {auto.get('prune_method')}, "
             f"search {_fmt(auto.get('seconds', {}).get('total'))} s")
 
 
@@ -186,7 +186,8 @@ def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.5, 3.5))
         for c in reference_candidates(auto):
             blocks = c.get("block_sparsity", {})
-            label = f"{c['name']}{' (winner)' if c['name'] == auto.get('winner') else ''}: {c.get('score') or 0:.4f}"
+            score = f"{c['score']:.4f}" if c.get("score") is not None else f"screened out ({c.get('screen_score') or 0:.4f})"
+            label = f"{c['name']}{' (winner)' if c['name'] == auto.get('winner') else ''}: {score}"
             ax.plot([int(b) for b in blocks], list(blocks.values()), marker="o", label=label)
         ax.set_xlabel("block")
         ax.set_ylabel("sparsity")

@@ -8,14 +8,15 @@ guessing (design and measurements: docs/auto-allocation.md):
    the rest gives the statistics. With a single sample, both use it (reported in diagnostics).
 2. One batched forward pass of the *dense* model over the statistics part, with hooks on every
    prunable layer inside the blocks, gives each layer's ‖X_j‖² (Wanda's norms) — the same numbers
-   outlier-analysis computes. From them, once: OWL outlier ratios for every m of `grid_m` (per block
+   outlier-analysis computes. From them, once: OWL outlier ratios for every m of `grid_m` and 5 (per block
    and per layer), and the rank of each weight's score in its comparison group (Wanda: its output
    row; magnitude: the whole matrix; sparsegpt is ranked with the Wanda proxy).
 3. The dense model's outputs on the held-out samples are cached once (log-probabilities for causal
    LMs, mean-pooled last hidden states otherwise).
-4. Candidates (passes/math/candidates.py): uniform, OWL over grid_lam × grid_m, AlphaPruning and
-   linear depth ramps over grid_lam, and every allocation a plugin registers (`@register_allocation`
-   or the `sparsec.allocations` entry-point group). Identical allocations are scored once.
+4. Candidates (passes/math/candidates.py): uniform, OWL over grid_lam × grid_m and at its published
+   defaults (λ=0.08, m=5), AlphaPruning and linear depth ramps over grid_lam, and every allocation a
+   plugin registers (`@register_allocation` or the `sparsec.allocations` entry-point group).
+   Identical allocations are scored once.
 5. Each candidate is scored by running the held-out samples through the model with its masks applied
    temporarily (a forward pre-hook swaps each layer's weight for the masked copy and a post-hook puts
    the original back, so at most one masked layer exists at a time and the weights are never
@@ -47,14 +48,13 @@ from compiler.evaluate import _first_tensor
 from compiler.ir import ModelIR, weight_matrix
 from compiler.pass_infra import PassContext
 from compiler.trace import call_model
-from passes.math.candidates import (FAMILIES, GroupCandidate, allocation_key, best_index, finalist_count, finalists,
+from passes.math.candidates import (FAMILIES, OWL_PAPER, GroupCandidate, allocation_key, best_index, finalist_count, finalists,
                                     fit_to_target, flat_ranks, gram_alpha, group_candidates, keep_mask, pooled,
                                     row_cosines, row_ranks, screen_size, token_kl)
 from passes.math.masks import nm_mask, parse_pattern
 from passes.math.scores import magnitude_scores, outlier_ratio, pooled_outlier_ratio, wanda_scores
 
 BATCH = 8  # samples per batched forward (memory: one batch's activations)
-REPORT_M = 5.0  # the m whose outlier ratios are also stored as ir.analyses["outlier_ratio"] (when present in grid_m)
 
 
 @dataclass(frozen=True)
@@ -365,13 +365,14 @@ def _layer_statistics(ir: ModelIR, settings: AutoSettings, names: list[str], nm_
     wanted, nm_set = set(names), set(nm_layers)
     ranks: dict[str, torch.Tensor] = {}
     fixed: dict[str, torch.Tensor] = {}
-    block_lod: dict[float, dict[int, float]] = {m: {} for m in settings.grid_m}
-    layer_lod: dict[float, dict[str, float]] = {m: {} for m in settings.grid_m}
+    ms = sorted(set(settings.grid_m) | {OWL_PAPER[1]})
+    block_lod: dict[float, dict[int, float]] = {m: {} for m in ms}
+    layer_lod: dict[float, dict[str, float]] = {m: {} for m in ms}
     for block in ir.blocks:
         if not block.layers:
             continue
         scores = [wanda_scores(ir.weight(n), norms[n].sq_norm) for n in block.layers]
-        for m in settings.grid_m:
+        for m in ms:
             block_lod[m][block.index] = pooled_outlier_ratio(scores, m)
             for n, s in zip(block.layers, scores):
                 layer_lod[m][n] = outlier_ratio(s, m)
@@ -395,9 +396,9 @@ def _build_candidates(settings: AutoSettings, ir: ModelIR, names: list[str], sta
     keys = list(groups)
     weights = [float(sum(ir.layers[n].params for n in groups[k])) for k in keys]
     if settings.granularity == "block":
-        lods = {m: [float(stats.block_outlier_ratio[m].get(k, 0.0)) for k in keys] for m in settings.grid_m}
+        lods = {m: [float(v.get(k, 0.0)) for k in keys] for m, v in stats.block_outlier_ratio.items()}
     else:
-        lods = {m: [float(stats.outlier_ratio[m].get(k, 0.0)) for k in keys] for m in settings.grid_m}
+        lods = {m: [float(v.get(k, 0.0)) for k in keys] for m, v in stats.outlier_ratio.items()}
     alphas = None
     if "alphapruning" in settings.families:
         try:
@@ -405,7 +406,7 @@ def _build_candidates(settings: AutoSettings, ir: ModelIR, names: list[str], sta
             alphas = [sum(per_layer[n] for n in groups[k]) / len(groups[k]) for k in keys]
         except ValueError as exc:  # a degenerate spectrum: the family is skipped, not the search
             diagnostics.append(f"auto: AlphaPruning candidates skipped ({exc})")
-    built = group_candidates(settings.target, weights, settings.grid_lam, lods, alphas, settings.families)
+    built = group_candidates(settings.target, weights, settings.grid_lam, lods, alphas, settings.families, settings.grid_m)
     out = [_from_groups(g, groups, keys) for g in built]
     out += _plugin_candidates(ir, names, stats, settings.target, ctx)
     return out
@@ -471,7 +472,6 @@ def _store_analyses(ir: ModelIR, settings: AutoSettings, stats: AllocationStats,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "candidates": records,
     }
-    m = REPORT_M if REPORT_M in stats.outlier_ratio else (settings.grid_m[0] if settings.grid_m else None)
-    if m is not None:  # the report's outlier columns/plots without a separate outlier-analysis pass
-        ir.analyses.setdefault("outlier_ratio", dict(stats.outlier_ratio[m]))
-        ir.analyses.setdefault("block_outlier_ratio", dict(stats.block_outlier_ratio[m]))
+    m = OWL_PAPER[1]  # the report's outlier columns/plots without a separate outlier-analysis pass
+    ir.analyses.setdefault("outlier_ratio", dict(stats.outlier_ratio[m]))
+    ir.analyses.setdefault("block_outlier_ratio", dict(stats.block_outlier_ratio[m]))

@@ -42,8 +42,10 @@ def test_group_candidates_all_keep_the_weighted_mean_and_uniform_comes_first():
     weights, lods, alphas = [1.0, 3.0, 2.0, 2.0], {5.0: [0.01, 0.03, 0.02, 0.01], 3.0: [0.02, 0.05, 0.02, 0.03]}, [3.0, 2.5, 4.0, 3.5]
     cands = group_candidates(0.6, weights, (0.0, 0.04, 0.1), lods, alphas)
     assert cands[0].name == "uniform" and cands[0].sparsities == (0.6,) * 4
-    # λ = 0 is uniform and skipped; 2 λ × (2 OWL m + AlphaPruning + 2 depth ramps)
-    assert len(cands) == 1 + 2 * (2 + 1 + 2)
+    # λ = 0 is uniform and skipped; 2 λ × (2 OWL m + AlphaPruning + 2 depth ramps) + OWL's published defaults
+    assert len(cands) == 1 + 2 * (2 + 1 + 2) + 1 and "owl(lam=0.08,m=5)" in {c.name for c in cands}
+    only_m3 = group_candidates(0.6, weights, (0.04,), lods, alphas, families=("owl",), grid_m=(3.0,))
+    assert [c.name for c in only_m3] == ["uniform", "owl(lam=0.04,m=3)", "owl(lam=0.08,m=5)"]
     assert len({c.name for c in cands}) == len(cands)
     for c in cands:
         assert _wmean(c.sparsities, weights) == pytest.approx(0.6, abs=1e-9), c.name
@@ -137,7 +139,7 @@ def test_auto_protects_the_block_with_strong_outliers(tmp_path, tiny_tokenizer):
     cands = {c["name"]: c for c in auto["candidates"]}
     winner = cands[auto["winner"]]
     assert auto["fidelity"] == "-kl" and auto["holdout_samples"] == 4 and auto["stats_samples"] == 12
-    # racing: all 9 candidates screened on 1 held-out sample, the best 4 and uniform finish on the other 3
+    # racing: all 10 candidates screened on 1 held-out sample, the best 4 and uniform finish on the other 3
     assert auto["screen_samples"] == 1 and all(c["screen_score"] is not None for c in cands.values())
     finalists = [c for c in cands.values() if not c["screened_out"]]
     assert len(finalists) == 5 and cands["uniform"] in finalists and winner in finalists
@@ -163,7 +165,7 @@ def test_auto_on_minilm_is_at_least_uniform_on_held_out_data(minilm_dir):
     run = Pipeline.from_spec(spec, Registry.default()).run(ir, ctx)
     auto = run.ir.analyses["allocation_candidates"]
     scores = {c["name"]: c["score"] for c in auto["candidates"]}
-    assert len(scores) == 7 and "owl(lam=0.15,m=5)" in scores and "depth-down(lam=0.05)" in scores
+    assert len(scores) == 8 and "owl(lam=0.08,m=5)" in scores and "depth-down(lam=0.05)" in scores
     assert auto["fidelity"] == "cosine" and scores[auto["winner"]] >= scores["uniform"]
     assert all(torch.equal(ir.weight(n), dense[n]) for n in ir.layers)  # a decision pass: weights untouched
     assert 0.0 < scores["uniform"] < 1.0

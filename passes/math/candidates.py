@@ -4,7 +4,8 @@ Candidates are group allocations (one sparsity per block, or per layer) with the
 weighted mean `target`, built from the statistics the auto pass collects once:
 
 - `uniform`: every group at `target` (OWL with λ = 0);
-- `owl(lam, m)`: OWL's reference formula on the outlier ratios measured with threshold m × mean;
+- `owl(lam, m)`: OWL's reference formula on the outlier ratios measured with threshold m × mean
+  (over the grid, plus OWL's published defaults λ = 0.08, m = 5);
 - `alphapruning(lam)`: the ESD power-law alpha of the weights (higher alpha ⇒ sparser);
 - `depth-up(lam)` / `depth-down(lam)`: sparsity rising / falling linearly with depth, spread 2λ.
 
@@ -30,6 +31,7 @@ from passes.math.masks import prune_count
 from passes.math.owl import Allocation, alpha_allocation, fit_mean, owl_allocation, spread_allocation
 
 FAMILIES = ("owl", "alphapruning", "depth")
+OWL_PAPER = (0.08, 5.0)  # OWL's published defaults (λ, M): always a candidate, the reference to beat
 
 
 @dataclass(frozen=True)
@@ -55,15 +57,17 @@ def _candidate(family: str, params: tuple[tuple[str, float], ...], alloc: Alloca
 
 def group_candidates(target: float, weights: list[float], grid_lam: tuple[float, ...],
                      lods: dict[float, list[float]] | None = None, alphas: list[float] | None = None,
-                     families: tuple[str, ...] = FAMILIES) -> list[GroupCandidate]:
-    """Uniform first, then every family over the λ grid (OWL also over the m keys of `lods`).
-    λ = 0 is uniform for every family, so it is skipped there."""
+                     families: tuple[str, ...] = FAMILIES, grid_m: tuple[float, ...] | None = None) -> list[GroupCandidate]:
+    """Uniform first, then every family over the λ grid; OWL over `grid_m` (default: the m keys of
+    `lods`) and at OWL_PAPER when its m is in `lods`. λ = 0 is uniform for every family: skipped."""
     n = len(weights)
     out = [GroupCandidate("uniform", "uniform", (), tuple([target] * n))]
     lams = [lam for lam in grid_lam if lam > 0]
     if "owl" in families and lods:
-        for m, scores in lods.items():
-            out += [_candidate("owl", (("lam", lam), ("m", m)), owl_allocation(scores, target, lam, weights)) for lam in lams]
+        pairs = [(lam, m) for m in (grid_m if grid_m is not None else tuple(lods)) for lam in lams]
+        if OWL_PAPER[1] in lods and OWL_PAPER not in pairs:
+            pairs.append(OWL_PAPER)
+        out += [_candidate("owl", (("lam", lam), ("m", m)), owl_allocation(lods[m], target, lam, weights)) for lam, m in pairs]
     if "alphapruning" in families and alphas is not None:
         out += [_candidate("alphapruning", (("lam", lam),), alpha_allocation(alphas, target, lam, weights)) for lam in lams]
     if "depth" in families and n > 1:
