@@ -10,7 +10,8 @@ All against real server processes serving MiniLM on onnxruntime (server defaults
     runner (the server's own loader, in this process) on the same text, batch 1: the difference is
     what HTTP + JSON + tokenisation + batching + pooling cost;
   * sparse vs dense: the artifact vs the same model compiled at sparsity 0, served the same way, at
-    1 and 32 clients.
+    1 and 32 clients, on each of `--backends` that is available (onnxruntime ignores sparsity;
+    DeepSparse, static shapes --max-batch-size 4 --seqlen 128, has sparse kernels).
 A comparison keeps both servers up and alternates short rounds between them (`--rounds`), so that
 other load on the machine falls on both sides alike. Each client keeps one keep-alive connection and
 sends one text per request (a docstring of 8-64 words from Python's standard library), the next as
@@ -42,16 +43,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ARTIFACTS = ROOT / "benchmarks" / "artifacts"
 SPARSE_ARGS = ("--backend", "onnxruntime", "--calib-samples", "32", "--calib-seqlen", "128", "--runs", "5")
+STATIC_SEQLEN = 128
+STATIC_ARGS = ("--max-batch-size", "4", "--seqlen", str(STATIC_SEQLEN))  # for static-shape backends
 DENSE_ARGS = ("--backend", "onnxruntime", "--sparsity", "0", "--allocation", "uniform", "--method", "magnitude",
               "--runs", "5")
 
 
 # -- texts and the artifacts ---------------------------------------------------------------------------------
-def load_texts(limit: int = 512) -> list[str]:
+def load_texts(max_tokens: int, count_tokens, limit: int = 512) -> list[str]:
+    """Docstrings of 8-64 words that fit `max_tokens` (the static seqlen of DeepSparse runs)."""
     from compiler.calibration import stdlib_corpus
 
     texts = [" ".join(t.split()) for t in stdlib_corpus("eval")]
-    return [t for t in texts if 8 <= len(t.split()) <= 64][:limit]
+    texts = [t for t in texts if 8 <= len(t.split()) <= 64]
+    return [t for t, n in zip(texts, count_tokens(texts)) if n <= max_tokens][:limit]
 
 
 def ensure_artifact(path: Path, args: tuple[str, ...]) -> Path:
@@ -277,6 +282,16 @@ def paired_overhead(server: ServerProc, texts: list[str], seconds: float, thread
             "server_p50_minus_raw_runner_p50_ms": round(p50 - float(np.median(r)), 3)}
 
 
+def backend_available(name: str) -> tuple[bool, str]:
+    from compiler.errors import SparsecError
+    from compiler.registry import Registry
+
+    try:
+        return Registry.default().get_backend(name).available()
+    except SparsecError as exc:
+        return False, exc.one_line()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="Measured seconds per scenario (and side).")
@@ -287,6 +302,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--threads", type=int, default=0, help="--threads for the servers (0 = their default).")
     ap.add_argument("--skip-dense", action="store_true")
+    ap.add_argument("--backends", default="onnxruntime,deepsparse",
+                    help="Backends for sparse vs dense (unavailable ones are skipped).")
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -298,7 +315,10 @@ def main() -> None:
     threads = args.threads or (os.cpu_count() or 1)
     clients = [int(c) for c in args.clients.split(",")]
     most, least = max(clients), min(clients)
-    texts = load_texts()
+    from runtimes.server_model import open_artifact
+
+    tokenizer = open_artifact(sparse, "onnxruntime").text
+    texts = load_texts(STATIC_SEQLEN, lambda ts: [len(ids) for ids in tokenizer.encode(ts)])
     bodies = [json.dumps({"input": t}).encode() for t in texts]
     log_dir = ARTIFACTS / "serve_load_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -322,30 +342,37 @@ def main() -> None:
         rows.append(pair["batch1"].row(f"batch1-{most}-paired", most, single.args))
         section(f"overhead at 1 client vs the raw runner, {args.seconds:.0f} s")
         overhead = paired_overhead(batching, texts, args.seconds, threads)
-    dense_rows = {}
-    if dense:
-        d_server = ServerProc("dense", dense, common, log_dir)
-        s_server = ServerProc("sparse", sparse, common, log_dir)
+    dense_rows: dict[str, tuple[dict, dict]] = {}
+    for backend in ([b.strip() for b in args.backends.split(",") if b.strip()] if dense else []):
+        ok, reason = backend_available(backend)
+        if not ok:
+            print(f"skipping sparse vs dense on {backend}: {reason}", flush=True)
+            continue
+        extra = (*common, "--backend", backend, *(STATIC_ARGS if backend == "deepsparse" else ()))
+        d_server = ServerProc(f"dense-{backend}", dense, extra, log_dir)
+        s_server = ServerProc(f"sparse-{backend}", sparse, extra, log_dir)
         servers += [d_server, s_server]
         with d_server, s_server:
             for c in sorted({least, most}):
-                section(f"sparse vs dense at {c} clients, {args.rounds} alternating rounds")
+                section(f"sparse vs dense on {backend} at {c} clients, {args.rounds} alternating rounds")
                 pair = alternate([s_server, d_server], c, bodies, args.seconds, args.rounds, args.max_requests)
-                dense_rows[c] = (pair["sparse"].row(f"sparse-{c}-paired", c, common),
-                                 pair["dense"].row(f"dense-{c}-paired", c, common))
-                rows += list(dense_rows[c])
+                key = f"{backend}-{c}"
+                dense_rows[key] = (pair[s_server.name].row(f"sparse-{key}", c, extra),
+                                   pair[d_server.name].row(f"dense-{key}", c, extra))
+                rows += list(dense_rows[key])
 
     by = {r["scenario"]: r for r in rows}
     b, s1 = by[f"batching-{most}-paired"], by[f"batch1-{most}-paired"]
     summary = {
-        "batching_throughput_gain_at_max_clients": round(b["throughput_rps"] / s1["throughput_rps"], 2) if s1["throughput_rps"] else None,
+        "batching_throughput_gain_at_max_clients": (round(b["throughput_rps"] / s1["throughput_rps"], 2)
+                                                    if s1["throughput_rps"] else None),
         "server_overhead_ms_at_1_client": overhead["overhead_p50_ms"],
         "server_overhead_fraction_of_p50": overhead["overhead_fraction_of_server_p50"],
         "total_errors": sum(r["errors"] for r in rows) + overhead["errors"],
         "all_servers_exited_0": all(s.exit_code == 0 for s in servers),
     }
-    for c, (sp, dn) in dense_rows.items():
-        summary[f"sparse_over_dense_throughput_{c}_clients"] = round(sp["throughput_rps"] / dn["throughput_rps"], 3)
+    for key, (sp, dn) in dense_rows.items():
+        summary[f"sparse_over_dense_throughput_{key}_clients"] = round(sp["throughput_rps"] / dn["throughput_rps"], 3)
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "seconds": args.seconds, "rounds": args.rounds, "texts": len(texts),
@@ -353,11 +380,12 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    header = f"{'scenario':<22}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'batch':>8}{'errors':>8}"
+    header = (f"{'scenario':<24}{'clients':>8}{'req/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'batch':>8}"
+              f"{'errors':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['scenario']:<22}{r['clients']:>8}{r['throughput_rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
+        print(f"{r['scenario']:<24}{r['clients']:>8}{r['throughput_rps']:>10.1f}{r['p50_ms']:>10.2f}{r['p90_ms']:>10.2f}"
               f"{r['p99_ms']:>10.2f}{r['mean_batch_size']:>8.1f}{r['errors']:>8}")
     print(f"1 client: server p50 {overhead['server_p50_ms']:.2f} ms, of which backend (Server-Timing) p50 "
           f"{overhead['backend_in_server_p50_ms']:.2f} ms; overhead p50 {overhead['overhead_p50_ms']:.2f} ms; "

@@ -64,6 +64,9 @@ class Backend:
     device: ClassVar[str] = "cpu"
     install_hint: ClassVar[str] = ""
     licence_notice: ClassVar[str | None] = None
+    # False: the runner runs only the (batch_size, seqlen) of its options, on the graph prepare() wrote
+    # (callers such as the server prepare into a directory of their own and pad to that shape).
+    dynamic_shapes: ClassVar[bool] = True
 
     @classmethod
     def available(cls) -> tuple[bool, str]:  # pragma: no cover - abstract

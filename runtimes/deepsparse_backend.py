@@ -401,6 +401,7 @@ class DeepSparseBackend(Backend):
     device: ClassVar[str] = "cpu"
     install_hint: ClassVar[str] = "sparsec backends install deepsparse"
     licence_notice: ClassVar[str | None] = DEEPSPARSE.licence_notice
+    dynamic_shapes: ClassVar[bool] = False
     load_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_LOAD_TIMEOUT", 900.0))
     infer_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_TIMEOUT", 120.0))
 

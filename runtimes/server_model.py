@@ -9,6 +9,8 @@ it in the background and reports ready once it is done.
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,9 +149,10 @@ class ServedModel:
     Static-shape runners (compiled for one (batch, seqlen), e.g. DeepSparse) get every batch padded
     to that shape; their sequence length is also the token limit."""
 
-    def __init__(self, target: ServeTarget, runner: Any):
+    def __init__(self, target: ServeTarget, runner: Any, workdir: Path | None = None):
         self.target = target
         self.runner = runner
+        self.workdir = workdir
         lowering = target.artifact.manifest.get("lowering") or {}
         self.static = static_shapes(runner, target.signature)
         self.sig = target.signature if self.static is None else Signature(
@@ -164,7 +167,9 @@ class ServedModel:
 
     @classmethod
     def load(cls, target: ServeTarget, threads: int, max_batch_size: int, seqlen: int = 128) -> "ServedModel":
-        """Build the backend's runner (`seqlen` matters only to backends that compile static shapes)."""
+        """Build the backend's runner. A static-shape backend (`dynamic_shapes = False`) first prepares
+        its (max_batch_size, seqlen) variant in a private temp directory: nothing in the artifact is
+        handed to a runtime that might rewrite it."""
         from compiler.registry import Registry
         from runtimes.base import RunnerOptions
 
@@ -172,12 +177,22 @@ class ServedModel:
         if target.text is not None:
             seqlen = min(seqlen, target.text.max_positions)
         options = RunnerOptions(threads=threads, batch_size=max_batch_size, seqlen=seqlen)
-        runner = backend.runner(target.onnx_path, options)
+        workdir = None
+        model_path = target.onnx_path
+        if not getattr(backend, "dynamic_shapes", True):
+            workdir = Path(tempfile.mkdtemp(prefix="sparsec-serve-"))
+            model_path = backend.prepare(target.onnx_path, workdir, options)
         try:
-            model = cls(target, runner)
-            model.warmup(max_batch_size)
+            runner = backend.runner(model_path, options)
+            try:
+                model = cls(target, runner, workdir)
+                model.warmup(max_batch_size)
+            except BaseException:
+                runner.close()
+                raise
         except BaseException:
-            runner.close()
+            if workdir is not None:
+                shutil.rmtree(workdir, ignore_errors=True)
             raise
         return model
 
@@ -193,6 +208,8 @@ class ServedModel:
 
     def close(self) -> None:
         self.runner.close()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def warmup(self, max_batch_size: int) -> None:
         """One small call and one full-batch call, so the first requests do not pay for allocation."""

@@ -502,6 +502,9 @@ def test_static_shape_backend_pads_to_its_compiled_shape(artifacts, tmp_path):
     finally:
         assert server.stop() == 0
     assert "evaluation" in server.log_text().lower()  # the licence notice is shown
+    from compiler.artifact import Artifact
+
+    Artifact.load(artifacts["bert"])  # the engine got a prepared copy: the artifact still verifies
 
 
 # -- completions ---------------------------------------------------------------------------------------
