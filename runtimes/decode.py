@@ -101,14 +101,8 @@ class Decoder:
     def prefill_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # callers: `with contextlib.closing(open_decoder(...)) as decoder:`
         pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class DynamicDecoder(Decoder):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
                mask: np.ndarray, bandwidth_gbps: float, workdir: Path, warmup: bool = True) -> dict[str, Any]:
     """Load one configuration, warm it up (a few tokens), generate, and measure it against the roofline."""
     traffic = weight_traffic(path)
-    with open_decoder(backend, path, lowering, opts, workdir) as decoder:
+    with closing(open_decoder(backend, path, lowering, opts, workdir)) as decoder:
         if warmup:
             decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
         trace = decoder.generate(ids, mask, opts.new_tokens)

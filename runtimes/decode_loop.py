@@ -98,24 +98,33 @@ def greedy_dynamic(run: Run, past_names: list[str], empty_past: dict[str, np.nda
                "position_ids": positions_from_mask(mask, ids.shape[1]), **empty_past})
     token = _argmax_last(out["logits"])
     trace.prefill_ms = (time.perf_counter() - start) * 1e3
-    position = int(mask.sum())
-    while True:
-        trace.tokens.append(token)
-        if token in stop_ids:
-            trace.stopped = "eos"
-            break
-        if len(trace.tokens) >= new_tokens:
-            break
-        start = time.perf_counter()
+
+    def step(token: int, position: int) -> np.ndarray:
+        nonlocal out, mask
         past = {p: out[PRESENT_PREFIX + p[len(PAST_PREFIX):]] for p in past_names}
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
         out = run({"input_ids": np.array([[token]], dtype=np.int64), "attention_mask": mask,
                    "position_ids": np.array([[position]], dtype=np.int64), **past})
-        token = _argmax_last(out["logits"])
+        return out["logits"]
+
+    return _steps(trace, token, int(mask.sum()), new_tokens, stop_ids, step, rss)
+
+
+def _steps(trace: DecodeTrace, token: int, position: int, new_tokens: int, stop_ids: tuple[int, ...],
+           step: Callable[[int, int], np.ndarray], rss: Callable[[], int]) -> DecodeTrace:
+    """The greedy loop after the prefill: `step(token, position)` feeds one token, returns its logits."""
+    while True:
+        trace.tokens.append(token)
+        if token in stop_ids:
+            trace.stopped = "eos"
+            return trace
+        if len(trace.tokens) >= new_tokens:
+            return trace
+        start = time.perf_counter()
+        token = _argmax_last(step(token, position))
         position += 1
         trace.step_ms.append((time.perf_counter() - start) * 1e3)
         trace.peak_rss_bytes = max(trace.peak_rss_bytes, rss())
-    return trace
 
 
 # -- static cache ----------------------------------------------------------------------------------
@@ -192,22 +201,13 @@ def greedy_static(prefill: Run, decode: Run, kv_shapes: dict[str, tuple[int, ...
             logits = out["logits"]
     token = _argmax_last(logits)
     trace.prefill_ms = (time.perf_counter() - start) * 1e3
-    position = int(mask.sum())
-    while True:
-        trace.tokens.append(token)
-        if token in stop_ids:
-            trace.stopped = "eos"
-            break
-        if len(trace.tokens) >= new_tokens:
-            break
-        start = time.perf_counter()
+
+    def step(token: int, position: int) -> np.ndarray:
         out = decode(_decode_feeds(cache, token, position))
         cache.append(out)
-        token = _argmax_last(out["logits"])
-        position += 1
-        trace.step_ms.append((time.perf_counter() - start) * 1e3)
-        trace.peak_rss_bytes = max(trace.peak_rss_bytes, rss())
-    return trace
+        return out["logits"]
+
+    return _steps(trace, token, int(mask.sum()), new_tokens, stop_ids, step, rss)
 
 
 def _decode_feeds(cache: StaticKV, token: int, position: int) -> dict[str, np.ndarray]:

@@ -4,6 +4,7 @@ model's of the same weights; static and dynamic caches agree; bytes per token; b
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def _generate(backend, root: Path, rel: str, tmp_path: Path, ids=None, mask=None
     if ids is None:
         ids, mask = _prompt()
     options = DecodeOptions(prompt_len=32, new_tokens=NEW, **opts)
-    with open_decoder(backend, root / rel, _manifest(root)["lowering"], options, tmp_path / "work") as dec:
+    with closing(open_decoder(backend, root / rel, _manifest(root)["lowering"], options, tmp_path / "work")) as dec:
         logits = dec.prefill_logits(ids, mask) if options.prefill == "engine" else None
         return dec.generate(ids, mask, NEW), logits, dict(dec.details)
 
@@ -97,8 +98,8 @@ def test_static_cache_limits_are_one_line_errors(llama_artifact, tmp_path):
 
     backend = _backend("onnxruntime")
     lowering = _manifest(llama_artifact)["lowering"]
-    with open_decoder(backend, llama_artifact / "onnx/model.onnx", lowering,
-                      DecodeOptions(prompt_len=8, new_tokens=4, cache="static"), tmp_path) as dec:
+    with closing(open_decoder(backend, llama_artifact / "onnx/model.onnx", lowering,
+                              DecodeOptions(prompt_len=8, new_tokens=4, cache="static"), tmp_path)) as dec:
         ids, mask = _prompt(9)
         with pytest.raises(SparsecError, match="exceeds the static prefill length"):
             dec.generate(ids, mask, 4)
