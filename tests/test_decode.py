@@ -118,9 +118,9 @@ def test_deepsparse_decode_matches_torch(llama_artifact, reference, tmp_path):
     assert details["cache"] == "static" and details["rss_process"] == "deepsparse worker"
     assert trace.peak_rss_bytes > 0 and details["precision"] == "fp32"
     assert details["weight_sparsity"] > 0.4  # the zeros reach the engine
-    # the int8 QLinearMatMul variant runs the same loop (int8 tokens may differ from fp32 ones)
+    # the int8 QLinearMatMul variant runs the same loop (int8 tokens may differ from fp32 ones); one engine
     trace8, _, details8 = _generate(backend, llama_artifact, "onnx/int8-qoperator/model.onnx", tmp_path / "int8",
-                                    release_prefill=True)
+                                    prefill="tokens")
     assert len(trace8.tokens) == NEW and details8["precision"] == "int8 (QOperator)"
 
 
