@@ -161,7 +161,9 @@ def run_one(args: argparse.Namespace, model: str, sparsity: float, quant: str, b
                      np.ones_like(ids), args.membw, art / f"work-{backend_name}", warmup=not deepsparse)
     kv_full = 2 * lowering["kv"]["layers"] * lowering["kv"]["kv_heads"] * lowering["kv"]["head_dim"] * 4 * (args.prompt + args.tokens)
     limit = 1.2 * row["weights_resident_bytes"] + kv_full + GIB
-    row.update(model=model, sparsity=sparsity, quant=quant, variant=str(path.relative_to(art)),
+    variant = str(path.relative_to(art))
+    row.update(model=model, sparsity=sparsity, quant=quant, variant=variant,
+               compressed_disk_bytes=lowering.get("sizes", {}).get(variant, {}).get("compressed_bytes"),
                measured_sparsity=lowering.get("measured_sparsity"), kv_cache_bytes=kv_full,
                rss_limit_bytes=int(limit), rss_target_met=row["peak_rss_bytes"] <= limit)
     row.pop("tokens", None)
@@ -292,13 +294,15 @@ def report(results: dict, out: Path) -> None:
     rows = [r for r in results["rows"].values() if "error" not in r]
     errors = {k: r["error"] for k, r in results["rows"].items() if "error" in r}
     table = Table("model", "threads", "sparsity", "int8", "backend", "precision", "tok/s", "step ms", "prefill ms", "MB/token",
-                  "kernels", "GB/s", "% membw", "peak RSS GiB", "RSS limit GiB", "disk MB", "load avg")
+                  "kernels", "GB/s", "% membw", "peak RSS GiB", "RSS limit GiB", "load RSS MB", "disk MB", "deflated MB", "load avg")
     for r in sorted(rows, key=lambda r: (r["model"], r["threads"], r["sparsity"], r["quant"], r["backend"])):
         table.add_row(r["model"], str(r["threads"]), f"{r['sparsity']:.0%}", "yes" if r["quant"] == "int8" else "no", r["backend"],
                       str(r.get("precision")), f"{r['tokens_per_s']:.2f}", f"{r['step_p50_ms']:.1f}", f"{r['prefill_ms']:.0f}",
                       f"{r['weight_bytes_per_token'] / 1e6:.0f}", "sparse" if r["sparse_kernels"] else "dense",
                       f"{r['achieved_gbps']:.2f}", f"{100 * r['fraction_of_membw']:.0f}%", f"{r['peak_rss_bytes'] / GIB:.2f}",
-                      f"{r['rss_limit_bytes'] / GIB:.2f}", f"{r['disk_bytes'] / 1e6:.0f}", f"{r.get('load_average') or 0:.1f}")
+                      f"{r['rss_limit_bytes'] / GIB:.2f}", f"{(r.get('rss_load_delta_bytes') or 0) / 1e6:.0f}",
+                      f"{r['disk_bytes'] / 1e6:.0f}", f"{(r.get('compressed_disk_bytes') or 0) / 1e6:.0f}",
+                      f"{r.get('load_average') or 0:.1f}")
     console = Console(width=220)
     console.print(table)
     membw = results["meta"].get("membw", [{}])
