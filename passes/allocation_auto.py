@@ -90,7 +90,7 @@ class AllocationStats:
 
     `layers`: the layers to allocate (execution order); `sq_norm[layer]`: Wanda's ‖X_j‖² over
     `tokens` calibration tokens (dense model); `block_outlier_ratio[m][block]` and
-    `outlier_ratio[m][layer]`: OWL's outlier ratios for each m of the grid."""
+    `outlier_ratio[m][layer]`: OWL's outlier ratios for each m of `grid_m` and m = 5."""
 
     layers: tuple[str, ...]
     sq_norm: Mapping[str, torch.Tensor]
@@ -115,7 +115,7 @@ class Candidate:
 
 
 @dataclass
-class Reference:
+class HeldOut:
     """Held-out inputs and the dense model's outputs on them (cached once)."""
 
     kind: str  # "kl" (causal LM logits) | "cosine"
@@ -185,9 +185,9 @@ def _model_output(ir: ModelIR, batch: dict[str, torch.Tensor], kind: str) -> tor
     return out.logits if kind == "kl" else _pooled_output(out, batch)
 
 
-def dense_reference(ir: ModelIR, samples: list[dict[str, torch.Tensor]]) -> Reference:
+def dense_reference(ir: ModelIR, samples: list[dict[str, torch.Tensor]]) -> HeldOut:
     """The dense model's held-out outputs: log-probabilities (causal LMs with logits) or pooled states."""
-    ref = Reference("cosine", list(batches(samples)))
+    ref = HeldOut("cosine", list(batches(samples)))
     for i, batch in enumerate(ref.batches):
         with torch.no_grad():
             out = call_model(ir.module, batch)
@@ -247,7 +247,7 @@ def native_layout(matrix: torch.Tensor, kind: str, shape: torch.Size) -> torch.T
     return matrix.reshape(shape)
 
 
-def candidate_values(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
+def candidate_values(ir: ModelIR, ref: HeldOut, keep: Mapping[str, Callable[[], torch.Tensor]]) -> torch.Tensor:
     """Fidelity of the model under `keep` masks on `ref`'s samples, one value per token (−KL) or per
     sample (cosine); higher is better. Non-finite outputs give −inf."""
     out = []
@@ -261,7 +261,7 @@ def candidate_values(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def score_candidate(ir: ModelIR, ref: Reference, keep: Mapping[str, Callable[[], torch.Tensor]]) -> float:
+def score_candidate(ir: ModelIR, ref: HeldOut, keep: Mapping[str, Callable[[], torch.Tensor]]) -> float:
     """Held-out fidelity of the model under `keep` masks: mean cosine, or −mean per-token KL."""
     return float(candidate_values(ir, ref, keep).mean())
 
@@ -300,7 +300,7 @@ def auto_allocation(settings: AutoSettings, ir: ModelIR, names: list[str], ctx: 
     values: dict[str, list[torch.Tensor]] = {}
     total = len(distinct) + (min(len(distinct), finalist_count(len(distinct)) + 1) if n_screen else 0)
 
-    def score_round(cands: list[Candidate], ref: Reference) -> None:
+    def score_round(cands: list[Candidate], ref: HeldOut) -> None:
         for cand in cands:
             t0 = time.perf_counter()
             values.setdefault(cand.name, []).append(candidate_values(ir, ref, keep_of(cand)))
@@ -354,7 +354,7 @@ def _mark_duplicates(candidates: list[Candidate], names: list[str]) -> list[Cand
     return distinct
 
 
-def _metric_name(ref: Reference) -> str:
+def _metric_name(ref: HeldOut) -> str:
     return "-kl" if ref.kind == "kl" else "cosine"
 
 
