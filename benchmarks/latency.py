@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-latency")
     ap.add_argument("--out", type=Path, default=RESULTS / "latency.json")
     ap.add_argument("--max-minutes", type=float, default=15.0)
+    ap.add_argument("--build-only", action="store_true", help="lower (and cache) every configuration, time nothing")
     return ap.parse_args(argv)
 
 
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
             sections[s] = build(args, model, dense_ir, s, tuple(names))
             result["lowering"][f"{model}/s{round(s * 100):02d}"] = {
                 "block_sparsity": sections[s].get("block_sparsity"), "seconds": sections[s].get("lowering_seconds")}
-        if not sections:
+        if not sections or args.build_only:
             continue
         any_section = next(iter(sections.values()))
         for batch in batches:

@@ -142,7 +142,11 @@ def file_sizes(path: Path, cache: bool = False) -> dict[str, int]:
 def path_rel(path: Path) -> str:
     """`onnx/...` relative path of a file under an artifact root (paths in the manifest are relative)."""
     parts = path.parts
-    return "/".join(parts[parts.index("onnx"):]) if "onnx" in parts else path.name
+    dirs = parts[:-1]
+    if "onnx" not in dirs:
+        return path.name
+    last = len(dirs) - 1 - dirs[::-1].index("onnx")  # the artifact's own onnx/, whatever its parents are called
+    return "/".join(parts[last:])
 
 
 def model_file(lowering: dict[str, Any], backend: str) -> str:

@@ -309,7 +309,9 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
         "runtime": comp["details"],
         "notes": list(inputs.notes),
     }
-    same = [label for label in cfgs if label not in (COMPILED, DENSE) and label != "dense int8-dynamic"]
+    # the dense model in the compiled model's own int8 form (same variant directory), when there is one
+    variant_dir = Path(comp["file"]).parent.name
+    same = [label for label in cfgs if label not in (COMPILED, DENSE) and Path(cfgs[label]["file"]).parent.name == variant_dir]
     if same:
         out["speedup_vs_dense_same_precision"] = cfgs[same[0]][regime]["p50_ms"] / comp[regime]["p50_ms"]
     for label, c in cfgs.items():

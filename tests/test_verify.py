@@ -137,3 +137,16 @@ def test_accuracy_metrics_and_gates():
     r = results["ort"]
     assert r["speedup_vs_fastest_dense"] == pytest.approx(0.8) and r["fastest_dense"]["config"] == "dense int8"
     assert r["passed"] is False and len(r["gates"]["failures"]) == 1 and "accuracy drop" in r["gates"]["failures"][0]
+
+
+def test_verify_causal_lm_times_prefill_and_decode(cli, cache_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "llama-int8"
+    result = cli("compile", tiny_model_dir("llama"), "-o", out, "--sparsity", "0.5", "--allocation", "uniform",
+                 "--calib-samples", "2", "--calib-seqlen", "16", "--quantize", "int8-dynamic",
+                 "--backend", "onnxruntime", "--runs", "2", "--seqlen", "16")
+    assert result.exit_code == 0, result.output
+    r = Artifact.load(out).report["backends"]["onnxruntime"]
+    assert r["files"]["compiled"] == "onnx/int8-dynamic/model.onnx"
+    assert 0 <= r["accuracy"]["top1_agreement"] <= 1 and r["cosine"] > 0.5
+    assert r["decode"]["compiled_p50_ms"] > 0 and "dense int8-dynamic" in r["decode"]["dense_configs_p50_ms"]
+    assert "speedup_vs_dense_same_precision" in r and r["dense_int8_accuracy"]["dense int8-dynamic"]["cosine"] > 0.9
