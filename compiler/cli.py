@@ -162,8 +162,9 @@ def passes_cmd(name, plugins):
 
 
 @main.group("backends", invoke_without_command=True, cls=SparsecGroup)
+@click.option("--check", "check", metavar="NAME", help="Exit 0 when backend NAME is available here, else 3 with the reason.")
 @click.pass_context
-def backends_cmd(ctx):
+def backends_cmd(ctx, check):
     """List backends, whether each is available here, and how to install it."""
     if ctx.invoked_subcommand:
         return
@@ -173,6 +174,15 @@ def backends_cmd(ctx):
     from compiler.registry import Registry
 
     reg = Registry.default()
+    if check:
+        entry = reg.backends.get(check)
+        if entry is None:
+            raise click.BadParameter(f"unknown backend '{check}' (known: {', '.join(sorted(reg.backends))})", param_hint="--check")
+        info = entry.obj().info()
+        click.echo(f"{check}: {'available' if info['available'] else 'unavailable'}: {info['reason']}")
+        if not info["available"]:
+            ctx.exit(3)
+        return
     table = Table("backend", "device", "available", "reason / how to install")
     for name, entry in sorted(reg.backends.items()):
         info = entry.obj().info()

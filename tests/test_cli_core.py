@@ -150,3 +150,15 @@ def test_passes_lists_plugin_options(cli):
 def test_backends_lists_without_optional_runtimes(cli):
     r = cli("backends")
     assert r.exit_code == 0
+    assert "onnxruntime" in r.output and "tensorrt" in r.output
+
+
+def test_backends_check_exit_codes(cli):
+    r = cli("backends", "--check", "onnxruntime")
+    assert r.exit_code == 0 and "onnxruntime: available" in r.output
+    r = cli("backends", "--check", "no-such-backend")
+    assert r.exit_code == 2 and "unknown backend 'no-such-backend'" in r.output
+    import importlib.util
+    if importlib.util.find_spec("tensorrt") is None:  # this machine has no TensorRT: the check says why, exit 3
+        r = cli("backends", "--check", "tensorrt")
+        assert r.exit_code == 3 and "tensorrt: unavailable" in r.output
