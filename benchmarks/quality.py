@@ -71,6 +71,19 @@ def run_one(dense, calib, cfg: dict, reference) -> dict:
     return {**cfg, "spec": spec, "compile_seconds": round(seconds, 2), "measured_sparsity": round(measured, 4), **ev}
 
 
+def markdown(rows: list[dict], meta: dict) -> str:
+    """The same table as the console's, as Markdown (written beside the JSON)."""
+    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    metric = rows[0]["metric"]
+    lines = [f"{meta['model']}: {metric} vs dense ({meta['dense']:.4g}), held-out '{meta['eval_data']}' text; "
+             f"calibration {meta['calibration']['samples']} x {meta['calibration']['seqlen']}, {meta['threads']} threads", "",
+             "| allocation | method | " + " | ".join(settings) + " |", "|---|---|" + "---:|" * len(settings)]
+    for alloc, meth in dict.fromkeys((r["allocation"], r["method"]) for r in rows):
+        vals = {r["setting"]: r["compiled"] for r in rows if r["allocation"] == alloc and r["method"] == meth}
+        lines.append(f"| {alloc} | {meth} | " + " | ".join(f"{vals[s]:.4g}" if s in vals else "" for s in settings) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict], metric: str):
     from rich.table import Table
 
@@ -155,8 +168,9 @@ def main() -> None:
     meta = {"model": args.model, "calibration": calib.manifest(), "eval": vars(eval_cfg), "eval_data": args.eval_data,
             "dense": rows[0]["dense"], "torch": torch.__version__, "threads": args.threads}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    args.out.with_suffix(".md").write_text(markdown(rows, meta))
     plot(rows, metric, args.out.with_suffix(".png"))
-    console.print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    console.print(f"wrote {args.out}, its .md and .png")
 
 
 if __name__ == "__main__":
