@@ -140,6 +140,15 @@ def reference_candidates(auto: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
     """Per-layer sparsity (target vs measured), outlier ratio and (after method=auto) per-block
     sparsity of the winning allocation vs OWL vs uniform."""
@@ -163,11 +172,7 @@ def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.legend()
         ax.set_title("Per-layer sparsity")
-        fig.tight_layout()
-        path = out_dir / "sparsity.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "sparsity.png"))
     ratios = manifest.get("analyses", {}).get("outlier_ratio", {})
     if ratios:
         keys = [n for n in names if n in ratios] or list(ratios)
@@ -176,11 +181,7 @@ def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("outlier ratio (%)")
         ax.set_xlabel("prunable layer (execution order)")
         ax.set_title("Per-layer activation outlier ratio (OWL)")
-        fig.tight_layout()
-        path = out_dir / "outlier_ratio.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "outlier_ratio.png"))
     auto = manifest.get("analyses", {}).get("allocation_candidates")
     if auto and auto.get("candidates"):
         fig, ax = plt.subplots(figsize=(6.5, 3.5))
@@ -193,9 +194,5 @@ def plot_plan(manifest: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.set_ylabel("sparsity")
         ax.set_title(f"Per-block sparsity: auto's winner vs OWL vs uniform ({auto.get('fidelity')})")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out_dir / "allocation.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "allocation.png"))
     return written
