@@ -282,6 +282,53 @@ def paired_overhead(server: ServerProc, texts: list[str], seconds: float, thread
             "server_p50_minus_raw_runner_p50_ms": round(p50 - float(np.median(r)), 3)}
 
 
+def batching_ceiling(artifact: str, texts: list[str], threads: int, batch: int, seconds: float) -> dict:
+    """What batching can gain on this backend and machine, with no server at all: the raw runner's
+    items/s on groups of `batch` texts (padded to the group's longest, as the server does) against
+    the same texts one at a time, alternating for `seconds` in total. A server's batching gain cannot
+    exceed this ratio by much: HTTP and tokenisation cost the same per request either way."""
+    from runtimes.server_model import ServedModel, open_artifact
+
+    target = open_artifact(artifact, "onnxruntime")
+    model = ServedModel.load(target, threads=threads, max_batch_size=batch)
+    seqs = target.text.encode(texts)
+
+    def feeds(group: list[list[int]]) -> dict[str, np.ndarray]:
+        width = max(len(q) for q in group)
+        ids = np.zeros((len(group), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, q in enumerate(group):
+            ids[row, :len(q)], mask[row, :len(q)] = q, 1
+        out = {"input_ids": ids, "attention_mask": mask}
+        if target.signature.input("token_type_ids") is not None:
+            out["token_type_ids"] = np.zeros_like(ids)
+        return out
+
+    groups = [[seqs[(g * batch + k) % len(seqs)] for k in range(batch)] for g in range(len(seqs) // batch or 1)]
+    batched, single = [feeds(g) for g in groups], [[feeds([q]) for q in g] for g in groups]
+    model.runner.infer(batched[0])
+    model.runner.infer(single[0][0])
+    spent = {"batched": 0.0, "single": 0.0}
+    items = {"batched": 0, "single": 0}
+    deadline, i = time.perf_counter() + seconds, 0
+    while time.perf_counter() < deadline:
+        g = i % len(groups)
+        i += 1
+        start = time.perf_counter()
+        model.runner.infer(batched[g])
+        spent["batched"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for f in single[g]:
+            model.runner.infer(f)
+        spent["single"] += time.perf_counter() - start
+        items["batched"] += batch
+        items["single"] += batch
+    model.close()
+    rate = {k: items[k] / spent[k] for k in spent}
+    return {"batch": batch, "groups_run": i, "raw_items_per_s_batched": round(rate["batched"], 1),
+            "raw_items_per_s_single": round(rate["single"], 1), "gain": round(rate["batched"] / rate["single"], 3)}
+
+
 def backend_available(name: str) -> tuple[bool, str]:
     from compiler.errors import SparsecError
     from compiler.registry import Registry
@@ -305,6 +352,8 @@ def main() -> None:
     ap.add_argument("--backends", default="onnxruntime,deepsparse",
                     help="Backends for sparse vs dense (unavailable ones are skipped).")
     ap.add_argument("--out", type=Path, default=RESULTS / "serve_load.json")
+    ap.add_argument("--ceiling-only", action="store_true",
+                    help="Only measure the raw runner's batching ceiling and add it to an existing --out.")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -320,6 +369,14 @@ def main() -> None:
     tokenizer = open_artifact(sparse, "onnxruntime").text
     texts = load_texts(STATIC_SEQLEN, lambda ts: [len(ids) for ids in tokenizer.encode(ts)])
     bodies = [json.dumps({"input": t}).encode() for t in texts]
+    if args.ceiling_only:
+        report = json.loads(args.out.read_text())
+        report["ceiling"] = ceiling = batching_ceiling(sparse, texts, threads, 16, args.seconds)
+        report["summary"]["raw_runner_batching_gain_ceiling"] = ceiling["gain"]
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"raw runner, batch {ceiling['batch']} vs 1: {ceiling['raw_items_per_s_batched']} vs "
+              f"{ceiling['raw_items_per_s_single']} items/s = {ceiling['gain']}x; wrote {args.out}")
+        return
     log_dir = ARTIFACTS / "serve_load_logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -342,6 +399,8 @@ def main() -> None:
         rows.append(pair["batch1"].row(f"batch1-{most}-paired", most, single.args))
         section(f"overhead at 1 client vs the raw runner, {args.seconds:.0f} s")
         overhead = paired_overhead(batching, texts, args.seconds, threads)
+    section(f"batching ceiling: the raw runner at batch 16 vs batch 1, {args.seconds:.0f} s")
+    ceiling = batching_ceiling(sparse, texts, threads, 16, args.seconds)
     dense_rows: dict[str, tuple[dict, dict]] = {}
     for backend in ([b.strip() for b in args.backends.split(",") if b.strip()] if dense else []):
         ok, reason = backend_available(backend)
@@ -368,6 +427,7 @@ def main() -> None:
                                                     if s1["throughput_rps"] else None),
         "server_overhead_ms_at_1_client": overhead["overhead_p50_ms"],
         "server_overhead_fraction_of_p50": overhead["overhead_fraction_of_server_p50"],
+        "raw_runner_batching_gain_ceiling": ceiling["gain"],
         "total_errors": sum(r["errors"] for r in rows) + overhead["errors"],
         "all_servers_exited_0": all(s.exit_code == 0 for s in servers),
     }
@@ -376,7 +436,8 @@ def main() -> None:
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "seconds": args.seconds, "rounds": args.rounds, "texts": len(texts),
-              "artifacts": {"sparse": sparse, "dense": dense}, "results": rows, "overhead": overhead, "summary": summary}
+              "artifacts": {"sparse": sparse, "dense": dense}, "results": rows, "overhead": overhead, "ceiling": ceiling,
+              "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
