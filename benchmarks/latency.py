@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=RESULTS / "latency.json")
     ap.add_argument("--max-minutes", type=float, default=15.0)
     ap.add_argument("--build-only", action="store_true", help="lower (and cache) every configuration, time nothing")
+    ap.add_argument("--report-only", action="store_true", help="recompute targets, table and plot from --out, run nothing")
     return ap.parse_args(argv)
 
 
@@ -206,6 +207,48 @@ def add_speedups(rows: list[dict]) -> None:
         r["speedup_vs_fastest_dense"] = fastest / r["p50_ms"] if fastest else None
 
 
+def targets(rows: list[dict], max_drop: float = 0.01) -> dict:
+    """The issue's targets at batch 1, per model. DeepSparse: sparse (fp32 and int8) vs DeepSparse
+    dense fp32 at 70% (≥ 1.8x) and 80% (≥ 2.3x). Best sparse + int8: vs onnxruntime dense fp32
+    (≥ 3.5x) and vs the fastest dense configuration of any backend (> 1x), among the rows whose
+    cosine to dense fp32 is ≥ 1 − max_drop, and (for the record) the fastest ignoring accuracy."""
+    out: dict = {}
+    for model in sorted({r["model"] for r in rows}):
+        b1 = [r for r in rows if r["model"] == model and r["batch"] == 1]
+        get = {(r["backend"], r["quant"], r["sparsity"]): r["p50_ms"] for r in b1}
+        t: dict = {}
+        ds_dense = get.get(("deepsparse", "fp32", 0.0))
+        for sp, goal in ((0.7, 1.8), (0.8, 2.3)):
+            for quant in ("fp32", "int8"):
+                ms = get.get(("deepsparse", quant, sp))
+                if ds_dense and ms:
+                    t[f"deepsparse_{quant}_{round(sp * 100)}pct_vs_dense_fp32"] = {
+                        "speedup": round(ds_dense / ms, 2), "goal": goal, "met": ds_dense / ms >= goal}
+        ort_dense = get.get(("onnxruntime", "fp32", 0.0))
+        dense = [r for r in b1 if r["sparsity"] == 0]
+        fastest = min(dense, key=lambda r: r["p50_ms"], default=None)
+        sparse_int8 = [r for r in b1 if r["sparsity"] > 0 and r["quant"] == "int8"]
+        accurate = [r for r in sparse_int8 if (r["cosine_vs_dense_fp32"] or 0) >= 1 - max_drop]
+
+        def brief(r: dict | None) -> dict | None:
+            if r is None:
+                return None
+            return {"backend": r["backend"], "quant": r["quant"], "sparsity": r["sparsity"], "p50_ms": round(r["p50_ms"], 2),
+                    "cosine": r["cosine_vs_dense_fp32"],
+                    "x_onnxruntime_dense_fp32": round(ort_dense / r["p50_ms"], 2) if ort_dense else None,
+                    "x_fastest_dense": round(fastest["p50_ms"] / r["p50_ms"], 2) if fastest else None}
+
+        best_accurate = min(accurate, key=lambda r: r["p50_ms"], default=None)
+        t["fastest_dense"] = brief(fastest)
+        t["best_sparse_int8_within_accuracy"] = brief(best_accurate)
+        t["best_sparse_int8_any_accuracy"] = brief(min(sparse_int8, key=lambda r: r["p50_ms"], default=None))
+        t["sparse_int8_target_met"] = bool(best_accurate and ort_dense and fastest
+                                           and ort_dense / best_accurate["p50_ms"] >= 3.5
+                                           and best_accurate["p50_ms"] < fastest["p50_ms"])
+        out[model] = t
+    return out
+
+
 def machine() -> dict:
     import onnxruntime
 
@@ -233,6 +276,9 @@ def print_table(result: dict) -> None:
               f"{r['speedup_vs_dense_same'] or 0:>8.2f} {r['speedup_vs_fastest_dense'] or 0:>9.2f} {cos:>7}")
     for s in result["skipped"]:
         print(f"skipped: {s}")
+    for model, t in result.get("targets", {}).items():
+        for key, value in t.items():
+            print(f"target {model} {key}: {value}")
     print(f"machine: {result['machine']['cpu']}, load {result['machine']['load_start']} -> {result['machine']['load_end']}")
 
 
@@ -267,8 +313,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
     started = time.perf_counter()
-    result = run(args)
-    result["seconds"] = round(time.perf_counter() - started, 1)
+    if args.report_only:
+        result = json.loads(args.out.read_text())
+    else:
+        result = run(args)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+    result["targets"] = targets(result["rows"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     plot(result, args.out.with_suffix(".png"))
