@@ -62,6 +62,15 @@ def uses_sparse_kernels(backend: str, decoder: Any, sparsity: float) -> bool:
     return bool(decoder.details.get("sparse_kernels"))
 
 
+HALF_PRECISIONS = frozenset({"bf16", "bfloat16", "f16", "fp16", "float16"})
+
+
+def runtime_float_itemsize(precision: Any) -> int:
+    """Bytes per float32 weight as the runtime holds it: 2 when it reports a half precision
+    (OpenVINO says "bfloat16" on AMX machines), else 4."""
+    return 2 if str(precision or "").strip().lower() in HALF_PRECISIONS else 4
+
+
 def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], opts: DecodeOptions, ids: np.ndarray,
                mask: np.ndarray, bandwidth_gbps: float, workdir: Path, warmup: bool = True) -> dict[str, Any]:
     """Load one configuration, warm it up (a few tokens), generate, and measure it against the roofline."""
@@ -74,7 +83,7 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         details = dict(decoder.details)
     shutil.rmtree(workdir, ignore_errors=True)
     rate = tokens_per_s(trace)
-    float_itemsize = 2 if str(details.get("precision", "")).lower() in ("bf16", "f16") else 4
+    float_itemsize = runtime_float_itemsize(details.get("precision"))
     per_token = traffic.per_token(sparse, float_itemsize)
     kv = kv_bytes_per_token(lowering, int(mask.sum()) + len(trace.tokens) / 2)
     achieved = per_token * rate / 1e9

@@ -147,6 +147,16 @@ def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
         == fp32.embedding_bytes
 
 
+def test_half_precision_runtimes_read_half_the_float_bytes(llama_artifact):
+    from runtimes.decode_bench import runtime_float_itemsize
+    from runtimes.decode_bytes import weight_traffic
+
+    # the precision strings the runtimes really report (OpenVINO: "bfloat16" on AMX machines)
+    assert [runtime_float_itemsize(p) for p in ("bfloat16", "bf16", "f16", "fp32", "as in the graph", None)] == [2, 2, 2, 4, 4, 4]
+    fp32 = weight_traffic(llama_artifact / "onnx/model.onnx")
+    assert fp32.per_token(False, 2) == fp32.per_token(False, 4) - fp32.float_dense_bytes // 2
+
+
 def test_bench_decode_cli(llama_artifact, cli, tmp_path):
     out = tmp_path / "decode.json"
     res = cli("bench", llama_artifact, "--decode", "--backend", "onnxruntime", "--threads", "2", "--seqlen", "24",
