@@ -284,7 +284,7 @@ def paired_overhead(server: ServerProc, texts: list[str], seconds: float, thread
 
 def batching_ceiling(artifact: str, texts: list[str], threads: int, batch: int, seconds: float) -> dict:
     """What batching can gain on this backend and machine, with no server at all: the raw runner's
-    items/s on groups of `batch` texts (padded to the group's longest, as the server does) against
+    items/s on groups of `batch` texts of similar length (padded to the group's longest) against
     the same texts one at a time, alternating for `seconds` in total. A server's batching gain cannot
     exceed this ratio by much: HTTP and tokenisation cost the same per request either way."""
     from runtimes.server_model import ServedModel, open_artifact
@@ -304,7 +304,10 @@ def batching_ceiling(artifact: str, texts: list[str], threads: int, batch: int, 
             out["token_type_ids"] = np.zeros_like(ids)
         return out
 
-    groups = [[seqs[(g * batch + k) % len(seqs)] for k in range(batch)] for g in range(len(seqs) // batch or 1)]
+    # best case for batching: groups of texts of neighbouring lengths (little padding), as the server's
+    # length buckets aim for; "arrival order" groups show what padding costs without them
+    by_length = sorted(seqs, key=len)
+    groups = [[by_length[(g * batch + k) % len(seqs)] for k in range(batch)] for g in range(len(seqs) // batch or 1)]
     batched, single = [feeds(g) for g in groups], [[feeds([q]) for q in g] for g in groups]
     model.runner.infer(batched[0])
     model.runner.infer(single[0][0])
