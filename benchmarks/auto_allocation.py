@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from repo_paths import RESULTS
+
 OWL_PAPER = "lam=0.08"  # OWL's defaults: λ = 0.08, m = 5 (outlier-analysis default)
 
 

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from repo_paths import RESULTS, ROOT, repo_relative
+
 DENSE_FORWARD = "@dense-forward"
 OWL_WANDA = "outlier-analysis,sparsity-allocation{method=owl,target=0.5},prune{method=wanda}"
 BUILTIN = {"llama-110m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -86,7 +86,7 @@ def measure(model: str, spec: str, samples: int, seqlen: int, threads: int) -> d
     ir = load_and_trace(model)
     load_s = time.perf_counter() - start
     params = sum(p.numel() for p in ir.module.parameters())
-    out = {"model": model, "spec": spec, "samples": samples, "seqlen": seqlen, "load_seconds": round(load_s, 2),
+    out = {"model": repo_relative(model) if Path(model).exists() else model, "spec": spec, "samples": samples, "seqlen": seqlen, "load_seconds": round(load_s, 2),
            "prunable_params": ir.prunable_params(), "model_bytes": sum(p.numel() * p.element_size() for p in ir.module.parameters()),
            "params": params}
     if spec:

@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from repo_paths import RESULTS, ROOT, repo_relative
+
 MODELS = {  # Llama shapes: ~0.5B (24 × 17.2M + 2 × 41M) and TinyLlama-1.1B's; "tiny" smoke-tests the script
     "tiny": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=704, vocab_size=8000),
@@ -162,7 +162,7 @@ def run_one(args: argparse.Namespace, model: str, sparsity: float, quant: str, b
     kv_full = 2 * lowering["kv"]["layers"] * lowering["kv"]["kv_heads"] * lowering["kv"]["head_dim"] * 4 * (args.prompt + args.tokens)
     limit = 1.2 * row["weights_resident_bytes"] + kv_full + GIB
     variant = str(path.relative_to(art))
-    row.update(model=model, sparsity=sparsity, quant=quant, variant=variant,
+    row.update(model=model, sparsity=sparsity, quant=quant, variant=variant, file=repo_relative(path),
                compressed_disk_bytes=lowering.get("sizes", {}).get(variant, {}).get("compressed_bytes"),
                measured_sparsity=lowering.get("measured_sparsity"), kv_cache_bytes=kv_full,
                rss_limit_bytes=int(limit), rss_target_met=row["peak_rss_bytes"] <= limit)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+from repo_paths import RESULTS, ROOT, repo_relative
+
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
 
 
@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> dict:
     sparsities = [float(s) for s in args.sparsities.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
     quants = args.quants.split(",")
-    result = {"machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()}, "rows": [], "skipped": [],
+    result = {"machine": machine(), "settings": {k: repo_relative(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}, "rows": [], "skipped": [],
               "lowering": {}}
     work = args.cache / "work"
     for model in args.models.split(","):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from repo_paths import RESULTS
+
 
 
 def parse_args() -> argparse.Namespace:
