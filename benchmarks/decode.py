@@ -8,7 +8,7 @@ in-process once and cached), batch 1, a `--prompt`-token prompt, `--tokens` gene
 `--threads` threads. Each sparsity (uniform magnitude pruning of every block layer) is compiled with
 sparsec's own passes and lowering, with and without int8 (`quantize{scheme=int8-dynamic}` on every
 layer, LM head included: onnxruntime runs MatMulInteger, OpenVINO QDQ, DeepSparse QLinearMatMul),
-then decoded on every backend by runtimes/decode.py — one subprocess per configuration, so peak RSS
+then decoded on every backend by runtimes/decode/decoders.py — one subprocess per configuration, so peak RSS
 is that configuration's alone (DeepSparse: its worker; its prefill engine is freed before decoding).
 
 Resumable and bounded: compiled models are cached under `--cache`; each finished configuration is
@@ -107,7 +107,7 @@ def build(cache: Path, model: str, sparsity: float, quant: str, backends: tuple[
     if (out / "lowering.json").is_file():
         return out
     from compiler.calibration import CalibrationConfig, build_calibration
-    from compiler.lowering import lower_artifact
+    from compiler.lowering.lower import lower_artifact
     from compiler.pass_infra import PassContext
     from compiler.pipeline import Pipeline
     from compiler.registry import Registry
@@ -144,10 +144,10 @@ def _block_sparsity(ir) -> float:
 def run_one(args: argparse.Namespace, model: str, sparsity: float, quant: str, backend_name: str) -> dict:
     import numpy as np
 
-    from compiler.lowering import model_file
+    from compiler.lowering.lower import model_file
     from compiler.registry import Registry
-    from runtimes.decode import DecodeOptions
-    from runtimes.decode_bench import decode_row
+    from runtimes.decode.decoders import DecodeOptions
+    from runtimes.measure.decode_bench import decode_row
 
     art = artifact_dir(args.cache, model, sparsity, quant)
     lowering = json.loads((art / "lowering.json").read_text())
@@ -194,7 +194,7 @@ def _child(argv: list[str], timeout_s: float) -> tuple[int, str]:
 
 
 def drive(args: argparse.Namespace) -> dict:
-    from runtimes.membw import measure_read_bandwidth
+    from runtimes.measure.membw import measure_read_bandwidth
 
     results = load_results(args.out)
     deadline = time.monotonic() + args.max_minutes * 60

@@ -79,7 +79,7 @@ def build(args: argparse.Namespace, model: str, dense_ir, sparsity: float, backe
     if (out / "lowering.json").is_file():
         return json.loads((out / "lowering.json").read_text())
     from compiler.calibration import CalibrationConfig, build_calibration
-    from compiler.lowering import lower_artifact
+    from compiler.lowering.lower import lower_artifact
     from compiler.pass_infra import PassContext
     from compiler.pipeline import Pipeline
     from compiler.registry import Registry
@@ -107,7 +107,7 @@ def time_group(backend, files: dict[float, Path], feeds: dict, runs: int, thread
                workdir: Path) -> dict[float, dict]:
     """All sparsities of one (backend, batch, precision) built, run once for outputs, then timed interleaved."""
     from runtimes.base import RunnerOptions
-    from runtimes.verify import interleaved_timing, percentiles
+    from runtimes.measure.verify import interleaved_timing, percentiles
 
     opts = RunnerOptions(threads=threads, batch_size=batch, seqlen=seqlen)
     runners = {}
@@ -126,7 +126,7 @@ def time_group(backend, files: dict[float, Path], feeds: dict, runs: int, thread
 
 def text_feeds(tokenizer, batch: int, seqlen: int, section: dict) -> tuple[dict, np.ndarray]:
     from compiler.calibration import load_texts
-    from compiler.lowering_feeds import graph_feeds, long_texts, text_batch
+    from compiler.lowering.feeds import graph_feeds, long_texts, text_batch
 
     texts = long_texts(load_texts("eval"), min_chars=seqlen * 8)
     ids, mask = text_batch(tokenizer, texts[:batch], batch, seqlen)
@@ -135,9 +135,9 @@ def text_feeds(tokenizer, batch: int, seqlen: int, section: dict) -> tuple[dict,
 
 # -- driver --------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
-    from compiler.lowering import MODEL_FILE, model_file
+    from compiler.lowering.lower import MODEL_FILE, model_file
     from compiler.registry import Registry
-    from runtimes.verify import compare_outputs
+    from runtimes.measure.verify import compare_outputs
 
     deadline = time.monotonic() + args.max_minutes * 60
     registry = Registry.default()

@@ -172,7 +172,7 @@ class ServerProc:
         self.exit_code: int | None = None
 
     def __enter__(self) -> "ServerProc":
-        from runtimes.server import wait_until_ready
+        from runtimes.serve.app import wait_until_ready
 
         cmd = [sys.executable, "-m", "compiler.cli", "serve", self.artifact, "--port", str(self.port), *self.args]
         with open(self.log, "w") as fh:
@@ -228,7 +228,7 @@ def paired_overhead(server: ServerProc, texts: list[str], seconds: float, thread
     """One client. Per request: the client's latency and the backend time the server reports in its
     Server-Timing header (same request, same conditions); then the raw runner, in this process, on
     the same text at batch 1."""
-    from runtimes.server_model import ServedModel, open_artifact
+    from runtimes.serve.model import ServedModel, open_artifact
 
     target = open_artifact(server.artifact, "onnxruntime")
     model = ServedModel.load(target, threads=threads, max_batch_size=1)
@@ -287,7 +287,7 @@ def batching_ceiling(artifact: str, texts: list[str], threads: int, batch: int, 
     items/s on groups of `batch` texts of similar length (padded to the group's longest) against
     the same texts one at a time, alternating for `seconds` in total. A server's batching gain cannot
     exceed this ratio by much: HTTP and tokenisation cost the same per request either way."""
-    from runtimes.server_model import ServedModel, open_artifact
+    from runtimes.serve.model import ServedModel, open_artifact
 
     target = open_artifact(artifact, "onnxruntime")
     model = ServedModel.load(target, threads=threads, max_batch_size=batch)
@@ -367,7 +367,7 @@ def main() -> None:
     threads = args.threads or (os.cpu_count() or 1)
     clients = [int(c) for c in args.clients.split(",")]
     most, least = max(clients), min(clients)
-    from runtimes.server_model import open_artifact
+    from runtimes.serve.model import open_artifact
 
     tokenizer = open_artifact(sparse, "onnxruntime").text
     texts = load_texts(STATIC_SEQLEN, lambda ts: [len(ids) for ids in tokenizer.encode(ts)])

@@ -113,8 +113,9 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
         echo_licence_notices(opts.backends, plugins)
     result = _run_with_progress(lambda progress, insts: compile_model(opts, progress=progress, instruments=insts))
     rep = result.report
-    click.echo(f"wrote {result.out}: overall sparsity {100 * rep['sparsity']['overall_measured']:.2f}% "
-               f"of {rep['sparsity']['prunable_params']:,} prunable params in {rep.get('compile_seconds', 0):.1f}s")
+    from compiler.report import headline
+
+    click.echo(f"wrote {result.out}: {headline(rep['sparsity'])} in {rep.get('compile_seconds', 0):.1f}s")
     for name, b in rep.get("backends", {}).items():
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
                    f"speedup {b.get('speedup_vs_dense'):.2f}x, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
@@ -233,7 +234,9 @@ def inspect_cmd(artifact, as_json):
                        f"{b['cosine']:.5f}", f"{b['max_abs_diff']:.3g}", str(b["passed"]))
         console.print(bt)
     s = report.get("sparsity", {})
-    console.print(f"overall measured sparsity: {100 * s.get('overall_measured', 0):.2f}% of {s.get('prunable_params', 0):,} prunable params")
+    from compiler.report import headline
+
+    console.print(f"measured {headline(s)}")
 
 
 def _print_allocation_candidates(console, auto) -> None:

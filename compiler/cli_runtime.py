@@ -59,7 +59,7 @@ def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tok
     from compiler.artifact import REPORT_JSON, REPORT_MD, Artifact
     from compiler.errors import VerificationFailed
     from compiler.report import render_markdown
-    from runtimes.verify import VerifyOptions, verify_backends
+    from runtimes.measure.verify import VerifyOptions, verify_backends
 
     options = {"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs, "decode_tokens": decode_tokens,
                "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop}
@@ -121,7 +121,7 @@ def _print_results(results: dict) -> None:
 def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accuracy_drop, out, decode, tokens):
     """Sweep backends x batch sizes x threads; print a table and name the fastest configuration."""
     from compiler.artifact import Artifact, write_json
-    from runtimes.bench import bench_artifact, parse_positive_list
+    from runtimes.measure.bench import bench_artifact, parse_positive_list
 
     sizes = parse_positive_list(batch_sizes, "--batch-sizes")
     thread_counts = parse_positive_list(threads, "--threads")
@@ -130,7 +130,7 @@ def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accura
     art = Artifact.load(artifact)
     names = _backends(backends, art)
     if decode:
-        from runtimes.decode_bench import run_decode_bench
+        from runtimes.measure.decode_bench import run_decode_bench
 
         return run_decode_bench(art, names, _registry_with(names), thread_counts, seqlen, tokens, out)
     result = bench_artifact(art.root, art.manifest, names, _registry_with(names), sizes, thread_counts,

@@ -1,4 +1,4 @@
-"""`sparsec serve` and `sparsec package`: thin click shells over runtimes.server / runtimes.package."""
+"""`sparsec serve` and `sparsec package`: thin click shells over runtimes.serve.app / runtimes.serve.package."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ import click
 def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_body_kb,
               api_key, model_name, plugins, graceful_timeout, access_log, log_level):
     """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings and /v1/completions, /v1/infer)."""
-    from runtimes.server import ServeConfig, check_bindable, serve
-    from runtimes.server_model import open_artifact
+    from runtimes.serve.app import ServeConfig, check_bindable, serve
+    from runtimes.serve.model import open_artifact
 
     config = ServeConfig(artifact=str(artifact), backend=backend, host=host, port=port, workers=workers, threads=threads,
                          max_batch_size=max_batch_size, seqlen=seqlen, max_wait_ms=max_wait_ms, max_queue=max_queue,
@@ -54,7 +54,7 @@ def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, s
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def package_cmd(artifact, out, backend, force):
     """Bundle ARTIFACT with pinned runtime requirements and a start script into a deployable .tar.gz."""
-    from runtimes.package import package_artifact
+    from runtimes.serve.package import package_artifact
 
     result = package_artifact(artifact, out, backend=backend, force=force)
     click.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, sha256 {result.sha256[:16]}...): "

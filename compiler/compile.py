@@ -191,8 +191,8 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
 
             report["evaluation"] = evaluate_pair(dense, ir, opts.eval_data, calib_cfg)
         if backends:
-            from compiler.lowering import lower_artifact
-            from runtimes.verify import verify_backends
+            from compiler.lowering.lower import lower_artifact
+            from runtimes.measure.verify import verify_backends
 
             lowering = lower_artifact(ir, dense, root, backends, calib=calib_holder.get("set"), options=opts.verify)
             manifest["lowering"] = lowering

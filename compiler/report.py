@@ -1,7 +1,8 @@
 """report.json (public shape), report.md (for humans) and plots.
 
 report.json keys: `schema_version`, `source`, `pipeline`, `passes` (name, spec, seconds, modified,
-metrics, diagnostics), `sparsity` (overall measured, prunable params), `evaluation` (optional),
+metrics, diagnostics), `sparsity` (measured over the pruned layers, dense layers apart: `sparsity_summary`),
+`evaluation` (optional),
 `backends` (name -> {dense_p50_ms, compiled_p50_ms, speedup_vs_dense, max_abs_diff, cosine,
 passed, batch_size, seqlen, threads, ...}), `notes`.
 """
@@ -15,10 +16,7 @@ from compiler.artifact import SCHEMA_VERSION
 
 
 def build_report(manifest: dict[str, Any], records: list[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    plan = manifest.get("plan", {})
-    total = sum(p["params"] for p in plan.values()) or 0
-    pruned = [p for p in plan.values() if p.get("target_sparsity") is not None]
-    overall = sum(p["measured_sparsity"] * p["params"] for p in plan.values()) / total if total else 0.0
+    report_sparsity = sparsity_summary(manifest.get("plan", {}))
     report = {
         "schema_version": SCHEMA_VERSION,
         "source": manifest.get("source"),
@@ -28,18 +26,46 @@ def build_report(manifest: dict[str, Any], records: list[Any], extra: dict[str, 
              "metrics": r.metrics, "diagnostics": r.diagnostics}
             for r in records
         ],
-        "sparsity": {
-            "prunable_params": total,
-            "overall_measured": round(overall, 6),
-            "layers_pruned": len(pruned),
-            "layers_total": len(plan),
-        },
+        "sparsity": report_sparsity,
         "evaluation": {},
         "backends": {},
         "notes": [],
     }
     report.update(extra or {})
     return report
+
+
+def sparsity_summary(plan: dict[str, Any]) -> dict[str, Any]:
+    """The headline sparsity: measured over the layers the plan prunes (those with a target), so a
+    model whose tied embedding / lm_head stays dense by design is not reported as under-pruned.
+    Prunable-kind layers the plan leaves dense are listed apart (`dense_layers`: name -> params), and
+    `all_layers_measured` is the figure over every Linear/Conv weight, for comparison."""
+    total_all = sum(p["params"] for p in plan.values())
+    pruned = {n: p for n, p in plan.items() if p.get("target_sparsity") is not None}
+    total = sum(p["params"] for p in pruned.values())
+    zeros = sum(p["measured_sparsity"] * p["params"] for p in pruned.values())
+    zeros_all = sum(p["measured_sparsity"] * p["params"] for p in plan.values())
+    return {
+        "pruned_params": total,
+        "overall_measured": round(zeros / total, 6) if total else 0.0,
+        "layers_pruned": len(pruned),
+        "layers_total": len(plan),
+        "dense_layers": {n: p["params"] for n, p in plan.items() if p.get("target_sparsity") is None},
+        "prunable_params": total_all,
+        "all_layers_measured": round(zeros_all / total_all, 6) if total_all else 0.0,
+    }
+
+
+def headline(s: dict[str, Any]) -> str:
+    """One line: sparsity of the pruned layers, then what stayed dense (e.g. 'lm_head 28,311,552')."""
+    dense = s.get("dense_layers") or {}
+    tail = ""
+    if dense:
+        named = ", ".join(f"{n} {p:,}" for n, p in list(dense.items())[:3]) + (f", +{len(dense) - 3} more" if len(dense) > 3 else "")
+        tail = f"; left dense: {named}"
+    pruned = s.get("pruned_params", s.get("prunable_params", 0))
+    return (f"sparsity {100 * s.get('overall_measured', 0):.2f}% of {pruned:,} params in "
+            f"{s.get('layers_pruned', 0)}/{s.get('layers_total', 0)} pruned layers{tail}")
 
 
 def _fmt(v: Any) -> str:
@@ -55,8 +81,7 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     lines = [f"# sparsec report — {src.get('model', '?')}", ""]
     s = report.get("sparsity", {})
     lines += [f"- pipeline: `{report.get('pipeline')}`",
-              f"- prunable parameters: {s.get('prunable_params', 0):,}; overall measured sparsity: "
-              f"{100 * s.get('overall_measured', 0):.2f}% ({s.get('layers_pruned', 0)}/{s.get('layers_total', 0)} layers pruned)",
+              f"- measured {headline(s)}",
               f"- calibration: {_fmt(manifest.get('calibration', {}))}", ""]
     lines += ["## Passes", "", "| pass | seconds | modified | metrics |", "|---|---:|---|---|"]
     for p in report.get("passes", []):

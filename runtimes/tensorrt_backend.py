@@ -160,7 +160,7 @@ class TensorRtBackend(Backend):
         """Build and serialize an engine: SPARSE_WEIGHTS + FP16 (+ INT8 for QDQ graphs)."""
         import tensorrt as trt
 
-        from compiler.lowering import explain_rejection
+        from compiler.lowering.lower import explain_rejection
 
         logger = _collecting_logger(trt)
         logger.min_severity = trt.Logger.INFO

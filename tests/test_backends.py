@@ -8,13 +8,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import SparsecError
-from compiler.lowering import MODEL_FILE, lower_artifact
-from compiler.lowering_feeds import graph_feeds, text_batch
+from compiler.lowering.lower import MODEL_FILE, lower_artifact
+from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
 from runtimes.base import RunnerOptions
 from runtimes.onnxruntime_backend import OnnxRuntimeBackend
-from runtimes.verify import compare_outputs
+from runtimes.measure.verify import compare_outputs
 
 
 @pytest.fixture(scope="module")

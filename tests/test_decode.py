@@ -42,7 +42,7 @@ def _prompt(n: int = 20) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference(llama_artifact) -> list[int]:
-    from runtimes.decode import torch_greedy
+    from runtimes.decode.decoders import torch_greedy
 
     ids, mask = _prompt()
     return torch_greedy(llama_artifact / "model", ids, mask, NEW)
@@ -62,7 +62,7 @@ def _backend(name: str):
 
 
 def _generate(backend, root: Path, rel: str, tmp_path: Path, ids=None, mask=None, **opts):
-    from runtimes.decode import DecodeOptions, open_decoder
+    from runtimes.decode.decoders import DecodeOptions, open_decoder
 
     if ids is None:
         ids, mask = _prompt()
@@ -94,7 +94,7 @@ def test_static_cache_with_left_padding_matches_dynamic(llama_artifact, tmp_path
 
 
 def test_static_cache_limits_are_one_line_errors(llama_artifact, tmp_path):
-    from runtimes.decode import DecodeOptions, kv_shapes, open_decoder
+    from runtimes.decode.decoders import DecodeOptions, kv_shapes, open_decoder
 
     backend = _backend("onnxruntime")
     lowering = _manifest(llama_artifact)["lowering"]
@@ -131,7 +131,7 @@ def test_openvino_decode_matches_torch(llama_artifact, reference, tmp_path):
 
 
 def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
-    from runtimes.decode_bytes import weight_traffic
+    from runtimes.decode.traffic import weight_traffic
 
     manifest = _manifest(llama_artifact)
     fp32 = weight_traffic(llama_artifact / "onnx/model.onnx")
@@ -148,8 +148,8 @@ def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
 
 
 def test_half_precision_runtimes_read_half_the_float_bytes(llama_artifact):
-    from runtimes.decode_bench import runtime_float_itemsize
-    from runtimes.decode_bytes import weight_traffic
+    from runtimes.measure.decode_bench import runtime_float_itemsize
+    from runtimes.decode.traffic import weight_traffic
 
     # the precision strings the runtimes really report (OpenVINO: "bfloat16" on AMX machines)
     assert [runtime_float_itemsize(p) for p in ("bfloat16", "bf16", "f16", "fp32", "as in the graph", None)] == [2, 2, 2, 4, 4, 4]

@@ -224,7 +224,7 @@ def pruned_minilm_onnx(tmp_path_factory):
     (fp32, dynamic batch/sequence, opset 17, IR 8) — the file `sparsec compile` writes."""
     import torch
 
-    from compiler.lowering import lower_model
+    from compiler.lowering.lower import lower_model
     from compiler.trace import load_and_trace
 
     ir = load_and_trace("minilm")

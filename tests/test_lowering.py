@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 
-from compiler.lowering import MODEL_FILE, explain_rejection, graph_rules, layer_nodes, lower_artifact, model_file
-from compiler.lowering_export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
-from compiler.lowering_feeds import lm_feeds, present_to_past
+from compiler.lowering.lower import MODEL_FILE, explain_rejection, graph_rules, layer_nodes, lower_artifact, model_file
+from compiler.lowering.export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
+from compiler.lowering.feeds import lm_feeds, present_to_past
 from compiler.trace import load_and_trace
 from lowering_helpers import prune_half
 

@@ -1,6 +1,6 @@
 import pytest
 
-from runtimes.membw import measure_read_bandwidth
+from runtimes.measure.membw import measure_read_bandwidth
 
 
 def test_bandwidth_probe_reports_a_plausible_rate():

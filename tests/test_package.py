@@ -18,7 +18,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from runtimes.server import wait_until_ready  # noqa: E402
+from runtimes.serve.app import wait_until_ready  # noqa: E402
 
 ROOT = "sparsec-bundle"
 
@@ -66,7 +66,7 @@ def test_bundle_holds_verified_artifact_pins_and_start_script(bundle, artifact):
             data = tar.extractfile(f"{ROOT}/artifact/{rel}").read()
             assert hashlib.sha256(data).hexdigest() == digest, rel
         assert f"{ROOT}/artifact/manifest.json" in names
-        assert f"{ROOT}/sparsec/runtimes/server.py" in names and f"{ROOT}/sparsec/compiler/cli.py" in names
+        assert f"{ROOT}/sparsec/runtimes/serve/app.py" in names and f"{ROOT}/sparsec/compiler/cli.py" in names
         assert not any("__pycache__" in n for n in names)
         dist_info = f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info"
         entry_points = tar.extractfile(f"{dist_info}/entry_points.txt").read().decode()

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from compiler.calibration import CalibrationConfig, build_calibration
-from compiler.lowering import MODEL_FILE, lower_artifact
-from compiler.lowering_feeds import graph_feeds, text_batch
-from compiler.lowering_quant import gemm_to_matmul, variants_for_scheme
+from compiler.lowering.lower import MODEL_FILE, lower_artifact
+from compiler.lowering.feeds import graph_feeds, text_batch
+from compiler.lowering.quant import gemm_to_matmul, variants_for_scheme
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
-from compiler.lowering_quant import activation_ratios
+from compiler.lowering.quant import activation_ratios
 from passes.quantization import Quantize
-from runtimes.verify import compare_outputs
+from runtimes.measure.verify import compare_outputs
 from lowering_helpers import prune_half
 
 

@@ -23,10 +23,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client", reason="the server's /metrics needs prometheus_client")
 
-from runtimes.server import wait_until_ready  # noqa: E402
-from runtimes.server_batching import DynamicBatcher, QueueFull  # noqa: E402
-from runtimes.server_generate import SamplingParams, sample  # noqa: E402
-from runtimes.server_text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
+from runtimes.serve.app import wait_until_ready  # noqa: E402
+from runtimes.serve.batching import DynamicBatcher, QueueFull  # noqa: E402
+from runtimes.serve.generation import SamplingParams, sample  # noqa: E402
+from runtimes.serve.text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
 
 COMPILE_FAST = ("--calib-samples", "4", "--calib-seqlen", "32", "--runs", "2", "--seqlen", "32")
 KEY = "test-key-123"
@@ -129,7 +129,7 @@ def test_length_buckets_bound_padding_waste():
 
 
 def test_fast_tokenizer_path_equals_the_hf_tokenizer(tiny_model_dir, minilm_dir):
-    from runtimes.server_text import load_text_model
+    from runtimes.serve.text import load_text_model
 
     texts = ["Return the sum of a and b.", "", "  spaces  ", "ünïcödé — ∑ 漢字 🙂", "word " * 600]
     for directory in (tiny_model_dir("bert"), minilm_dir):

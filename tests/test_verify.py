@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from compiler.artifact import Artifact
-from runtimes.verify import VerifyOptions, apply_gates, compare_outputs, interleaved_timing, percentiles
+from runtimes.measure.verify import VerifyOptions, apply_gates, compare_outputs, interleaved_timing, percentiles
 
 RUNS = ("--runs", "3", "--seqlen", "32")
 

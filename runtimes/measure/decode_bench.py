@@ -1,12 +1,12 @@
 """`sparsec bench ARTIFACT --decode`: greedy decode speed of a causal LM against the memory roofline.
 
 For every backend and configuration (the compiled model, dense fp32, the dense int8 forms — the
-same set `sparsec verify` compares), one decoder is loaded at a time (runtimes/decode.py), warmed
+same set `sparsec verify` compares), one decoder is loaded at a time (runtimes/decode/decoders.py), warmed
 up, then generates `new_tokens` tokens from a `prompt_len`-token prompt of real text. Per row:
-tokens/s (decode steps only), prefill ms, the weight bytes one token reads (runtimes/decode_bytes.py:
+tokens/s (decode steps only), prefill ms, the weight bytes one token reads (runtimes/decode/traffic.py:
 dense for dense kernels, non-zeros + bitmask where the backend runs sparse kernels), the achieved
 bandwidth = bytes/token × tokens/s and its fraction of the machine's streaming-read bandwidth
-(runtimes/membw.py, same thread count), peak RSS while decoding, the memory the model took at load,
+(runtimes/measure/membw.py, same thread count), peak RSS while decoding, the memory the model took at load,
 the file size on disk, and whether its greedy tokens equal those of dense fp32 on the same backend.
 """
 
@@ -22,16 +22,16 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import SparsecError
-from runtimes.decode import DecodeOptions, open_decoder
-from runtimes.decode_bytes import kv_bytes_per_token, weight_traffic
-from runtimes.decode_loop import DecodeTrace
+from runtimes.decode.decoders import DecodeOptions, open_decoder
+from runtimes.decode.traffic import kv_bytes_per_token, weight_traffic
+from runtimes.decode.loop import DecodeTrace
 
 WARMUP_TOKENS = 4
 
 
 def decode_prompt(root: Path, lowering: dict[str, Any], opts: DecodeOptions) -> tuple[np.ndarray, np.ndarray]:
     """A (1, prompt_len) prompt of real held-out text (seeded random ids without a tokenizer)."""
-    from runtimes.verify import VerifyOptions, build_inputs, max_positions
+    from runtimes.measure.verify import VerifyOptions, build_inputs, max_positions
 
     limit = max_positions(root)
     if limit and opts.prompt_len + opts.new_tokens > limit:
@@ -106,10 +106,10 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
 
 def bench_decode(root: Path, manifest: dict[str, Any], backends: tuple[str, ...], registry: Any,
                  opts: DecodeOptions, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    from compiler.lowering import dense_reference
-    from runtimes.membw import measure_read_bandwidth
+    from compiler.lowering.lower import dense_reference
+    from runtimes.measure.membw import measure_read_bandwidth
     from runtimes.registry_helpers import check_backends_available
-    from runtimes.verify import COMPILED, DENSE, model_configs
+    from runtimes.measure.verify import COMPILED, DENSE, model_configs
 
     lowering = manifest.get("lowering")
     if not lowering or lowering.get("task") != "text-generation":

@@ -1,7 +1,7 @@
 """Greedy token-by-token decode of a causal-LM graph with a KV cache — the pure loops.
 
 Stdlib + numpy only: this module is also imported inside the DeepSparse virtualenv by
-`runtimes/decode_deepsparse_worker.py`, so the engine and the loop live in one process and the cache
+`runtimes/decode/worker_deepsparse.py`, so the engine and the loop live in one process and the cache
 never crosses a pipe. The graph follows optimum's naming (`input_ids`, `attention_mask`,
 `position_ids`, `past_key_values.{i}.key/value` → `logits`, `present.{i}.key/value`).
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
-from runtimes.server_text import IncrementalDecoder, TextModel
+from runtimes.serve.text import IncrementalDecoder, TextModel
 
 MAX_INPUTS = 2048  # OpenAI's limit of inputs per embeddings request
 

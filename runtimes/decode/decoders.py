@@ -1,14 +1,14 @@
 """Token-by-token greedy decode of a lowered causal LM on each backend, with its KV cache.
 
 `open_decoder(backend, model_path, lowering, options, workdir) -> Decoder` picks the loop a backend
-runs best (the loops themselves are in runtimes/decode_loop.py):
+runs best (the loops themselves are in runtimes/decode/loop.py):
 - onnxruntime, OpenVINO (and any backend with dynamic shapes): the lowered graph as is, in this
   process, `present.*` fed back as `past_key_values.*` (`cache="dynamic"`); `cache="static"` runs
   the fixed-shape graphs below on them too (used to test the static loop against the dynamic one);
-- DeepSparse: fixed-shape graphs (runtimes/decode_static.py) — a prefill graph (prompt_len tokens
+- DeepSparse: fixed-shape graphs (runtimes/decode/static_graph.py) — a prefill graph (prompt_len tokens
   after a 1-slot dummy past) and a decode graph (1 token after `prompt_len + new_tokens − 1` past
   slots), masks for the valid slots — compiled in the DeepSparse worker process, which also runs the
-  loop (runtimes/decode_deepsparse_worker.py): the cache never crosses the pipe.
+  loop (runtimes/decode/worker_deepsparse.py): the cache never crosses the pipe.
 
 `Decoder.generate(ids, mask, new_tokens)` → `DecodeTrace` (tokens, prefill ms, per-step ms, peak
 RSS while decoding, of the process that holds the weights); `Decoder.prefill_logits` serves the
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import SparsecError
-from compiler.lowering_feeds import empty_past, kv_names
+from compiler.lowering.feeds import empty_past, kv_names
 from runtimes.base import RunnerOptions
-from runtimes.decode_loop import (DecodeTrace, greedy_dynamic, greedy_static, left_pad, rss_bytes, static_prefill_feeds,
+from runtimes.decode.loop import (DecodeTrace, greedy_dynamic, greedy_static, left_pad, rss_bytes, static_prefill_feeds,
                                   static_slots)
-from runtimes.decode_static import static_kv_graph
+from runtimes.decode.static_graph import static_kv_graph
 
 CACHES = ("auto", "dynamic", "static")
 PREFILLS = ("engine", "tokens")
@@ -126,7 +126,7 @@ class DynamicDecoder(Decoder):
                               new_tokens, tuple(stop_ids))
 
     def prefill_logits(self, ids, mask) -> np.ndarray:
-        from compiler.lowering_feeds import lm_feeds
+        from compiler.lowering.feeds import lm_feeds
 
         return self.runner.infer(lm_feeds(self.lowering, ids, mask))["logits"]
 
@@ -187,7 +187,7 @@ def open_decoder(backend: Any, model_path: Path, lowering: dict[str, Any], opts:
     kv_shapes(lowering)  # a causal LM with a KV cache, or a one-line error
     Path(workdir).mkdir(parents=True, exist_ok=True)
     if backend.name == "deepsparse":
-        from runtimes.decode_deepsparse import DeepSparseDecoder
+        from runtimes.decode.deepsparse_decoder import DeepSparseDecoder
 
         return DeepSparseDecoder(backend, Path(model_path), lowering, opts, Path(workdir))
     cls = StaticDecoder if opts.cache_for(backend.name) == "static" else DynamicDecoder

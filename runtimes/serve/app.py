@@ -6,7 +6,7 @@ POST /v1/infer (raw tensors, any artifact), GET /v1/models, /healthz, /readyz, /
 Life cycle: the CLI verifies the artifact (sha256 manifest, backend, graph, tokenizer) before binding
 the port; the runner is then built and warmed up in the background, and /readyz turns 200 when it is
 done (the /v1 routes answer 503 until then). Requests go through a bounded dynamic-batching queue
-(runtimes.server_batching). SIGTERM: uvicorn stops accepting, in-flight requests finish, the batcher
+(runtimes.serve.batching). SIGTERM: uvicorn stops accepting, in-flight requests finish, the batcher
 drains, the process exits 0.
 
 Status codes: 400 values the model cannot take (too many tokens...), 401 bad or missing API key,
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from compiler.errors import SparsecError
-from runtimes.server_batching import Done, DynamicBatcher, QueueFull, ShuttingDown
-from runtimes.server_generate import GenRequest, GenResult, SamplingParams
-from runtimes.server_metrics import ServerMetrics
-from runtimes.server_model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
-from runtimes.server_openai import (APIError, ChoiceState, CompletionRequest, EmbeddingsRequest, InferRequest,
+from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
+from runtimes.serve.generation import GenRequest, GenResult, SamplingParams
+from runtimes.serve.metrics import ServerMetrics
+from runtimes.serve.model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
+from runtimes.serve.openai_schema import (APIError, ChoiceState, CompletionRequest, EmbeddingsRequest, InferRequest,
                                     bad_request, check_lengths, chunk_body, completion_body, completion_id,
                                     embeddings_body, tokenize_inputs)
 
@@ -491,7 +491,7 @@ def _asgi_error(err: APIError):
 # -- running -------------------------------------------------------------------------------------------
 def app_from_env() -> Any:
     """uvicorn factory for `--workers N`: each worker process verifies and loads the artifact itself."""
-    from runtimes.server_model import open_artifact
+    from runtimes.serve.model import open_artifact
 
     config = ServeConfig.from_env(os.environ[CONFIG_ENV])
     return create_app(config, open_artifact(config.artifact, config.backend, config.plugins))
@@ -555,7 +555,7 @@ def serve(config: ServeConfig, target: ServeTarget) -> None:
         signal.signal(sig, lambda signum, frame: None)
     if config.workers > 1:
         os.environ[CONFIG_ENV] = config.to_env()
-        uvicorn.run("runtimes.server:app_from_env", factory=True, workers=config.workers, **common)
+        uvicorn.run("runtimes.serve.app:app_from_env", factory=True, workers=config.workers, **common)
         return
     app = create_app(config, target)
     server = uvicorn.Server(uvicorn.Config(app, **common))

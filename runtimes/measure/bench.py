@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import SparsecError
-from compiler.lowering import dense_reference
-from runtimes.verify import COMPILED, DENSE, VerifyOptions, build_inputs, measure_backend, model_configs
+from compiler.lowering.lower import dense_reference
+from runtimes.measure.verify import COMPILED, DENSE, VerifyOptions, build_inputs, measure_backend, model_configs
 
 
 def parse_positive_list(text: str, what: str) -> tuple[int, ...]:

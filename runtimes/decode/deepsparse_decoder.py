@@ -1,5 +1,5 @@
 """DeepSparse decoder: fixed-shape prefill/decode graphs compiled and run in the DeepSparse worker
-(runtimes/decode_deepsparse_worker.py), which also runs the greedy loop, so one `generate` is one
+(runtimes/decode/worker_deepsparse.py), which also runs the greedy loop, so one `generate` is one
 request. RSS figures are the worker's: it is the process that holds the weights."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.decode import DecodeOptions, Decoder, _check_prompt, kv_shapes, static_graphs
-from runtimes.decode_loop import DecodeTrace
+from runtimes.decode.decoders import DecodeOptions, Decoder, _check_prompt, kv_shapes, static_graphs
+from runtimes.decode.loop import DecodeTrace
 
-WORKER = Path(__file__).with_name("decode_deepsparse_worker.py")
+WORKER = Path(__file__).with_name("worker_deepsparse.py")
 
 
 def _deepsparse_rewrite(model: Any) -> Any:
@@ -27,7 +27,7 @@ def _deepsparse_rewrite(model: Any) -> Any:
 def _graph_facts(path: Path) -> dict[str, Any]:
     import onnx
 
-    from runtimes.decode_bytes import weight_traffic
+    from runtimes.decode.traffic import weight_traffic
     from runtimes.deepsparse_worker import graph_precision
 
     ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}

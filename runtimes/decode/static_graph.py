@@ -6,7 +6,7 @@ dimension fixed — batch 1, `input_ids`/`position_ids` (1, input_len), `attenti
 shapes re-inferred. The weights are not copied: when the source keeps them in external data, the
 copy references the same file (a symlink beside `dst`), so a 4 GB model costs no extra disk.
 DeepSparse needs two such graphs (prefill: the prompt after a 1-slot dummy past; decode: one token
-after `slots` past slots, see `runtimes.decode_loop`); a past length of 0 would leave the dimension
+after `slots` past slots, see `runtimes.decode.loop`); a past length of 0 would leave the dimension
 dynamic and disable its optimized runtime.
 """
 

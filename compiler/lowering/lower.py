@@ -7,7 +7,7 @@ Contract (relied on by compile.py, the runtimes, DeepSparse and the server):
   `torch.onnx.export(dynamo=False)` (IR 8, loadable by DeepSparse), pruning zeros kept as exact
   zeros in the initializers, weights in `model.onnx.data` beside it above 1.5 GB;
 - `root/onnx/<variant>/model.onnx`: int8 variants when the plan quantizes (`quantize` pass), each in
-  the form its backend runs fast (see compiler/lowering_quant.py): `int8-dynamic` (ORT
+  the form its backend runs fast (see compiler/lowering/quant.py): `int8-dynamic` (ORT
   MatMulInteger), `int8-qdq` (ORT static QDQ, OpenVINO), `int8-qoperator` (QLinearMatMul, DeepSparse);
 - causal LMs also get `config.json`, `generation_config.json` and the tokenizer in `root/onnx/`,
   the layout optimum's `ORTModelForCausalLM` loads (see docs/lowering.md for the optimum decision);
@@ -22,7 +22,7 @@ and returns the manifest's "lowering" section:
 
 Encoders take input_ids, attention_mask (+ token_type_ids) → last_hidden_state. Causal LMs use
 optimum's names: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits,
-present.{i}.key/value (one graph for prefill and decode). `compiler.lowering_feeds` builds feeds.
+present.{i}.key/value (one graph for prefill and decode). `compiler.lowering.feeds` builds feeds.
 
 `dense_reference(manifest, options)` lowers the *source* model (manifest `source.resolved`) into a
 cache directory outside the artifact (`$SPARSEC_CACHE_DIR` or ~/.cache/sparsec, keyed by the source
@@ -45,9 +45,9 @@ import numpy as np
 
 from compiler.errors import SparsecError
 from compiler.ir import ModelIR
-from compiler.lowering_export import (OPSET, GraphSpec, LoweringError, export_onnx, graph_spec, load_onnx,
+from compiler.lowering.export import (OPSET, GraphSpec, LoweringError, export_onnx, graph_spec, load_onnx,
                                       torch_outputs)
-from compiler.lowering_feeds import graph_feeds, lm_feeds, present_to_past, text_batch
+from compiler.lowering.feeds import graph_feeds, lm_feeds, present_to_past, text_batch
 
 MODEL_FILE = "onnx/model.onnx"
 MAX_IR_VERSION = 9  # DeepSparse loads ONNX IR <= 9
@@ -63,7 +63,7 @@ __all__ = ["lower_artifact", "lower_model", "dense_reference", "model_file", "Lo
 def lower_artifact(ir: ModelIR, dense_ir: ModelIR | None, root: Path, backends: tuple[str, ...] | list[str],
                    calib: Any = None, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Lower the compiled model (+ quant variants) into `root/onnx`; returns the manifest section."""
-    from compiler.lowering_quant import planned_scheme, write_variants
+    from compiler.lowering.quant import planned_scheme, write_variants
 
     options = options or {}
     root = Path(root)
@@ -302,7 +302,7 @@ def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[s
     Each entry of `quants` (which layers are int8, in which variants) also gets the dense model's
     int8 variants, under `quant_root(...)`."""
     from compiler.artifact import write_json
-    from compiler.lowering_quant import write_variants
+    from compiler.lowering.quant import write_variants
 
     target = dense_dir(source_sha256, options)
     if not (target / MODEL_FILE).is_file():
@@ -330,7 +330,7 @@ def quant_root(target: Path, quant: dict[str, str]) -> Path:
     """Where the dense reference's int8 variants for one set of quantized layers live in the cache."""
     import hashlib
 
-    from compiler.lowering_quant import QUANT_FORMAT
+    from compiler.lowering.quant import QUANT_FORMAT
 
     key = hashlib.sha256(json.dumps([QUANT_FORMAT, sorted(quant.items())]).encode()).hexdigest()[:12]
     return target / f"quant-{key}"
@@ -391,7 +391,7 @@ def reference_quants(plan: dict[str, Any], backends: tuple[str, ...] | list[str]
     """Which dense int8 references verification needs: the compiled plan's own quantization (same
     layers, same scheme, every variant), and the fastest known dense alternative of the backends
     (onnxruntime: int8-dynamic on every block layer, DESIGN §5)."""
-    from compiler.lowering_quant import variants_for_scheme
+    from compiler.lowering.quant import variants_for_scheme
 
     quants = []
     own = plan_quant(plan)

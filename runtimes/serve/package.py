@@ -79,7 +79,7 @@ class PackageResult:
 def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnxruntime",
                      force: bool = False) -> PackageResult:
     """Verify ARTIFACT, then write the bundle to OUT atomically."""
-    from runtimes.server_model import find_onnx
+    from runtimes.serve.model import find_onnx
 
     out = Path(out)
     if out.exists() and not force:

@@ -45,8 +45,8 @@ from typing import Any
 import numpy as np
 
 from compiler.ir import ModelIR
-from compiler.lowering_export import LoweringError, load_onnx, save_onnx
-from compiler.lowering_feeds import graph_feeds
+from compiler.lowering.export import LoweringError, load_onnx, save_onnx
+from compiler.lowering.feeds import graph_feeds
 
 SCHEMES = ("int8", "int8-dynamic")
 
@@ -221,7 +221,7 @@ def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple
 def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], scheme: str, calib: Any,
                    backends: tuple[str, ...], only: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """Write the scheme's variants under `root/onnx/<variant>/model.onnx`; returns their manifest entries."""
-    from compiler.lowering import graph_rules, layer_nodes, path_rel
+    from compiler.lowering.lower import graph_rules, layer_nodes, path_rel
 
     wanted = variants_for_scheme(scheme, backends)
     if only:  # explicit variant names (dense references): whatever the backends

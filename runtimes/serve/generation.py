@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from runtimes.server_text import pad_batch
+from runtimes.serve.text import pad_batch
 
 Infer = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")

@@ -19,8 +19,8 @@ import numpy as np
 
 from compiler.artifact import Artifact
 from compiler.errors import ArtifactError
-from runtimes.server_generate import PAST, GenRequest, GenResult, KVLayout, SamplingParams, generate
-from runtimes.server_text import TextModel, length_buckets, load_text_model, pad_batch, pool
+from runtimes.serve.generation import PAST, GenRequest, GenResult, KVLayout, SamplingParams, generate
+from runtimes.serve.text import TextModel, length_buckets, load_text_model, pad_batch, pool
 
 TASK_EMBEDDINGS = "embeddings"
 TASK_COMPLETIONS = "completions"

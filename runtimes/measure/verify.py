@@ -33,8 +33,8 @@ from typing import Any, Callable
 import numpy as np
 
 from compiler.errors import SparsecError
-from compiler.lowering import MODEL_FILE, dense_reference, dense_variant_files, file_sizes, model_file, reference_quants
-from compiler.lowering_feeds import graph_feeds, long_texts, text_batch
+from compiler.lowering.lower import MODEL_FILE, dense_reference, dense_variant_files, file_sizes, model_file, reference_quants
+from compiler.lowering.feeds import graph_feeds, long_texts, text_batch
 from runtimes.base import Runner, RunnerOptions
 
 COMPILED = "compiled"
@@ -233,9 +233,9 @@ def model_configs(root: Path, manifest: dict[str, Any], backend: str, dense_root
 def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, Any], inputs: InputSet,
                     opts: VerifyOptions, workdir: Path) -> dict[str, Any]:
     """Build every configuration on `backend`, compare outputs with dense fp32, time them interleaved.
-    Causal LMs go through the decoders (prefill + greedy decode, runtimes/decode_verify.py)."""
+    Causal LMs go through the decoders (prefill + greedy decode, runtimes/measure/decode_verify.py)."""
     if lowering["task"] == "text-generation":
-        from runtimes.decode_verify import measure_lm_backend
+        from runtimes.measure.decode_verify import measure_lm_backend
 
         return measure_lm_backend(backend, configs, lowering, inputs, opts, workdir)
     ropts = opts.runner_options()

@@ -1,7 +1,7 @@
-"""Verification of causal LMs through the decoders (runtimes/decode.py), on every backend — DeepSparse
+"""Verification of causal LMs through the decoders (runtimes/decode/decoders.py), on every backend — DeepSparse
 included, whose engines need the fixed-shape graphs only the decoders build.
 
-`measure_lm_backend` returns what `runtimes.verify.measure_backend` returns, per configuration:
+`measure_lm_backend` returns what `runtimes.measure.verify.measure_backend` returns, per configuration:
 - accuracy: prefill logits of every accuracy row (its valid tokens) vs dense fp32 on the same backend;
 - `prefill`: time to the first token at batch 1 (`seqlen` prompt tokens), interleaved over configurations;
 - `decode`: `decode_tokens` greedy tokens after that prompt, `min(runs, 3)` interleaved rounds:
@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from runtimes.decode import DecodeOptions, Decoder, open_decoder
-from runtimes.decode_bench import tokens_per_s
+from runtimes.decode.decoders import DecodeOptions, Decoder, open_decoder
+from runtimes.measure.decode_bench import tokens_per_s
 
 DECODE_ROUNDS = 3
 
@@ -32,7 +32,7 @@ def _rows(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: str) -> dict[str, dict[str, Any]]:
-    from runtimes.verify import compare_outputs, merge_accuracy
+    from runtimes.measure.verify import compare_outputs, merge_accuracy
 
     parts: dict[str, list[dict[str, Any]]] = {label: [] for label in decoders if label != reference}
     for feeds, _ in inputs.accuracy:
@@ -46,7 +46,7 @@ def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: s
 
 def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
                    rounds: int) -> dict[str, dict[str, Any]]:
-    from runtimes.verify import percentiles
+    from runtimes.measure.verify import percentiles
 
     labels = list(decoders)
     steps: dict[str, list[float]] = {label: [] for label in labels}
@@ -65,7 +65,7 @@ def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarr
 
 def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, Any], inputs: Any, opts: Any,
                        workdir: Path) -> dict[str, Any]:
-    from runtimes.verify import DENSE, interleaved_timing, percentiles
+    from runtimes.measure.verify import DENSE, interleaved_timing, percentiles
 
     ids, mask = _rows({k: v[:1] for k, v in inputs.timing.items()})[0]
     dopts = DecodeOptions(prompt_len=inputs.seqlen, new_tokens=opts.decode_tokens, threads=opts.threads)

@@ -1,7 +1,7 @@
 """DeepSparse decode worker: runs INSIDE the DeepSparse virtualenv, like runtimes/deepsparse_worker.py
-(same protocol, same `main`), with the greedy loop of runtimes/decode_loop.py in-process so the KV
-cache never crosses the pipe. Imports only the stdlib, numpy, deepsparse and those two sibling
-modules (put on sys.path from this file's directory: `python -I` does not add it).
+(same protocol, same `main`), with the greedy loop of runtimes/decode/loop.py in-process so the KV
+cache never crosses the pipe. Imports only the stdlib, numpy, deepsparse and those two
+modules (their directories put on sys.path from this file's location: `python -I` does not add them).
 
 Ops (besides `close`):
   {"op": "load", "decode_model": PATH, "prefill_model": PATH | null, "slots": S, "prefill_len": P,
@@ -23,11 +23,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # runtimes/decode/ (loop.py), runtimes/ (deepsparse_worker.py)
 
 import numpy as np  # noqa: E402
 
-from decode_loop import greedy_static, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
+from loop import greedy_static, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
 from deepsparse_worker import Worker, main  # noqa: E402
 
 
