@@ -24,6 +24,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+	# sparsec's own CPU kernels (torch C++ extension, runtimes/kernels): a no-op when already built for these sources
+	$(PY) -m runtimes.kernels.build
 
 # The main job: the real pretrained MiniLM, 70% sparse (auto allocation: uniform, OWL, AlphaPruning and
 # depth ramps scored on held-out calibration text) + Wanda + int8, lowered to onnxruntime and DeepSparse

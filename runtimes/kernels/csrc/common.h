@@ -1,0 +1,83 @@
+// Plain-C argument blocks shared by the ISA-specific kernel files and the torch glue (ops.cpp).
+//
+// Why plain structs and no std:: here: kernels_avx2.cpp / kernels_avx512.cpp are compiled under
+// `#pragma GCC target(...)`; any inline function from a shared header instantiated there could be
+// merged by the linker with the baseline copy and then run on a CPU without those instructions.
+// So the ISA files use only intrinsics and their own functions with internal linkage, and expose
+// exactly the entry points declared below.
+//
+// Packed sparse format of one Linear weight W (N out x K in), see docs/kernels.md:
+//   kc        = ceil(K / 64) chunks of 64 input columns per row
+//   masks     uint64 [N * kc]   bit j of masks[n*kc + c] <=> W[n, 64c + j] != 0
+//   row_ptr   int64  [N + 1]    first packed value of row n (values are row-major, chunk, bit order)
+//   values    int8 / fp32 [nnz + 64 padding]  the non-zeros, contiguous
+//   scales    fp32 [N]          int8 only: W[n, k] = scales[n] * q[n, k]
+//   rowsum    int32 [N]         int8 only: sum_k q[n, k]  (the +128 compensation of u8 x s8 VNNI)
+// Dense int8 (the same-family baseline): q int8 [N * kp] with kp = 64 * kc (zero padded), scales, rowsum.
+#pragma once
+#include <cstdint>
+
+namespace sparsec {
+
+struct SparseI8 {
+  const uint64_t* masks;
+  const int64_t* row_ptr;
+  const int8_t* values;
+  const int32_t* rowsum;
+  int64_t n, k, kc;
+};
+
+struct SparseF32 {
+  const uint64_t* masks;
+  const int64_t* row_ptr;
+  const float* values;
+  int64_t n, k, kc;
+};
+
+struct DenseI8 {
+  const int8_t* q;  // [n * kc * 64]
+  const int32_t* rowsum;
+  int64_t n, k, kc;
+};
+
+// Activations for the int8 kernels: m tokens, each quantized to int8 and stored twice so every ISA
+// finds its preferred form: xu = xq + 128 as uint8 (VNNI u8 x s8), xs = xq as int16 (AVX2 madd).
+// Both are padded with zeros of their form (128 / 0) to kp = 64 * kc columns.
+struct ActI8 {
+  const uint8_t* xu;  // [m * kp]
+  const int16_t* xs;  // [m * kp]
+  int64_t m, kp;
+};
+
+// fp32 activations padded with zeros to kp columns: [m * kp].
+struct ActF32 {
+  const float* x;
+  int64_t m, kp;
+};
+
+// Each kernel computes rows [n0, n1) for all m tokens. int8 kernels write exact int32 dot products
+// sum_k xq[t,k] * q[n,k] to acc[t * n_total + n]; fp32 kernels write y[t * n_total + n].
+typedef void (*SparseI8Fn)(const SparseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
+typedef void (*SparseF32Fn)(const SparseF32&, const ActF32&, int64_t n0, int64_t n1, float* y);
+typedef void (*DenseI8Fn)(const DenseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
+
+struct KernelTable {
+  const char* name;
+  SparseI8Fn sparse_i8;
+  SparseF32Fn sparse_f32;
+  DenseI8Fn dense_i8;
+};
+
+KernelTable portable_kernels();
+KernelTable avx2_kernels();
+KernelTable avx512_kernels();
+
+// AVX2 expansion tables (built once by the baseline code, read by kernels_avx2.cpp):
+// shuffle index for pshufb: byte i of expand8_idx[m] = rank of bit i in m, or 0x80 if bit i is clear.
+extern uint64_t expand8_idx[256];
+// vpermps index for 8 floats: lane i takes packed element rank(i); expand8_keep[m] lane i = -1 if bit set.
+extern int32_t expand8_perm[256][8];
+extern int32_t expand8_keep[256][8];
+void init_tables();
+
+}  // namespace sparsec

@@ -1,0 +1,186 @@
+// AVX2 + FMA kernels: for x86 CPUs without AVX-512 (Haswell .. Alder Lake, Zen 1-3).
+//
+// AVX2 has no expand instruction, so expansion is table-driven: each mask byte indexes a pshufb
+// control (int8) or a vpermps index + keep mask (fp32) built once in init_tables(). int8 products use
+// sign-extended int16 activations and vpmaddwd (exact; the u8 x s8 vpmaddubsw would saturate).
+// Everything here has internal linkage (see common.h for why).
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+
+namespace sparsec {
+namespace {
+
+__attribute__((always_inline)) inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((always_inline)) inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 16 packed int8 values at p expanded under the 16 mask bits m16 into 16 int16 lanes; advances p.
+__attribute__((always_inline)) inline __m256i expand16_i8(const int8_t*& p, unsigned m16) {
+  const unsigned b0 = m16 & 0xffu, b1 = m16 >> 8;
+  const int c0 = _mm_popcnt_u32(b0);
+  const __m128i ctl = _mm_set_epi64x((long long)(expand8_idx[b1] + (uint64_t)c0 * 0x0101010101010101ull),
+                                     (long long)expand8_idx[b0]);
+  const __m128i v = _mm_loadu_si128((const __m128i*)p);
+  p += c0 + _mm_popcnt_u32(b1);
+  return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(v, ctl));
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t n, int64_t t,
+                                                   int32_t* acc) {
+  __m256i s[R][T];
+  const int8_t* p[R];
+  const uint64_t* mk[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    p[r] = w.values + w.row_ptr[n + r];
+    mk[r] = w.masks + (n + r) * w.kc;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_si256();
+  }
+  const int16_t* x = a.xs + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    uint64_t m[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      __m256i wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = expand16_i8(p[r], (unsigned)(m[r] >> (16 * g)) & 0xffffu);
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + c * 64 + 16 * g));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) s[r][u] = _mm256_add_epi32(s[r][u], _mm256_madd_epi16(wv[r], xv));
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_epi32(s[r][u]);
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI8& a, int64_t n, int64_t t,
+                                                   int32_t* acc) {
+  __m256i s[R][T];
+  const int64_t kp = w.kc * 64;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_si256();
+  const int16_t* x = a.xs + t * a.kp;
+  const int8_t* q = w.q + n * kp;
+  for (int64_t k = 0; k < kp; k += 16) {
+    __m256i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(q + r * kp + k)));
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + k));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r][u] = _mm256_add_epi32(s[r][u], _mm256_madd_epi16(wv[r], xv));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_epi32(s[r][u]);
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t n, int64_t t,
+                                                    float* y) {
+  __m256 s[R][T];
+  const float* p[R];
+  const uint64_t* mk[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    p[r] = w.values + w.row_ptr[n + r];
+    mk[r] = w.masks + (n + r) * w.kc;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
+  }
+  const float* x = a.x + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    uint64_t m[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
+#pragma GCC unroll 8
+    for (int g = 0; g < 8; ++g) {
+      __m256 wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const unsigned b = (unsigned)(m[r] >> (8 * g)) & 0xffu;
+        const __m256 v = _mm256_loadu_ps(p[r]);
+        const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
+        const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
+        wv[r] = _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep);
+        p[r] += _mm_popcnt_u32(b);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        const __m256 xv = _mm256_loadu_ps(x + u * a.kp + c * 64 + 8 * g);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) s[r][u] = _mm256_fmadd_ps(wv[r], xv, s[r][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = hsum_ps(s[r][u]);
+}
+
+#define SPARSEC_TOKEN_SWITCH(TILE, R, W, A, N, T, OUT, COUNT) \
+  switch (COUNT) {                                           \
+    case 1: TILE<R, 1>(W, A, N, T, OUT); break;              \
+    case 2: TILE<R, 2>(W, A, N, T, OUT); break;              \
+    case 3: TILE<R, 3>(W, A, N, T, OUT); break;              \
+    default: TILE<R, 4>(W, A, N, T, OUT); break;             \
+  }
+
+#define SPARSEC_DRIVER(NAME, TILE, WT, AT, OT)                                           \
+  void NAME(const WT& w, const AT& a, int64_t n0, int64_t n1, OT* out) {                 \
+    if (a.m == 1) {                                                                      \
+      int64_t n = n0;                                                                    \
+      for (; n + 4 <= n1; n += 4) TILE<4, 1>(w, a, n, 0, out);                           \
+      for (; n < n1; ++n) TILE<1, 1>(w, a, n, 0, out);                                   \
+      return;                                                                            \
+    }                                                                                    \
+    for (int64_t t = 0; t < a.m; t += 4) {                                               \
+      const int64_t cnt = a.m - t < 4 ? a.m - t : 4;                                     \
+      int64_t n = n0;                                                                    \
+      for (; n + 2 <= n1; n += 2) SPARSEC_TOKEN_SWITCH(TILE, 2, w, a, n, t, out, cnt)    \
+      for (; n < n1; ++n) SPARSEC_TOKEN_SWITCH(TILE, 1, w, a, n, t, out, cnt)            \
+    }                                                                                    \
+  }
+
+SPARSEC_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
+SPARSEC_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_DRIVER(dense_i8_avx2, di8_tile, DenseI8, ActI8, int32_t)
+
+}  // namespace
+}  // namespace sparsec
+
+#pragma GCC pop_options
+
+namespace sparsec {
+KernelTable avx2_kernels() { return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2}; }
+}  // namespace sparsec

@@ -1,0 +1,175 @@
+// AVX-512 kernels (F/BW/VL/VBMI2/VNNI): the fast path on Zen 4 and Intel Ice Lake and later.
+//
+// One 64-weight chunk of one row costs: a 64-byte load of the packed values, `vpexpandb` in its
+// register form (the memory form is slower on Zen 4, see issue 12), one `vpdpbusd` per token, and a
+// popcount to advance the row's pointer. Several rows share each activation load (R rows per pass)
+// and several tokens share each expanded chunk (T tokens, the small-M GEMM), so the expansion is paid
+// once per chunk per T tokens. Everything here has internal linkage (see common.h for why).
+#include <immintrin.h>
+
+#include "common.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512dq,popcnt,bmi,bmi2,fma,avx2")
+
+namespace sparsec {
+namespace {
+
+// Keep v in a register: stops the compiler from folding the load into vpexpandb's (slower) memory form.
+#define SPARSEC_IN_REG(v) __asm__("" : "+v"(v))
+
+template <int R, int T>
+__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t n, int64_t t,
+                                                   int32_t* acc) {
+  __m512i s[R][T];
+  const int8_t* p[R];
+  const uint64_t* mk[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    p[r] = w.values + w.row_ptr[n + r];
+    mk[r] = w.masks + (n + r) * w.kc;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_si512();
+  }
+  const uint8_t* x = a.xu + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const uint64_t m = mk[r][c];
+      __m512i v = _mm512_loadu_si512((const void*)p[r]);
+      SPARSEC_IN_REG(v);
+      wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, v);
+      p[r] += _mm_popcnt_u64(m);
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r][u] = _mm512_dpbusd_epi32(s[r][u], xv, wv[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u)
+      acc[(t + u) * w.n + n + r] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n + r];
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI8& a, int64_t n, int64_t t,
+                                                   int32_t* acc) {
+  __m512i s[R][T];
+  const int64_t kp = w.kc * 64;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_si512();
+  const uint8_t* x = a.xu + t * a.kp;
+  const int8_t* q = w.q + n * kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_loadu_si512((const void*)(q + r * kp + c * 64));
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r][u] = _mm512_dpbusd_epi32(s[r][u], xv, wv[r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u)
+      acc[(t + u) * w.n + n + r] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n + r];
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t n, int64_t t,
+                                                    float* y) {
+  __m512 s[R][T];
+  const float* p[R];
+  const uint64_t* mk[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    p[r] = w.values + w.row_ptr[n + r];
+    mk[r] = w.masks + (n + r) * w.kc;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
+  }
+  const float* x = a.x + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    uint64_t m[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
+#pragma GCC unroll 4
+    for (int h = 0; h < 4; ++h) {
+      __m512 wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const unsigned mm = (unsigned)(m[r] >> (16 * h)) & 0xffffu;
+        __m512 v = _mm512_loadu_ps(p[r]);
+        SPARSEC_IN_REG(v);
+        wv[r] = _mm512_maskz_expand_ps((__mmask16)mm, v);
+        p[r] += _mm_popcnt_u32(mm);
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        const __m512 xv = _mm512_loadu_ps(x + u * a.kp + c * 64 + 16 * h);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) s[r][u] = _mm512_fmadd_ps(wv[r], xv, s[r][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = _mm512_reduce_add_ps(s[r][u]);
+}
+
+// Row/token tiling shared by the three kernels: R rows per pass at batch 1 (activation loads shared),
+// R2 rows x up to 8 tokens per pass for M > 1 (each expanded chunk reused by 8 tokens).
+#define SPARSEC_TOKEN_SWITCH(TILE, R, W, A, N, T, OUT, COUNT) \
+  switch (COUNT) {                                           \
+    case 1: TILE<R, 1>(W, A, N, T, OUT); break;              \
+    case 2: TILE<R, 2>(W, A, N, T, OUT); break;              \
+    case 3: TILE<R, 3>(W, A, N, T, OUT); break;              \
+    case 4: TILE<R, 4>(W, A, N, T, OUT); break;              \
+    case 5: TILE<R, 5>(W, A, N, T, OUT); break;              \
+    case 6: TILE<R, 6>(W, A, N, T, OUT); break;              \
+    case 7: TILE<R, 7>(W, A, N, T, OUT); break;              \
+    default: TILE<R, 8>(W, A, N, T, OUT); break;             \
+  }
+
+#define SPARSEC_DRIVER(NAME, TILE, WT, AT, OT)                                           \
+  void NAME(const WT& w, const AT& a, int64_t n0, int64_t n1, OT* out) {                 \
+    if (a.m == 1) {                                                                      \
+      int64_t n = n0;                                                                    \
+      for (; n + 4 <= n1; n += 4) TILE<4, 1>(w, a, n, 0, out);                           \
+      for (; n < n1; ++n) TILE<1, 1>(w, a, n, 0, out);                                   \
+      return;                                                                            \
+    }                                                                                    \
+    for (int64_t t = 0; t < a.m; t += 8) {                                               \
+      const int64_t cnt = a.m - t < 8 ? a.m - t : 8;                                     \
+      int64_t n = n0;                                                                    \
+      for (; n + 2 <= n1; n += 2) SPARSEC_TOKEN_SWITCH(TILE, 2, w, a, n, t, out, cnt)    \
+      for (; n < n1; ++n) SPARSEC_TOKEN_SWITCH(TILE, 1, w, a, n, t, out, cnt)            \
+    }                                                                                    \
+  }
+
+SPARSEC_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
+SPARSEC_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
+
+}  // namespace
+}  // namespace sparsec
+
+#pragma GCC pop_options
+
+namespace sparsec {
+// Compiled for the baseline ISA: callable (and called) on every CPU; only the kernels need AVX-512.
+KernelTable avx512_kernels() {
+  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512};
+}
+}  // namespace sparsec

@@ -1,0 +1,97 @@
+// Portable C++ kernels: the reference path every CPU runs (and CI forces with SPARSEC_KERNEL_ISA=portable).
+// They walk the set bits of each 64-bit mask; results are exact int32 (int8) or fp32 sums in
+// column order, against which the vector paths are tested.
+#include "common.h"
+
+namespace sparsec {
+
+uint64_t expand8_idx[256];
+int32_t expand8_perm[256][8];
+int32_t expand8_keep[256][8];
+
+void init_tables() {
+  for (int m = 0; m < 256; ++m) {
+    uint64_t idx = 0;
+    int rank = 0;
+    for (int i = 0; i < 8; ++i) {
+      uint64_t b;
+      if (m & (1 << i)) {
+        b = (uint64_t)rank;
+        expand8_perm[m][i] = rank;
+        expand8_keep[m][i] = -1;
+        ++rank;
+      } else {
+        b = 0x80;
+        expand8_perm[m][i] = 0;
+        expand8_keep[m][i] = 0;
+      }
+      idx |= b << (8 * i);
+    }
+    expand8_idx[m] = idx;
+  }
+}
+
+namespace {
+
+void sparse_i8_portable(const SparseI8& w, const ActI8& a, int64_t n0, int64_t n1, int32_t* acc) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* mrow = w.masks + n * w.kc;
+    for (int64_t t = 0; t < a.m; ++t) {
+      const int16_t* x = a.xs + t * a.kp;
+      const int8_t* v = w.values + w.row_ptr[n];
+      int32_t s = 0;
+      for (int64_t c = 0; c < w.kc; ++c) {
+        uint64_t m = mrow[c];
+        const int16_t* xc = x + c * 64;
+        while (m) {
+          int j = __builtin_ctzll(m);
+          s += (int32_t)xc[j] * (int32_t)(*v++);
+          m &= m - 1;
+        }
+      }
+      acc[t * w.n + n] = s;
+    }
+  }
+}
+
+void sparse_f32_portable(const SparseF32& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint64_t* mrow = w.masks + n * w.kc;
+    for (int64_t t = 0; t < a.m; ++t) {
+      const float* x = a.x + t * a.kp;
+      const float* v = w.values + w.row_ptr[n];
+      float s = 0.f;
+      for (int64_t c = 0; c < w.kc; ++c) {
+        uint64_t m = mrow[c];
+        const float* xc = x + c * 64;
+        while (m) {
+          int j = __builtin_ctzll(m);
+          s += xc[j] * (*v++);
+          m &= m - 1;
+        }
+      }
+      y[t * w.n + n] = s;
+    }
+  }
+}
+
+void dense_i8_portable(const DenseI8& w, const ActI8& a, int64_t n0, int64_t n1, int32_t* acc) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* q = w.q + n * kp;
+    for (int64_t t = 0; t < a.m; ++t) {
+      const int16_t* x = a.xs + t * a.kp;
+      int32_t s = 0;
+      for (int64_t k = 0; k < kp; ++k) s += (int32_t)x[k] * (int32_t)q[k];
+      acc[t * w.n + n] = s;
+    }
+  }
+}
+
+}  // namespace
+
+KernelTable portable_kernels() {
+  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable};
+}
+
+}  // namespace sparsec

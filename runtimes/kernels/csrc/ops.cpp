@@ -1,0 +1,352 @@
+// Torch glue: registers the sparsec::* operators (TORCH_LIBRARY, so they are ordinary torch ops that
+// torch.compile can see), chooses the kernel ISA at run time, quantizes activations, threads over
+// output rows with at::parallel_for (torch's own intra-op pool) and applies the fp32 epilogue.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace sparsec {
+namespace {
+
+// Rows per parallel work item: a multiple of every kernel's row tile (4 at batch 1, 2 for M > 1).
+constexpr int64_t kRowBlock = 16;
+// Above this many tokens the fp32 path densifies the weight once per call and calls torch's GEMM:
+// compute-bound there, and MKL's sgemm beats expand + FMA (docs/kernels.md).
+constexpr int64_t kDensifyM = 32;
+
+bool cpu_has(const std::string& isa) {
+  __builtin_cpu_init();
+  if (isa == "portable") return true;
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq");
+  return false;
+}
+
+KernelTable table_for(const std::string& isa) {
+  if (isa == "avx512") return avx512_kernels();
+  if (isa == "avx2") return avx2_kernels();
+  return portable_kernels();
+}
+
+std::vector<std::string> available() {
+  std::vector<std::string> out;
+  for (const char* name : {"avx512", "avx2", "portable"})
+    if (cpu_has(name)) out.emplace_back(name);
+  return out;
+}
+
+std::mutex g_mu;
+bool g_ready = false;
+KernelTable g_table;
+
+void select(const std::string& isa) {
+  TORCH_CHECK(isa == "portable" || isa == "avx2" || isa == "avx512",
+              "error: unknown kernel ISA '", isa, "' (known: avx512, avx2, portable)");
+  TORCH_CHECK(cpu_has(isa), "error: this CPU cannot run the '", isa, "' kernels (available: ",
+              c10::Join(", ", available()), ")");
+  g_table = table_for(isa);
+  g_ready = true;
+}
+
+const KernelTable& kernels() {
+  std::lock_guard<std::mutex> lock(g_mu);
+  if (!g_ready) {
+    init_tables();
+    const char* env = std::getenv("SPARSEC_KERNEL_ISA");
+    if (env && *env) {
+      select(std::string(env));
+    } else {
+      select(available().front());
+    }
+  }
+  return g_table;
+}
+
+std::string current_isa() { return kernels().name; }
+
+void set_isa(std::string isa) {
+  kernels();
+  std::lock_guard<std::mutex> lock(g_mu);
+  select(isa);
+}
+
+std::vector<std::string> available_isas() { return available(); }
+
+// ---- activations ------------------------------------------------------------------------------
+
+struct I8Acts {
+  at::Tensor xu, xs, scale;  // [m, kp] uint8, [m, kp] int16, [m] fp32
+};
+
+// Per-token symmetric int8: scale = max|x| / 127, xq = round-half-even(x / scale) clamped to +-127.
+I8Acts quantize_rows(const at::Tensor& x2, int64_t kp) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  auto xf = x2.to(at::kFloat).contiguous();
+  I8Acts a{at::full({m, kp}, 128, x2.options().dtype(at::kByte)), at::zeros({m, kp}, x2.options().dtype(at::kShort)),
+           at::empty({m}, x2.options().dtype(at::kFloat))};
+  const float* src = xf.data_ptr<float>();
+  uint8_t* xu = a.xu.data_ptr<uint8_t>();
+  int16_t* xs = a.xs.data_ptr<int16_t>();
+  float* sc = a.scale.data_ptr<float>();
+  for (int64_t t = 0; t < m; ++t) {
+    const float* row = src + t * k;
+    float amax = 0.f;
+    for (int64_t j = 0; j < k; ++j) amax = std::fmax(amax, std::fabs(row[j]));
+    const float s = amax / 127.f;
+    sc[t] = s;
+    if (s == 0.f) continue;
+    for (int64_t j = 0; j < k; ++j) {
+      float q = std::nearbyint(row[j] / s);
+      q = std::fmin(127.f, std::fmax(-127.f, q));
+      xu[t * kp + j] = (uint8_t)((int)q + 128);
+      xs[t * kp + j] = (int16_t)q;
+    }
+  }
+  return a;
+}
+
+// Already-quantized int8 activations (the exact-accumulation test ops).
+I8Acts widen_rows(const at::Tensor& xq, int64_t kp) {
+  TORCH_CHECK(xq.scalar_type() == at::kChar, "error: quantized activations must be int8");
+  const int64_t m = xq.size(0), k = xq.size(1);
+  auto xc = xq.contiguous();
+  I8Acts a{at::full({m, kp}, 128, xq.options().dtype(at::kByte)), at::zeros({m, kp}, xq.options().dtype(at::kShort)),
+           at::ones({m}, xq.options().dtype(at::kFloat))};
+  const int8_t* src = xc.data_ptr<int8_t>();
+  uint8_t* xu = a.xu.data_ptr<uint8_t>();
+  int16_t* xs = a.xs.data_ptr<int16_t>();
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      xu[t * kp + j] = (uint8_t)((int)src[t * k + j] + 128);
+      xs[t * kp + j] = src[t * k + j];
+    }
+  return a;
+}
+
+at::Tensor pad_f32(const at::Tensor& x2, int64_t kp) {
+  auto xf = x2.to(at::kFloat).contiguous();
+  if (xf.size(1) == kp) return xf;
+  auto out = at::zeros({xf.size(0), kp}, xf.options());
+  out.narrow(1, 0, xf.size(1)).copy_(xf);
+  return out;
+}
+
+// ---- argument checks ------------------------------------------------------------------------------
+
+int64_t check_sparse(const at::Tensor& masks, const at::Tensor& row_ptr, const at::Tensor& values, int64_t n,
+                     int64_t k, at::ScalarType vdtype) {
+  TORCH_CHECK(n > 0, "error: out_features must be > 0");
+  const int64_t kc = (k + 63) / 64;
+  TORCH_CHECK(masks.scalar_type() == at::kLong && masks.is_contiguous() && masks.numel() == n * kc,
+              "error: masks must be contiguous int64 [", n, " x ", kc, "], got ", masks.sizes());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.is_contiguous() && row_ptr.numel() == n + 1,
+              "error: row_ptr must be contiguous int64 [", n + 1, "]");
+  TORCH_CHECK(values.scalar_type() == vdtype && values.is_contiguous(), "error: values must be contiguous ",
+              c10::toString(vdtype));
+  const int64_t pad = vdtype == at::kChar ? 64 : 16;
+  const int64_t nnz = row_ptr.data_ptr<int64_t>()[n];
+  TORCH_CHECK(values.numel() >= nnz + pad, "error: values must hold nnz + ", pad, " padding elements (",
+              values.numel(), " < ", nnz + pad, ")");
+  return kc;
+}
+
+void check_vec(const at::Tensor& t, int64_t n, at::ScalarType dt, const char* what) {
+  TORCH_CHECK(t.scalar_type() == dt && t.is_contiguous() && t.numel() == n, "error: ", what, " must be contiguous ",
+              c10::toString(dt), " [", n, "]");
+}
+
+template <class F>
+void over_rows(int64_t n, const F& f) {
+  const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    f(b0 * kRowBlock, std::min(n, b1 * kRowBlock));
+  });
+}
+
+at::Tensor epilogue_shape(const at::Tensor& x, at::Tensor y2, int64_t n) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = n;
+  return y2.view(sizes);
+}
+
+// ---- int8 ---------------------------------------------------------------------------------------
+
+at::Tensor sparse_i8_acc(const at::Tensor& xq, const at::Tensor& masks, const at::Tensor& row_ptr,
+                         const at::Tensor& values, const at::Tensor& rowsum, int64_t n) {
+  TORCH_CHECK(xq.dim() == 2, "error: xq must be [tokens, in_features]");
+  const int64_t k = xq.size(1), kc = check_sparse(masks, row_ptr, values, n, k, at::kChar);
+  check_vec(rowsum, n, at::kInt, "rowsum");
+  const auto& kt = kernels();
+  I8Acts a = widen_rows(xq, kc * 64);
+  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
+             rowsum.data_ptr<int32_t>(), n, k, kc};
+  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), xq.size(0), kc * 64};
+  auto acc = at::empty({xq.size(0), n}, xq.options().dtype(at::kInt));
+  int32_t* out = acc.data_ptr<int32_t>();
+  over_rows(n, [&](int64_t n0, int64_t n1) { kt.sparse_i8(w, act, n0, n1, out); });
+  return acc;
+}
+
+at::Tensor dense_i8_acc(const at::Tensor& xq, const at::Tensor& q, const at::Tensor& rowsum, int64_t n) {
+  TORCH_CHECK(xq.dim() == 2, "error: xq must be [tokens, in_features]");
+  const int64_t k = xq.size(1), kc = (k + 63) / 64;
+  check_vec(q, n * kc * 64, at::kChar, "q (padded to 64 columns)");
+  check_vec(rowsum, n, at::kInt, "rowsum");
+  const auto& kt = kernels();
+  I8Acts a = widen_rows(xq, kc * 64);
+  DenseI8 w{q.data_ptr<int8_t>(), rowsum.data_ptr<int32_t>(), n, k, kc};
+  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), xq.size(0), kc * 64};
+  auto acc = at::empty({xq.size(0), n}, xq.options().dtype(at::kInt));
+  int32_t* out = acc.data_ptr<int32_t>();
+  over_rows(n, [&](int64_t n0, int64_t n1) { kt.dense_i8(w, act, n0, n1, out); });
+  return acc;
+}
+
+// y[t, n] = acc[t, n] * sx[t] * sw[n] + bias[n], for the rows [n0, n1) a worker just computed.
+void i8_epilogue(const int32_t* acc, const float* sx, const float* sw, const float* bias, int64_t m, int64_t n,
+                 int64_t n0, int64_t n1, float* y) {
+  for (int64_t t = 0; t < m; ++t)
+    for (int64_t j = n0; j < n1; ++j)
+      y[t * n + j] = (float)acc[t * n + j] * (sx[t] * sw[j]) + (bias ? bias[j] : 0.f);
+}
+
+template <class RunRows>
+at::Tensor i8_linear(const at::Tensor& x, int64_t k, int64_t kc, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, int64_t n, const RunRows& run) {
+  check_vec(scales, n, at::kFloat, "scales");
+  if (bias) check_vec(*bias, n, at::kFloat, "bias");
+  auto x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  I8Acts a = quantize_rows(x2, kc * 64);
+  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), m, kc * 64};
+  auto acc = at::empty({m, n}, x.options().dtype(at::kInt));
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  int32_t* accp = acc.data_ptr<int32_t>();
+  float* yp = y.data_ptr<float>();
+  const float* sx = a.scale.data_ptr<float>();
+  const float* sw = scales.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  over_rows(n, [&](int64_t n0, int64_t n1) {
+    run(act, n0, n1, accp);
+    i8_epilogue(accp, sx, sw, bp, m, n, n0, n1, yp);
+  });
+  return epilogue_shape(x, y, n);
+}
+
+at::Tensor sparse_linear_i8(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& row_ptr,
+                            const at::Tensor& values, const at::Tensor& scales, const at::Tensor& rowsum,
+                            const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1), kc = check_sparse(masks, row_ptr, values, n, k, at::kChar);
+  check_vec(rowsum, n, at::kInt, "rowsum");
+  const auto& kt = kernels();
+  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
+             rowsum.data_ptr<int32_t>(), n, k, kc};
+  return i8_linear(x, k, kc, scales, bias, n,
+                   [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.sparse_i8(w, act, n0, n1, acc); });
+}
+
+at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                           const at::Tensor& rowsum, const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1), kc = (k + 63) / 64;
+  check_vec(q, n * kc * 64, at::kChar, "q (padded to 64 columns)");
+  check_vec(rowsum, n, at::kInt, "rowsum");
+  const auto& kt = kernels();
+  DenseI8 w{q.data_ptr<int8_t>(), rowsum.data_ptr<int32_t>(), n, k, kc};
+  return i8_linear(x, k, kc, scales, bias, n,
+                   [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.dense_i8(w, act, n0, n1, acc); });
+}
+
+// ---- fp32 ---------------------------------------------------------------------------------------
+
+// The dense [n, k] matrix of a packed fp32 weight (used only above kDensifyM tokens and by tests).
+at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& row_ptr, const at::Tensor& values, int64_t n,
+                       int64_t k) {
+  const int64_t kc = check_sparse(masks, row_ptr, values, n, k, at::kFloat);
+  auto out = at::zeros({n, k}, values.options());
+  float* o = out.data_ptr<float>();
+  const uint64_t* mk = (const uint64_t*)masks.data_ptr<int64_t>();
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  over_rows(n, [&](int64_t n0, int64_t n1) {
+    for (int64_t r = n0; r < n1; ++r) {
+      const float* p = v + rp[r];
+      for (int64_t c = 0; c < kc; ++c) {
+        uint64_t m = mk[r * kc + c];
+        while (m) {
+          o[r * k + c * 64 + __builtin_ctzll(m)] = *p++;
+          m &= m - 1;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& row_ptr,
+                             const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1), kc = check_sparse(masks, row_ptr, values, n, k, at::kFloat);
+  if (bias) check_vec(*bias, n, at::kFloat, "bias");
+  auto x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  if (m > kDensifyM) {
+    auto wd = densify_f32(masks, row_ptr, values, n, k);
+    auto y = bias ? at::addmm(*bias, x2.to(at::kFloat), wd.t()) : at::mm(x2.to(at::kFloat), wd.t());
+    return epilogue_shape(x, y, n);
+  }
+  const auto& kt = kernels();
+  auto xp = pad_f32(x2, kc * 64);
+  SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
+              k, kc};
+  ActF32 act{xp.data_ptr<float>(), m, kc * 64};
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  over_rows(n, [&](int64_t n0, int64_t n1) {
+    kt.sparse_f32(w, act, n0, n1, yp);
+    if (bp)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = n0; j < n1; ++j) yp[t * n + j] += bp[j];
+  });
+  return epilogue_shape(x, y, n);
+}
+
+// A no-op with the same argument handling, to measure per-call overhead at batch 1.
+at::Tensor noop(const at::Tensor& x) { return x; }
+
+}  // namespace
+}  // namespace sparsec
+
+TORCH_LIBRARY(sparsec, m) {
+  m.def("isa() -> str", &sparsec::current_isa);
+  m.def("set_isa(str isa) -> ()", &sparsec::set_isa);
+  m.def("available_isas() -> str[]", &sparsec::available_isas);
+  m.def("sparse_i8_acc(Tensor xq, Tensor masks, Tensor row_ptr, Tensor values, Tensor rowsum, int n) -> Tensor");
+  m.def("dense_i8_acc(Tensor xq, Tensor q, Tensor rowsum, int n) -> Tensor");
+  m.def("sparse_linear_i8(Tensor x, Tensor masks, Tensor row_ptr, Tensor values, Tensor scales, Tensor rowsum, "
+        "Tensor? bias, int n) -> Tensor");
+  m.def("dense_linear_i8(Tensor x, Tensor q, Tensor scales, Tensor rowsum, Tensor? bias, int n) -> Tensor");
+  m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor row_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
+  m.def("densify_f32(Tensor masks, Tensor row_ptr, Tensor values, int n, int k) -> Tensor");
+  m.def("noop(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparsec, CPU, m) {
+  m.impl("sparse_i8_acc", &sparsec::sparse_i8_acc);
+  m.impl("dense_i8_acc", &sparsec::dense_i8_acc);
+  m.impl("sparse_linear_i8", &sparsec::sparse_linear_i8);
+  m.impl("dense_linear_i8", &sparsec::dense_linear_i8);
+  m.impl("sparse_linear_f32", &sparsec::sparse_linear_f32);
+  m.impl("densify_f32", &sparsec::densify_f32);
+  m.impl("noop", &sparsec::noop);
+}

@@ -1,0 +1,201 @@
+"""The packed weight format of one Linear (out x in), and its sparse-on-disk safetensors file.
+
+Per row, the input columns are cut into chunks of 64; each chunk has a 64-bit presence mask and the
+row's non-zeros are stored contiguously in (chunk, column) order. `row_ptr` holds where each row's
+values start, so rows are independent (threads split rows; no popcount chain across rows). The
+values are int8 with one fp32 scale per output channel plus the row sums of the int8 weights (the
++128 compensation of the u8 x s8 VNNI product), or plain fp32. A dense int8 kind (zero-padded to 64
+columns) is the same-family dense baseline and the LM head's fast path. Bytes per weight at sparsity
+s: int8 (1 - s) + 1/8, fp32 4 (1 - s) + 1/8, plus 8 bytes of row_ptr and 8 of scale/rowsum per row.
+
+On disk (`save_packed` / `load_packed`): one safetensors file of exactly these arrays (keys
+`<layer>.<field>`) whose metadata lists each layer's kind and shape. Loading reads the packed arrays
+and never builds a dense matrix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8"]
+KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8")
+FORMAT = "sparsec-packed-v1"
+CHUNK = 64
+PAD = {"sparse-int8": 64, "sparse-fp32": 16}  # values read 64 bytes (int8) / 16 floats past each chunk start
+FIELDS = {"sparse-int8": ("masks", "row_ptr", "values", "scales", "rowsum"),
+          "sparse-fp32": ("masks", "row_ptr", "values"),
+          "dense-int8": ("q", "scales", "rowsum")}
+
+
+@dataclass
+class PackedLinear:
+    """One Linear weight in the packed format (plus its bias). `tensors` holds the FIELDS of `kind`."""
+
+    kind: str
+    out_features: int
+    in_features: int
+    tensors: dict[str, torch.Tensor]
+    bias: torch.Tensor | None = None
+    meta: dict[str, float | int | str] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> int:
+        return (self.in_features + CHUNK - 1) // CHUNK
+
+    @property
+    def nnz(self) -> int:
+        if self.kind == "dense-int8":
+            return self.out_features * self.in_features
+        return int(self.tensors["row_ptr"][-1])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.out_features * self.in_features)
+
+    def stored_bytes(self) -> int:
+        """Bytes of every packed array (what sits in memory and on disk), bias excluded."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def bytes_read(self) -> int:
+        """Bytes one batch-1 call reads from the weight: masks, non-zeros, row_ptr, scales, rowsums."""
+        total = self.stored_bytes()
+        if self.kind in PAD:
+            total -= PAD[self.kind] * self.tensors["values"].element_size()
+        return total
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown packed kind '{self.kind}' (known: {', '.join(KINDS)})")
+        missing = [f for f in FIELDS[self.kind] if f not in self.tensors]
+        if missing:
+            raise ValueError(f"packed {self.kind} layer lacks {missing}")
+        n, kc = self.out_features, self.chunks
+        shapes = {"masks": n * kc, "row_ptr": n + 1, "scales": n, "rowsum": n, "q": n * kc * CHUNK}
+        for name, size in shapes.items():
+            if name in self.tensors and self.tensors[name].numel() != size:
+                raise ValueError(f"packed {self.kind} layer: {name} has {self.tensors[name].numel()} elements, expected {size}")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: W ~= scales[:, None] * q, q in [-127, 127]."""
+    w = weight.detach().to(torch.float32)
+    amax = w.abs().amax(dim=1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales.contiguous()
+
+
+def _masks(nonzero: torch.Tensor) -> torch.Tensor:
+    """[n, kc*64] bool -> [n*kc] int64 bit masks (bit j of chunk c <=> column 64c + j)."""
+    n, kp = nonzero.shape
+    shifts = torch.arange(CHUNK, dtype=torch.int64)
+    out = torch.empty(n, kp // CHUNK, dtype=torch.int64)
+    step = max(1, (1 << 22) // kp)  # bound the int64 temporary to ~32 MiB
+    for r in range(0, n, step):
+        block = nonzero[r:r + step].view(-1, kp // CHUNK, CHUNK).to(torch.int64)
+        out[r:r + step] = (block << shifts).sum(dim=-1)  # distinct bits: the sum is the OR (bit 63 wraps)
+    return out.reshape(-1)
+
+
+def _pad_columns(w: torch.Tensor) -> torch.Tensor:
+    n, k = w.shape
+    kp = (k + CHUNK - 1) // CHUNK * CHUNK
+    if kp == k:
+        return w.contiguous()
+    out = torch.zeros(n, kp, dtype=w.dtype)
+    out[:, :k] = w
+    return out
+
+
+def pack_linear(weight: torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> PackedLinear:
+    """Pack a dense [out, in] weight (zeros = pruned) into `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown packed kind '{kind}' (known: {', '.join(KINDS)})")
+    if weight.dim() != 2:
+        raise ValueError(f"pack_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    if kind == "dense-int8":
+        q, scales = quantize_int8(weight)
+        qp = _pad_columns(q)
+        tensors = {"q": qp.reshape(-1), "scales": scales, "rowsum": q.to(torch.int32).sum(1).to(torch.int32)}
+        return PackedLinear(kind, n, k, tensors, b)
+    if kind == "sparse-int8":
+        q, scales = quantize_int8(weight)
+        # masks from the quantized weight: a value that rounds to 0 is not stored
+        vals, extra = _pad_columns(q), {"scales": scales, "rowsum": q.to(torch.int32).sum(1).to(torch.int32)}
+    else:
+        vals, extra = _pad_columns(weight.detach().to(torch.float32)), {}
+    nonzero = vals != 0
+    counts = nonzero.sum(dim=1)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    values = torch.cat([vals[nonzero], torch.zeros(PAD[kind], dtype=vals.dtype)])
+    tensors = {"masks": _masks(nonzero), "row_ptr": row_ptr, "values": values, **extra}
+    return PackedLinear(kind, n, k, tensors, b)
+
+
+def unpack_dense(p: PackedLinear) -> torch.Tensor:
+    """The dense fp32 [out, in] weight a packed layer represents (tests and references only)."""
+    n, k, kc = p.out_features, p.in_features, p.chunks
+    if p.kind == "dense-int8":
+        q = p.tensors["q"].view(n, kc * CHUNK)[:, :k].to(torch.float32)
+        return q * p.tensors["scales"][:, None]
+    bits = (p.tensors["masks"].view(n, kc, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1
+    nonzero = bits.view(n, kc * CHUNK).bool()
+    dense = torch.zeros(n, kc * CHUNK, dtype=torch.float32)
+    nnz = int(p.tensors["row_ptr"][-1])
+    dense[nonzero] = p.tensors["values"][:nnz].to(torch.float32)
+    if p.kind == "sparse-int8":
+        dense *= p.tensors["scales"][:, None]
+    return dense[:, :k]
+
+
+def save_packed(layers: dict[str, PackedLinear], path: str | Path, extra_meta: dict | None = None) -> Path:
+    """Write the packed layers (and biases) as one safetensors file; returns its path."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, torch.Tensor] = {}
+    index = {}
+    for name, p in layers.items():
+        p.validate()
+        for f, t in p.tensors.items():
+            arrays[f"{name}.{f}"] = t.contiguous()
+        if p.bias is not None:
+            arrays[f"{name}.bias"] = p.bias.contiguous()
+        index[name] = {"kind": p.kind, "out": p.out_features, "in": p.in_features, **p.meta}
+    meta = {"format": FORMAT, "layers": json.dumps(index), **{k: json.dumps(v) for k, v in (extra_meta or {}).items()}}
+    save_file(arrays, str(path), metadata=meta)
+    return path
+
+
+def load_packed(path: str | Path) -> dict[str, PackedLinear]:
+    """Read a file written by save_packed: packed arrays only, no dense matrix is ever built."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"error: packed weights '{path}' not found")
+    layers: dict[str, PackedLinear] = {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"error: '{path}' is not a {FORMAT} file (format={meta.get('format')!r})")
+        index = json.loads(meta["layers"])
+        keys = set(f.keys())
+        for name, info in index.items():
+            kind = info["kind"]
+            tensors = {fld: f.get_tensor(f"{name}.{fld}") for fld in FIELDS[kind]}
+            bias = f.get_tensor(f"{name}.bias") if f"{name}.bias" in keys else None
+            extra = {k: v for k, v in info.items() if k not in ("kind", "out", "in")}
+            p = PackedLinear(kind, int(info["out"]), int(info["in"]), tensors, bias, extra)
+            p.validate()
+            layers[name] = p
+    return layers
