@@ -149,7 +149,9 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     started = time.perf_counter()
     ir = load_and_trace(opts.model)
     source_hash = state_dict_sha256(ir.module)
-    dense = ir.clone() if (opts.eval_data or backends) else None
+    # recovery passes (reconstruct, prune-grow, finetune) read the dense model: ctx.extras["dense"]
+    needs_dense = any(getattr(p, "needs_dense", False) for p in pipeline.passes)
+    dense = ir.clone() if (opts.eval_data or backends or needs_dense) else None
     torch.manual_seed(opts.seed)
 
     calib_holder: dict[str, CalibrationSet] = {}
@@ -160,7 +162,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
         return calib_holder["set"]
 
     ctx = PassContext(calibration=calibration, seed=opts.seed, progress=progress or (lambda *a: None),
-                      extras={"registry": registry})
+                      extras={"registry": registry, "dense": dense})
     timing = TimingInstrument()
     insts: list[Any] = [timing, *(instruments or [])]
     if opts.dump_ir:
