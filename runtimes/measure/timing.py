@@ -1,0 +1,87 @@
+"""Paired, interleaved, adaptive timing: wall time and CPU time per call, rounds until the interval is tight.
+
+Each round times every configuration once, back to back, in a rotated order (A B C, B C A, ...), so a
+change of machine state hits all configurations of a round alike and the per-round ratio cancels it.
+Rounds continue past `min_rounds` until the speedup interval of every watched pair is narrower than
+`target_width` (relative), or `max_rounds` / `budget_s` is spent — then the stopping reason is recorded.
+
+CPU time: a runner that computes in another process (the DeepSparse worker) exposes `cpu_seconds()`
+covering that process; otherwise the harness reads this process's CPU time (all its threads). CPU time
+beside wall time shows when a runtime burns cores spinning, or when the machine steals them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from runtimes.measure.speedup import interval_width
+
+
+@dataclass(frozen=True)
+class TimingPlan:
+    min_rounds: int = 10
+    max_rounds: int = 200
+    budget_s: float = 60.0
+    target_width: float = 0.10
+    warmup: int = 3
+
+
+@dataclass
+class TimingSeries:
+    wall_ms: dict[str, list[float]]
+    cpu_ms: dict[str, list[float]]
+    rounds: int = 0
+    seconds: float = 0.0
+    stopped: str = ""
+    widths: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rounds": self.rounds, "seconds": round(self.seconds, 3), "stopped": self.stopped,
+                "interval_widths": {k: round(v, 4) for k, v in self.widths.items()}}
+
+
+def _cpu_clock(call: Callable[[], Any]) -> Callable[[], float]:
+    owner = getattr(call, "__self__", None)
+    clock = getattr(owner, "cpu_seconds", None)
+    return clock if callable(clock) else time.process_time
+
+
+def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
+                  pairs: list[tuple[str, str]] | None = None,
+                  cpu_clocks: dict[str, Callable[[], float]] | None = None) -> TimingSeries:
+    """Time `calls` in interleaved rounds; `pairs` (baseline, candidate) decide when to stop."""
+    names = list(calls)
+    clocks = {n: (cpu_clocks or {}).get(n) or _cpu_clock(calls[n]) for n in names}
+    for name in names:
+        for _ in range(plan.warmup):
+            calls[name]()
+    series = TimingSeries({n: [] for n in names}, {n: [] for n in names})
+    start = time.perf_counter()
+    while True:
+        k = series.rounds % len(names)
+        for name in names[k:] + names[:k]:
+            c0, w0 = clocks[name](), time.perf_counter()
+            calls[name]()
+            w1, c1 = time.perf_counter(), clocks[name]()
+            series.wall_ms[name].append((w1 - w0) * 1e3)
+            series.cpu_ms[name].append((c1 - c0) * 1e3)
+        series.rounds += 1
+        series.seconds = time.perf_counter() - start
+        if series.rounds < plan.min_rounds:
+            continue
+        series.widths = {f"{b}/{c}": interval_width(series.wall_ms[b], series.wall_ms[c]) for b, c in (pairs or [])}
+        if series.widths and max(series.widths.values()) <= plan.target_width:
+            series.stopped = f"interval narrower than {plan.target_width:.0%}"
+            break
+        if not series.widths:
+            series.stopped = "min rounds reached"
+            break
+        if series.rounds >= plan.max_rounds:
+            series.stopped = f"max rounds ({plan.max_rounds})"
+            break
+        if series.seconds >= plan.budget_s:
+            series.stopped = f"time budget ({plan.budget_s:.0f} s)"
+            break
+    return series
