@@ -1,4 +1,5 @@
-"""`sparsec eval`: perplexity (causal LMs) or embedding fidelity vs the dense reference (encoders)."""
+"""`sparsec eval`: perplexity, top-1 and greedy-continuation agreement (causal LMs) or embedding fidelity
+and nearest-neighbour overlap (encoders) vs the dense reference."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ import click
 @click.option("--stride", type=int, default=128, show_default=True, help="Perplexity: new tokens scored per window.")
 @click.option("--max-tokens", type=int, default=16384, show_default=True, help="Perplexity: tokens evaluated.")
 @click.option("--max-texts", type=int, default=256, show_default=True, help="Embeddings: texts compared.")
+@click.option("--greedy-prompts", type=int, default=8, show_default=True, help="LMs: held-out prompts greedy-decoded by both models (0: skip).")
+@click.option("--greedy-tokens", type=int, default=32, show_default=True, help="LMs: tokens decoded per prompt.")
+@click.option("--knn", type=int, default=10, show_default=True, help="Encoders: neighbours compared per text (retrieval overlap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model_or_artifact, data, reference, seqlen, stride, max_tokens, max_texts, as_json):
+def eval_cmd(model_or_artifact, data, reference, seqlen, stride, max_tokens, max_texts, greedy_prompts, greedy_tokens, knn, as_json):
     """Evaluate MODEL_OR_ARTIFACT on held-out text (against its dense reference when there is one)."""
     from compiler.evaluate import EvalConfig, evaluate_models, resolve_target
 
-    cfg = EvalConfig(seqlen=seqlen, stride=stride, max_tokens=max_tokens, max_texts=max_texts)
+    cfg = EvalConfig(seqlen=seqlen, stride=stride, max_tokens=max_tokens, max_texts=max_texts,
+                     greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens, knn=knn)
     result = evaluate_models(resolve_target(model_or_artifact, reference), data, cfg)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -29,9 +34,17 @@ def eval_cmd(model_or_artifact, data, reference, seqlen, stride, max_tokens, max
         line = f"perplexity on '{data}': {result['compiled']:.3f} ({result['tokens']:,} tokens, seqlen {result['seqlen']})"
         if result.get("dense") is not None:
             line += f"; dense reference {result['dense']:.3f} (x{result['ratio']:.3f})"
+            line += f"; top-1 agreement with dense {100 * result['top1_agreement']:.1f}%"
+            if "greedy_prefix_match" in result:
+                line += (f"; greedy continuations ({result['greedy_prompts']} prompts x {result['greedy_tokens']} tokens): "
+                         f"{100 * result['greedy_prefix_match']:.1f}% identical before first divergence, "
+                         f"{100 * result['greedy_token_agreement']:.1f}% same tokens")
     elif result["metric"] == "embedding_cosine":
         line = (f"embedding cosine vs dense on '{data}': mean {result['compiled']:.4f}, min {result['min']:.4f} "
                 f"over {result['samples']} texts")
+        overlap = next((k for k in result if k.startswith("retrieval_overlap@")), None)
+        if overlap:
+            line += f"; nearest-neighbour overlap@{overlap.split('@')[1]} {100 * result[overlap]:.1f}%"
     else:
         line = f"{result['metric']}: {result['compiled']:.4f}"
     click.echo(line)

@@ -6,6 +6,9 @@
 - Encoders (and the encoder of seq2seq models): mean-pooled (attention-masked) last hidden states,
   cosine between the compiled and the dense model per text, averaged.
 - Plain modules without a tokenizer: cosine of the first output on the model's example inputs.
+- Beyond these (compiler/agreement.py): LMs also get next-token top-1 agreement with the dense model and
+  greedy-continuation agreement on held-out prompts; encoders get nearest-neighbour retrieval overlap.
+  The dense side is cached on disk per source weights + data + settings.
 
 `evaluate_pair` is what `sparsec compile --eval-data` calls; `sparsec eval` (compiler/cli_eval.py)
 uses the same functions.
@@ -14,7 +17,7 @@ uses the same functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,9 +36,15 @@ class EvalConfig:
     max_tokens: int = 16384  # perplexity: tokens of the corpus evaluated
     max_texts: int = 256  # embeddings: texts compared
     batch_size: int = 8
+    greedy_prompts: int = 8  # LMs: held-out prompts greedy-decoded by both models (0: skip)
+    greedy_prompt_len: int = 32  # tokens per prompt
+    greedy_tokens: int = 32  # new tokens decoded per prompt
+    knn: int = 10  # encoders: neighbours compared per text (retrieval overlap)
 
     def __post_init__(self) -> None:
-        for key in ("seqlen", "stride", "max_tokens", "max_texts", "batch_size"):
+        if self.greedy_prompts < 0:
+            raise CalibrationError(f"evaluation greedy_prompts must be >= 0, got {self.greedy_prompts}")
+        for key in ("seqlen", "stride", "max_tokens", "max_texts", "batch_size", "greedy_prompt_len", "greedy_tokens", "knn"):
             if getattr(self, key) <= 0:
                 raise CalibrationError(f"evaluation {key} must be > 0, got {getattr(self, key)}")
 
@@ -46,6 +55,7 @@ class Perplexity:
     nll: float  # mean negative log-likelihood per scored token
     tokens: int
     windows: int
+    top1: torch.Tensor | None = field(default=None, compare=False, repr=False)  # argmax per scored token
 
 
 def corpus_ids(tokenizer: Any, texts: list[str], max_tokens: int) -> torch.Tensor:
@@ -66,6 +76,7 @@ def perplexity(module: nn.Module, ids: torch.Tensor, seqlen: int, stride: int) -
         raise CalibrationError(f"evaluation text has {ids.numel()} tokens: need at least 2 for perplexity")
     stride = min(stride, seqlen)
     total_nll, scored, windows, prev_end = 0.0, 0, 0, 0
+    top1: list[torch.Tensor] = []
     n = ids.numel()
     with torch.no_grad():
         for begin in range(0, n, stride):
@@ -77,13 +88,15 @@ def perplexity(module: nn.Module, ids: torch.Tensor, seqlen: int, stride: int) -
             logp = F.log_softmax(logits[0, :-1], dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
             take = min(new, logp.numel())
             total_nll -= float(logp[-take:].sum()) if take else 0.0
+            if take:
+                top1.append(logits[0, :-1][-take:].argmax(-1))
             scored += take
             windows += 1
             prev_end = end
             if end == n:
                 break
     nll = total_nll / max(scored, 1)
-    return Perplexity(math.exp(nll), nll, scored, windows)
+    return Perplexity(math.exp(nll), nll, scored, windows, torch.cat(top1) if top1 else torch.zeros(0, dtype=torch.long))
 
 
 def _encoder(module: nn.Module, model_type: str) -> nn.Module:
@@ -151,34 +164,72 @@ class Reference:
     ids: torch.Tensor | None = None
     dense_ppl: Perplexity | None = None
     dense_emb: torch.Tensor | None = None
+    prompts: list[torch.Tensor] | None = None  # LMs: held-out greedy prompts
+    dense_greedy: list[torch.Tensor] | None = None
+    dense_nn: torch.Tensor | None = None  # encoders: each text's dense nearest neighbours
+    cached: bool = False  # the dense figures came from the on-disk cache (compiler/agreement.py)
 
     @classmethod
-    def build(cls, dense_ir: Any, data: str, cfg: EvalConfig | None = None) -> "Reference":
+    def build(cls, dense_ir: Any, data: str, cfg: EvalConfig | None = None, use_cache: bool = True) -> "Reference":
+        from dataclasses import asdict
+
+        from compiler import agreement
+
         cfg = cfg or EvalConfig()
         seqlen = effective_seqlen(cfg.seqlen, dense_ir.config)
         if dense_ir.tokenizer is None:
             return cls(dense_ir, "example_inputs", cfg, "output_cosine", seqlen)
         texts = load_texts(data)
+        key = agreement.cache_key(dense_ir.module, data, {**asdict(cfg), "seqlen": seqlen, "type": dense_ir.model_type}) if use_cache else None
+        hit = agreement.load_cached(key) if key else None
         if dense_ir.model_type == "causal-lm":
             ids = corpus_ids(dense_ir.tokenizer, texts, cfg.max_tokens)
-            return cls(dense_ir, data, cfg, "perplexity", seqlen, ids=ids,
-                       dense_ppl=perplexity(dense_ir.module, ids, seqlen, cfg.stride))
-        emb = embeddings(dense_ir.module, dense_ir.tokenizer, texts, cfg, dense_ir.model_type, seqlen)
-        return cls(dense_ir, data, cfg, "embedding_cosine", seqlen, texts=texts, dense_emb=emb)
+            prompts = agreement.prompts_from_ids(ids, cfg.greedy_prompts, cfg.greedy_prompt_len)
+            if hit is None:
+                ppl = perplexity(dense_ir.module, ids, seqlen, cfg.stride)
+                greedy = [agreement.greedy_continuation(dense_ir.module, p, cfg.greedy_tokens) for p in prompts]
+                if key:
+                    agreement.store_cached(key, {"ppl": [ppl.value, ppl.nll, ppl.tokens, ppl.windows], "top1": ppl.top1, "greedy": greedy})
+            else:
+                ppl = Perplexity(*hit["ppl"], top1=hit["top1"])
+                greedy = list(hit["greedy"])
+            return cls(dense_ir, data, cfg, "perplexity", seqlen, ids=ids, dense_ppl=ppl, prompts=prompts,
+                       dense_greedy=greedy, cached=hit is not None)
+        if hit is None:
+            emb = embeddings(dense_ir.module, dense_ir.tokenizer, texts, cfg, dense_ir.model_type, seqlen)
+            if key:
+                agreement.store_cached(key, {"emb": emb})
+        else:
+            emb = hit["emb"]
+        return cls(dense_ir, data, cfg, "embedding_cosine", seqlen, texts=texts, dense_emb=emb,
+                   dense_nn=agreement.neighbours(emb, cfg.knn), cached=hit is not None)
 
     def compare(self, compiled_ir: Any) -> dict[str, Any]:
         if self.metric == "output_cosine":
             cos = output_cosine(self.dense_ir.module, compiled_ir.module, self.dense_ir.example_inputs or {})
             return {"metric": self.metric, "data": self.data, "dense": 1.0, "compiled": cos, "samples": 1}
         if self.metric == "perplexity":
+            from compiler import agreement
+
             c = perplexity(compiled_ir.module, self.ids, self.seqlen, self.cfg.stride)
-            return {"metric": self.metric, "data": self.data, "dense": self.dense_ppl.value, "compiled": c.value,
-                    "ratio": c.value / self.dense_ppl.value, "tokens": c.tokens, "windows": c.windows,
-                    "seqlen": self.seqlen, "stride": min(self.cfg.stride, self.seqlen)}
+            out = {"metric": self.metric, "data": self.data, "dense": self.dense_ppl.value, "compiled": c.value,
+                   "ratio": c.value / self.dense_ppl.value, "tokens": c.tokens, "windows": c.windows,
+                   "seqlen": self.seqlen, "stride": min(self.cfg.stride, self.seqlen),
+                   "top1_agreement": agreement.top1_agreement(self.dense_ppl.top1, c.top1)}
+            if self.prompts:
+                greedy = [agreement.greedy_continuation(compiled_ir.module, p, self.cfg.greedy_tokens) for p in self.prompts]
+                out.update(agreement.greedy_agreement(self.dense_greedy, greedy))
+                out.update({"greedy_prompts": len(self.prompts), "greedy_tokens": self.cfg.greedy_tokens})
+            out["dense_cached"] = self.cached
+            return out
+        from compiler import agreement
+
         emb = embeddings(compiled_ir.module, self.dense_ir.tokenizer, self.texts, self.cfg, self.dense_ir.model_type, self.seqlen)
         cos = F.cosine_similarity(emb, self.dense_emb, dim=-1)
+        k = int(self.dense_nn.shape[1])
         return {"metric": self.metric, "data": self.data, "dense": 1.0, "compiled": float(cos.mean()),
-                "min": float(cos.min()), "samples": int(cos.numel()), "seqlen": self.seqlen}
+                "min": float(cos.min()), "samples": int(cos.numel()), "seqlen": self.seqlen,
+                f"retrieval_overlap@{k}": agreement.retrieval_overlap(self.dense_nn, emb, k), "dense_cached": self.cached}
 
 
 def evaluate_pair(dense_ir: Any, compiled_ir: Any, data: str, calib_cfg: CalibrationConfig | None = None,
