@@ -16,6 +16,9 @@ namespace sparsec {
 namespace {
 
 // Keep v in a register: stops the compiler from folding the load into vpexpandb's (slower) memory form.
+#ifndef SPARSEC_PF_BYTES
+#define SPARSEC_PF_BYTES 512
+#endif
 #define SPARSEC_IN_REG(v) __asm__("" : "+v"(v))
 
 template <int R, int T>
@@ -37,6 +40,8 @@ __attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const Act
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const uint64_t m = mk[r][c];
+      _mm_prefetch((const char*)(p[r] + SPARSEC_PF_BYTES), _MM_HINT_T0);
+      if ((c & 7) == 0) _mm_prefetch((const char*)(mk[r] + c + 32), _MM_HINT_T0);
       __m512i v = _mm512_loadu_si512((const void*)p[r]);
       SPARSEC_IN_REG(v);
       wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, v);
