@@ -122,7 +122,7 @@ def build(cache: Path, model: str, sparsity: float, quant: str, backends: tuple[
         ir = Pipeline.from_spec(spec, Registry.default()).run(ir, ctx, []).ir
         ir.refresh_measured_sparsity()
     lowered_backends = tuple(b for b in backends if b != "openvino")  # OpenVINO runs the ORT-QDQ variant
-    section = lower_artifact(ir, None, out, lowered_backends, calib=calib)
+    section = lower_artifact(ir, out, lowered_backends, calib=calib)
     section["pipeline"] = spec
     section["compile_seconds"] = time.perf_counter() - started
     section["measured_sparsity"] = _block_sparsity(ir)
@@ -144,7 +144,7 @@ def _block_sparsity(ir) -> float:
 def run_one(args: argparse.Namespace, model: str, sparsity: float, quant: str, backend_name: str) -> dict:
     import numpy as np
 
-    from compiler.lowering.lower import model_file
+    from compiler.lowering.files import model_file
     from compiler.registry import Registry
     from runtimes.decode.decoders import DecodeOptions
     from runtimes.measure.decode_bench import decode_row

@@ -95,7 +95,7 @@ def build(args: argparse.Namespace, model: str, dense_ir, sparsity: float, backe
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     # OpenVINO runs the ORT-QDQ variant here: NNCF on BERT-base would dominate the time budget
-    section = lower_artifact(ir, None, out, tuple(b for b in backends if b != "openvino"), calib=calib)
+    section = lower_artifact(ir, out, tuple(b for b in backends if b != "openvino"), calib=calib)
     section["lowering_seconds"] = round(time.perf_counter() - started, 1)
     section["block_sparsity"] = ir.overall_sparsity()
     (out / "lowering.json").write_text(json.dumps(section, indent=1, default=str))
@@ -107,7 +107,7 @@ def time_group(backend, files: dict[float, Path], feeds: dict, runs: int, thread
                workdir: Path) -> dict[float, dict]:
     """All sparsities of one (backend, batch, precision) built, run once for outputs, then timed interleaved."""
     from runtimes.base import RunnerOptions
-    from runtimes.measure.verify import interleaved_timing, percentiles
+    from runtimes.measure.stats import interleaved_timing, percentiles
 
     opts = RunnerOptions(threads=threads, batch_size=batch, seqlen=seqlen)
     runners = {}
@@ -135,9 +135,9 @@ def text_feeds(tokenizer, batch: int, seqlen: int, section: dict) -> tuple[dict,
 
 # -- driver --------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
-    from compiler.lowering.lower import MODEL_FILE, model_file
+    from compiler.lowering.files import MODEL_FILE, model_file
     from compiler.registry import Registry
-    from runtimes.measure.verify import compare_outputs
+    from runtimes.measure.stats import compare_outputs
 
     deadline = time.monotonic() + args.max_minutes * 60
     registry = Registry.default()

@@ -20,6 +20,7 @@ from torch import nn
 
 from compiler.errors import NumericsError
 from compiler.ir import Block, ModelIR, PrunableLayer, weight_matrix
+from compiler.stats import input_matrix
 from compiler.trace import call_model
 
 
@@ -51,14 +52,6 @@ class BlockInputs:
     args: list[tuple]  # positional args with the hidden state slot set to None
     kwargs: list[dict[str, Any]]
     hidden_pos: int | str  # index into args, or the kwarg name
-
-
-def _input_matrix(layer: PrunableLayer, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(tokens, in_features) view of a layer input, matching `weight_matrix` columns."""
-    if layer.kind == "conv2d":
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return x.reshape(-1, x.shape[-1])
 
 
 @dataclass
@@ -93,7 +86,7 @@ class BlockStep:
                 x = inp[0].detach().float()
                 if not torch.isfinite(x).all():
                     raise NumericsError(f"NaN/Inf in the calibration activations entering layer '{name}'")
-                xm = _input_matrix(layer, m, x)
+                xm = input_matrix(layer, m, x)
                 st = stats[name]
                 n_new = xm.shape[0]
                 st.sq_norm += (xm * xm).sum(0)

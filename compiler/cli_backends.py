@@ -44,7 +44,7 @@ def echo_licence_notices(backend_names, plugins=()) -> None:
     Unknown names are left for the command itself to report."""
     from compiler.registry import Registry
 
-    registry = Registry.default(plugins)
+    registry = Registry.default(plugins, kinds=("backend",))
     for name in backend_names:
         entry = registry.backends.get(name)
         notice = getattr(entry.obj, "licence_notice", None) if entry else None

@@ -3,7 +3,6 @@ lower and verify on backends. The CLI is a thin shell over this function."""
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from compiler.artifact import REPORT_JSON, REPORT_MD, ArtifactWriter, write_json
 from compiler.calibration import CalibrationConfig, CalibrationSet, build_calibration
 from compiler.errors import SpecError
 from compiler.instruments import DumpIRInstrument, TimingInstrument
-from compiler.ir import ModelIR
+from compiler.ir import ModelIR, jsonable, state_dict_sha256
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline, PipelineRun, Recipe
 from compiler.registry import Registry
@@ -88,17 +87,6 @@ def resolve_pipeline(opts: CompileOptions, registry: Registry) -> tuple[Pipeline
             raise SpecError("--sparsity/--allocation/--method/--pattern/--quantize cannot be combined with --passes")
         return Pipeline.from_spec(opts.passes, registry), {}
     return Pipeline.from_spec(shorthand_spec(**opts.shorthand), registry), {}
-
-
-def state_dict_sha256(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        t = tensor.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_model(ir: ModelIR, directory: Path) -> None:
@@ -194,9 +182,14 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
             report["evaluation"] = evaluate_pair(dense, ir, opts.eval_data, calib_cfg)
         if backends:
             from compiler.lowering.lower import lower_artifact
+            from runtimes.base import lower_for_backends
+            from runtimes.measure.dense import cache_dense_reference, reference_quants
             from runtimes.measure.verify import verify_backends
 
-            lowering = lower_artifact(ir, dense, root, backends, calib=calib_holder.get("set"), options=opts.verify)
+            calib = calib_holder.get("set")
+            lowering = lower_artifact(ir, root, backends, calib=calib, registry=registry)
+            lower_for_backends(registry, backends, root, lowering, manifest["plan"], opts.verify)
+            cache_dense_reference(dense, source_hash, opts.verify, calib, reference_quants(ir.plan, backends, registry))
             manifest["lowering"] = lowering
             report["backends"] = verify_backends(root, manifest, backends, registry, opts.verify)
         report["compile_seconds"] = round(time.perf_counter() - started, 3)
@@ -227,6 +220,4 @@ def _calibration_config(opts: CompileOptions, settings: dict[str, Any]) -> Calib
 
 def _manifest_analyses(analyses: dict[str, Any]) -> dict[str, Any]:
     """Only JSON-able analysis summaries go to the manifest (per-layer float maps and small dicts)."""
-    from compiler.ir import _jsonable
-
-    return {k: _jsonable(v) for k, v in analyses.items() if not k.startswith("_")}
+    return {k: jsonable(v) for k, v in analyses.items() if not k.startswith("_")}

@@ -26,6 +26,7 @@ from torch import nn
 
 from compiler.calibration import CalibrationConfig, effective_seqlen, load_texts
 from compiler.errors import CalibrationError
+from compiler.stats import first_tensor
 from compiler.trace import call_model
 
 
@@ -137,17 +138,8 @@ def embedding_cosines(dense: nn.Module, compiled: nn.Module, tokenizer: Any, tex
 def output_cosine(dense: nn.Module, compiled: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     with torch.no_grad():
         a, b = call_model(dense, inputs), call_model(compiled, inputs)
-    a, b = (_first_tensor(x).flatten().float() for x in (a, b))
+    a, b = (first_tensor(x).flatten().float() for x in (a, b))
     return float(F.cosine_similarity(a, b, dim=0))
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for attr in ("logits", "last_hidden_state"):
-        if getattr(out, attr, None) is not None:
-            return getattr(out, attr)
-    return out[0]
 
 
 @dataclass(frozen=True)

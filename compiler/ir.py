@@ -9,8 +9,9 @@ does its math on one layout and N:M groups always run along the input (reduction
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import hashlib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -117,7 +118,7 @@ class ModelIR:
             "blocks": [{"index": b.index, "name": b.name, "layers": list(b.layers)} for b in self.blocks],
             "layers": {n: asdict(l) for n, l in self.layers.items()},
             "plan": {n: p.to_dict() for n, p in self.plan.items()},
-            "analyses": _jsonable(self.analyses),
+            "analyses": jsonable(self.analyses),
         }
 
     def clone(self) -> "ModelIR":
@@ -129,17 +130,17 @@ class ModelIR:
         return new
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.tolist() if value.numel() <= 64 else f"tensor{tuple(value.shape)}"
     if isinstance(value, (int, float, str, bool)) or value is None:
         return value
     if hasattr(value, "to_dict"):
-        return _jsonable(value.to_dict())
+        return jsonable(value.to_dict())
     return repr(value)
 
 
@@ -184,3 +185,16 @@ def set_weight_matrix(module: nn.Module, kind: LayerKind, matrix: torch.Tensor) 
 def matrix_shape(module: nn.Module, kind: LayerKind) -> tuple[int, int]:
     m = weight_matrix(module, kind)
     return int(m.shape[0]), int(m.shape[1])
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """Identity of a model's weights: sha256 over its state dict (sorted keys, raw bytes). Keys the
+    manifest's source hash and the dense reference cache."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -70,9 +70,11 @@ class Registry:
     allocations: dict[str, Entry] = field(default_factory=dict)
 
     @classmethod
-    def default(cls, plugins: tuple[str, ...] | list[str] = ()) -> "Registry":
+    def default(cls, plugins: tuple[str, ...] | list[str] = (), kinds: tuple[Kind, ...] | None = None) -> "Registry":
+        """Entry points (of `kinds` only, default all) plus `plugins`. The server asks for backends only:
+        importing the passes would import torch, which serving an ONNX artifact does not need."""
         reg = cls()
-        reg.load_entry_points()
+        reg.load_entry_points(kinds)
         for plugin in plugins:
             reg.load_plugin(plugin)
         return reg
@@ -89,8 +91,10 @@ class Registry:
             raise PluginError(f"{kind} '{name}' is defined twice: by {table[name].origin} and by {origin}")
         table[name] = Entry(name, obj, origin)
 
-    def load_entry_points(self) -> None:
+    def load_entry_points(self, kinds: tuple[Kind, ...] | None = None) -> None:
         for group, kind in GROUPS.items():
+            if kinds is not None and kind not in kinds:
+                continue
             for ep in metadata.entry_points(group=group):
                 dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
                 origin = f"entry point {group}:{ep.name} = {ep.value} ({dist})"

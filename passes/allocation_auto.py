@@ -42,17 +42,18 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from compiler.block_runner import LayerStats, _input_matrix, check_weights_finite
+from compiler.block_runner import LayerStats, check_weights_finite
 from compiler.errors import NumericsError, PluginError, SpecError
-from compiler.evaluate import _first_tensor
 from compiler.ir import ModelIR, weight_matrix
 from compiler.pass_infra import PassContext
+from compiler.stats import first_tensor, input_matrix
 from compiler.trace import call_model
 from passes.math.candidates import (FAMILIES, OWL_PAPER, GroupCandidate, allocation_key, best_index, finalist_count, finalists,
                                     fit_to_target, flat_ranks, gram_alpha, group_candidates, keep_mask, pooled,
                                     row_cosines, row_ranks, screen_size, token_kl)
 from passes.math.masks import nm_mask, parse_pattern
 from passes.math.scores import magnitude_scores, outlier_ratio, pooled_outlier_ratio, wanda_scores
+from passes.plan_utils import layer_groups
 
 BATCH = 8  # samples per batched forward (memory: one batch's activations)
 
@@ -152,7 +153,7 @@ def collect_input_norms(ir: ModelIR, samples: list[dict[str, torch.Tensor]], nam
     handles = []
     for name in names:
         def hook(m: nn.Module, inp: tuple, _out: Any, name: str = name) -> None:
-            xm = _input_matrix(ir.layers[name], m, inp[0].detach().float())
+            xm = input_matrix(ir.layers[name], m, inp[0].detach().float())
             stats[name].sq_norm += (xm * xm).sum(0)
             stats[name].tokens += xm.shape[0]
 
@@ -172,7 +173,7 @@ def collect_input_norms(ir: ModelIR, samples: list[dict[str, torch.Tensor]], nam
 
 def _pooled_output(out: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The model's first output, mean-pooled over the attention mask when it is (batch, seq, hidden)."""
-    t = _first_tensor(out)
+    t = first_tensor(out)
     mask = batch.get("attention_mask")
     if t.dim() == 3 and mask is not None and tuple(mask.shape) == tuple(t.shape[:2]):
         return pooled(t, mask)
@@ -390,9 +391,7 @@ def _layer_statistics(ir: ModelIR, settings: AutoSettings, names: list[str], nm_
 
 def _build_candidates(settings: AutoSettings, ir: ModelIR, names: list[str], stats: AllocationStats, ctx: PassContext,
                       diagnostics: list[str]) -> list[Candidate]:
-    from passes.sparsity_allocation import _groups
-
-    groups = _groups(ir, names, settings.granularity)
+    groups = layer_groups(ir, names, settings.granularity)
     keys = list(groups)
     weights = [float(sum(ir.layers[n].params for n in groups[k])) for k in keys]
     if settings.granularity == "block":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
@@ -34,3 +35,11 @@ def weighted_mean_target(ir: ModelIR, names: list[str]) -> float | None:
 def planned_layers(ir: ModelIR) -> list[str]:
     """Layers with a target sparsity, in execution order."""
     return [n for n in ir.layers if ir.plan[n].target_sparsity is not None]
+
+
+def layer_groups(ir: ModelIR, names: list[str], granularity: str) -> dict[Any, list[str]]:
+    """Layers grouped for an allocation: by block (`granularity="block"`) or one group per layer."""
+    groups: dict[Any, list[str]] = {}
+    for n in names:
+        groups.setdefault(ir.layers[n].block if granularity == "block" else n, []).append(n)
+    return groups

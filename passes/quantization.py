@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
-from compiler.lowering.quant import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
+from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from compiler.pass_infra import Pass, PassContext, PassResult, option
 from passes.plan_utils import compile_patterns, require_prunable_layers
 

@@ -35,7 +35,7 @@ from compiler.spec import load_yaml_file
 from passes.math.alpha import layer_alpha
 from passes.math.masks import parse_pattern
 from passes.math.owl import Allocation, alpha_allocation, owl_allocation
-from passes.plan_utils import compile_patterns, require_prunable_layers, weighted_mean_target
+from passes.plan_utils import compile_patterns, layer_groups, require_prunable_layers, weighted_mean_target
 
 Method = Literal["uniform", "owl", "alphapruning", "manual", "auto"]
 DEFAULT_DENSE = ("embed", "lm_head", "wte", "wpe", "shared")
@@ -143,7 +143,7 @@ class SparsityAllocation(Pass):
             return _manual_ratios(ir, names, Path(self.file), self.target, diagnostics), {"file": self.file}
         if self.method == "uniform":
             return {n: self.target for n in names}, {}
-        groups = _groups(ir, names, self.granularity)
+        groups = layer_groups(ir, names, self.granularity)
         keys = list(groups)
         weights = [float(sum(ir.layers[n].params for n in groups[k])) for k in keys]
         info: dict[str, Any] = {}
@@ -166,13 +166,6 @@ class SparsityAllocation(Pass):
         info["group_sparsity"] = dict(zip(map(str, keys), alloc.sparsities))
         ratios = {n: s for k, s in zip(keys, alloc.sparsities) for n in groups[k]}
         return ratios, info
-
-
-def _groups(ir: ModelIR, names: list[str], granularity: str) -> dict[Any, list[str]]:
-    groups: dict[Any, list[str]] = {}
-    for n in names:
-        groups.setdefault(ir.layers[n].block if granularity == "block" else n, []).append(n)
-    return groups
 
 
 def _report_clamping(alloc: Allocation, diagnostics: list[str]) -> None:

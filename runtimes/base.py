@@ -3,6 +3,19 @@
 A backend module is named `*_backend.py` and imports its runtime lazily (inside methods), so
 `sparsec backends` works with no optional runtime installed. `Runner.infer()` is the public entry:
 it checks the feeds, times the call and delegates to `infer_impl()`.
+
+A backend *declares* what it runs, as class attributes and hooks of `Backend`, so that nothing outside
+its module compares its name: adding a backend is its module, its entry point (`sparsec.backends`) and
+its tests (docs/architecture.md, "adding a backend"). What the rest of sparsec asks of it:
+- `quant_forms` / `quant_form()`: the int8 variant it runs for each quantization scheme (lowering writes it);
+- `lowered_by_default`: its variants are written even when it was not requested at compile time;
+- `dynamic_shapes`: False when its runner runs only the shapes it was prepared for (the server pads to
+  them; causal LMs then decode on fixed-shape graphs);
+- `decoder()`: its own decoder for causal LMs, or None for the in-process decoders of runtimes/decode/
+  over its runner (verify --decode, bench --decode and serve's completions all go through it);
+- `distributions`: what `sparsec package` pins for it, () when it cannot be packaged;
+- `dense_alternatives`: the dense int8 forms verification times beside dense fp32 on it;
+- `lower()`: the lowered form it runs, when it owns one (default: the ONNX lowering's file for it).
 """
 
 from __future__ import annotations
@@ -10,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
@@ -58,7 +71,8 @@ class Runner:
 
 
 class Backend:
-    """A runtime that can build and run a lowered ONNX model."""
+    """A runtime that can build and run a lowered model. Subclasses set `name` and implement `available`
+    and `runner`; the capability attributes below default to "a plain ONNX runtime with dynamic shapes"."""
 
     name: ClassVar[str] = ""
     device: ClassVar[str] = "cpu"
@@ -67,10 +81,33 @@ class Backend:
     # False: the runner runs only the (batch_size, seqlen) of its options, on the graph prepare() wrote
     # (callers such as the server prepare into a directory of their own and pad to that shape).
     dynamic_shapes: ClassVar[bool] = True
+    # quantization scheme ("int8" | "int8-dynamic") -> the int8 variant it runs (compiler/lowering/quant.py VARIANTS)
+    quant_forms: ClassVar[Mapping[str, str]] = {}
+    # write its int8 variants even when it is not among the compile's --backend (serve it later without re-lowering)
+    lowered_by_default: ClassVar[bool] = False
+    # pip distributions `sparsec package` pins for it (besides sparsec's own); () = cannot be packaged
+    distributions: ClassVar[tuple[str, ...]] = ()
+    # dense int8 forms timed beside dense fp32 on this backend: variant -> scheme applied to every block layer
+    dense_alternatives: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def quant_form(cls, scheme: str, requested: bool) -> str | None:
+        """The int8 variant this backend runs for `scheme` (None: it runs none). `requested`: it is among
+        the compile's backends (a backend may pick a costlier form only then, e.g. OpenVINO's NNCF)."""
+        return cls.quant_forms.get(scheme)
+
+    def lower(self, artifact_dir: Path, lowering: dict[str, Any], plan: dict[str, Any],
+              options: dict[str, Any]) -> str:
+        """The artifact-relative file (or directory) this backend runs, written here when the backend owns
+        its lowered form (e.g. packed sparse weights beside `model/`). Called by the compile driver after
+        the ONNX lowering, for every requested backend. Default: the ONNX lowering's file for it."""
+        from compiler.lowering.files import model_file
+
+        return model_file(lowering, self.name)
 
     def prepare(self, onnx_path: Path, out_dir: Path, options: RunnerOptions) -> Path:
         """Turn the generic lowered ONNX into this backend's variant (static shapes, IR version...).
@@ -80,6 +117,24 @@ class Backend:
     def runner(self, model_path: Path, options: RunnerOptions) -> Runner:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def decoder(self, model_path: Path, lowering: dict[str, Any], options: Any, workdir: Path) -> Any:
+        """A decoder of its own for causal LMs (a `runtimes.decode.decoders.Decoder`), or None: then
+        `runtimes.decode.decoders.open_decoder` runs the in-process decoders on `runner()` (a growing
+        cache, or fixed-shape graphs when `dynamic_shapes` is False)."""
+        return None
+
     def info(self) -> dict[str, Any]:
         ok, reason = self.available()
         return {"name": self.name, "device": self.device, "available": ok, "reason": reason, "install": self.install_hint}
+
+
+def lower_for_backends(registry: Any, backends: tuple[str, ...], root: Path, lowering: dict[str, Any],
+                       plan: dict[str, Any], options: dict[str, Any] | None) -> None:
+    """Let each requested backend write its own lowered form (`Backend.lower`); one that differs from
+    the ONNX lowering's file is recorded in `lowering["backend_files"]`."""
+    from compiler.lowering.files import model_file
+
+    for name in backends:
+        rel = registry.get_backend(name)().lower(Path(root), lowering, plan, options or {})
+        if rel != model_file(lowering, name):
+            lowering.setdefault("backend_files", {})[name] = rel

@@ -28,18 +28,18 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
 from compiler.errors import SparsecError
+from compiler.lowering.format import MAX_IR_VERSION, OPSET
 from compiler.registry import register_backend
 from runtimes.base import Backend, Runner, RunnerOptions
 from runtimes.deepsparse_worker import encode_message, read_message
 from runtimes.venvs import DEEPSPARSE, venv_dir, venv_python, venv_status, worker_env
 
-MAX_IR_VERSION = 9
-TARGET_OPSET = 17  # what the lowering exports; the engine's fast path is known to handle it
+TARGET_OPSET = OPSET  # what the lowering exports; the engine's fast path is known to handle it
 MAX_LOADABLE_OPSET = 19  # the engine (and the worker's onnx 1.14) still load 18-19
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 WORKER = Path(__file__).with_name("deepsparse_worker.py")
@@ -190,7 +190,7 @@ def int8_notes(model) -> list[str]:
 # ---------------------------------------------------------------- worker process
 
 
-class _Worker:
+class WorkerProcess:
     """One worker process with deadline-bound, length-prefixed request/response exchanges."""
 
     def __init__(self, python: Path, timeout_s: float, script: Path = WORKER):
@@ -326,7 +326,7 @@ class DeepSparseRunner(Runner):
 
     def __init__(self, python: Path, model_path: Path, options: RunnerOptions, load_timeout_s: float, infer_timeout_s: float):
         self.options = options
-        self._worker = _Worker(python, infer_timeout_s)
+        self._worker = WorkerProcess(python, infer_timeout_s)
         try:
             self.info, _ = self._worker.request(
                 {"op": "load", "model": str(Path(model_path).resolve()), "batch_size": options.batch_size,
@@ -402,6 +402,9 @@ class DeepSparseBackend(Backend):
     install_hint: ClassVar[str] = "sparsec backends install deepsparse"
     licence_notice: ClassVar[str | None] = DEEPSPARSE.licence_notice
     dynamic_shapes: ClassVar[bool] = False
+    # QLinearMatMul: DeepSparse runs QDQ int8 slower than fp32 (docs/deepsparse.md)
+    quant_forms: ClassVar[Mapping[str, str]] = {"int8": "int8-qoperator", "int8-dynamic": "int8-qoperator"}
+    lowered_by_default: ClassVar[bool] = True
     load_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_LOAD_TIMEOUT", 900.0))
     infer_timeout_s: float = field(default_factory=lambda: _env_seconds("SPARSEC_DEEPSPARSE_TIMEOUT", 120.0))
 
@@ -436,3 +439,24 @@ class DeepSparseBackend(Backend):
             raise BackendUnavailable(f"backend 'deepsparse' is not available: {reason}; install: {self.install_hint}")
         return DeepSparseRunner(venv_python(venv_dir(DEEPSPARSE)), Path(model_path), options,
                                 self.load_timeout_s, self.infer_timeout_s)
+
+    def decoder(self, model_path: Path, lowering: dict[str, Any], options: Any, workdir: Path) -> Any:
+        """Causal LMs decode in the worker process, on fixed-shape prefill/decode graphs, with the loop
+        beside the engines (runtimes/decode/deepsparse_decoder.py): the KV cache never crosses the pipe."""
+        from runtimes.decode.deepsparse_decoder import DeepSparseDecoder
+
+        return DeepSparseDecoder(self, Path(model_path), lowering, options, Path(workdir))
+
+    def engine_graph(self, model: Any) -> Any:
+        """DeepSparse's own graph rules (domains, IR <= 9, opset <= 17) applied to an ONNX model, as `prepare` does."""
+        check_domains(model)
+        return downgrade(model)[0]
+
+    def worker_process(self, script: Path) -> WorkerProcess:
+        """A worker process in the DeepSparse venv running `script` (a `deepsparse_worker.Worker` program)."""
+        return WorkerProcess(venv_python(venv_dir(DEEPSPARSE)), self.infer_timeout_s, script=script)
+
+    @property
+    def min_sparsity_for_analysis(self) -> float:
+        return MIN_SPARSITY_FOR_ANALYSIS
+

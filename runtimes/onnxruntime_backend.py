@@ -39,6 +39,11 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     device = "cpu"
     install_hint = "pip install onnxruntime"
+    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-dynamic"}
+    lowered_by_default = True
+    distributions = ("onnxruntime",)
+    # the fastest dense form known on onnxruntime (DESIGN §5): MatMulInteger on every block layer
+    dense_alternatives = {"int8-dynamic": "int8-dynamic"}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -51,7 +56,7 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, model_path: Path, options: RunnerOptions) -> OnnxRuntimeRunner:
         import onnxruntime as ort
 
-        from compiler.lowering.lower import explain_rejection
+        from compiler.lowering.rules import explain_rejection
 
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.threads

@@ -99,6 +99,19 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     device = "cpu"
     install_hint = "pip install 'sparsec[openvino]'  (openvino, nncf)"
+    # int8-qdq runs on its int8 AMX kernels (never MatMulInteger: fp32 kernels there, 4x slower)
+    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-qdq"}
+    lowered_by_default = True
+    distributions = ("openvino",)
+
+    @classmethod
+    def quant_form(cls, scheme: str, requested: bool) -> str | None:
+        """OpenVINO's own int8 tool (NNCF) when OpenVINO is requested and NNCF is installed, else QDQ."""
+        import importlib.util
+
+        if scheme in cls.quant_forms and requested and importlib.util.find_spec("nncf") is not None:
+            return "int8-openvino"
+        return super().quant_form(scheme, requested)
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -118,7 +131,7 @@ class OpenVinoBackend(Backend):
         """Encoders: an OpenVINO IR with static (batch, seqlen) inputs; causal LMs: the ONNX as is."""
         import openvino as ov
 
-        from compiler.lowering.lower import explain_rejection
+        from compiler.lowering.rules import explain_rejection
 
         try:
             model = ov.Core().read_model(str(onnx_path))
@@ -138,7 +151,7 @@ class OpenVinoBackend(Backend):
                sparse_rate: float = SPARSE_RATE) -> OpenVinoRunner:
         import openvino as ov
 
-        from compiler.lowering.lower import explain_rejection
+        from compiler.lowering.rules import explain_rejection
 
         model_path = Path(model_path)
         core = ov.Core()

@@ -132,6 +132,7 @@ class TensorRtBackend(Backend):
     name = "tensorrt"
     device = "gpu"
     install_hint = INSTALL
+    quant_forms = {"int8": "int8-qdq-sym", "int8-dynamic": "int8-qdq-sym"}  # written only when requested
 
     def __init__(self) -> None:
         self._build_info: dict[Path, dict[str, Any]] = {}
@@ -160,7 +161,7 @@ class TensorRtBackend(Backend):
         """Build and serialize an engine: SPARSE_WEIGHTS + FP16 (+ INT8 for QDQ graphs)."""
         import tensorrt as trt
 
-        from compiler.lowering.lower import explain_rejection
+        from compiler.lowering.rules import explain_rejection
 
         logger = _collecting_logger(trt)
         logger.min_severity = trt.Logger.INFO

@@ -8,20 +8,21 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import SparsecError
-from compiler.lowering.lower import MODEL_FILE, lower_artifact
+from compiler.lowering.files import MODEL_FILE
+from compiler.lowering.lower import lower_artifact
 from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
 from runtimes.base import RunnerOptions
 from runtimes.onnxruntime_backend import OnnxRuntimeBackend
-from runtimes.measure.verify import compare_outputs
+from runtimes.measure.stats import compare_outputs
 
 
 @pytest.fixture(scope="module")
 def bert_onnx(tiny_model_dir, tmp_path_factory):
     ir = load_and_trace(str(tiny_model_dir("bert")))
     root = tmp_path_factory.mktemp("backend-bert")
-    section = lower_artifact(ir, None, root, (), None, {})
+    section = lower_artifact(ir, root)
     ids, mask = text_batch(ir.tokenizer, ["Open the file and return a stream.", "Close it."], 2, 16)
     return root / MODEL_FILE, section, graph_feeds(section, ids, mask), mask.astype(bool)
 

@@ -9,7 +9,9 @@ import onnx
 import pytest
 import torch
 
-from compiler.lowering.lower import MODEL_FILE, explain_rejection, graph_rules, layer_nodes, lower_artifact, model_file
+from compiler.lowering.files import MODEL_FILE, model_file
+from compiler.lowering.lower import lower_artifact
+from compiler.lowering.rules import explain_rejection, graph_rules, layer_nodes
 from compiler.lowering.export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
 from compiler.lowering.feeds import lm_feeds, present_to_past
 from compiler.trace import load_and_trace
@@ -26,7 +28,7 @@ def lowered(tiny_model_dir, tmp_path_factory):
             ir = load_and_trace(str(tiny_model_dir(arch)))
             prune_half(ir)
             root = tmp_path_factory.mktemp(f"lowered-{arch}")
-            cache[arch] = (ir, root, lower_artifact(ir, None, root, (), None, {}))
+            cache[arch] = (ir, root, lower_artifact(ir, root))
         return cache[arch]
 
     return make
@@ -105,7 +107,7 @@ def test_plain_module_lowering(tmp_path):
     module = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).eval()
     ir = trace(LoadedModel(module, "module", example_inputs={"input": torch.randn(3, 16)}), source="seq")
     prune_half(ir)
-    section = lower_artifact(ir, None, tmp_path, (), None, {})
+    section = lower_artifact(ir, tmp_path)
     assert section["task"] == "module" and section["inputs"] == ["input"] and section["outputs"] == ["output"]
     assert section["numerics"]["output"] < 1e-5 and section["zeros"]["preserved"]
 

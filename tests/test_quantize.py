@@ -9,16 +9,17 @@ import pytest
 import torch
 
 from compiler.calibration import CalibrationConfig, build_calibration
-from compiler.lowering.lower import MODEL_FILE, lower_artifact
+from compiler.lowering.files import MODEL_FILE
+from compiler.lowering.lower import lower_artifact
 from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.lowering.quant import gemm_to_matmul, variants_for_scheme
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
-from compiler.lowering.quant import activation_ratios
+from compiler.stats import activation_ratios
 from passes.quantization import Quantize
-from runtimes.measure.verify import compare_outputs
+from runtimes.measure.stats import compare_outputs
 from lowering_helpers import prune_half
 
 
@@ -68,7 +69,7 @@ def quantized_bert(tiny_model_dir, tmp_path_factory):
     ctx, calib = _ctx(ir)
     Quantize(scheme="int8", max_activation_ratio=0)(ir, ctx)
     root = tmp_path_factory.mktemp("qbert")
-    return ir, root, lower_artifact(ir, None, root, ("onnxruntime",), calib, {})
+    return ir, root, lower_artifact(ir, root, ("onnxruntime",), calib)
 
 
 def _feeds(ir, section):
@@ -105,7 +106,7 @@ def test_dynamic_variant_for_gpt2_rewrites_gemm(tiny_model_dir, tmp_path):
     """GPT-2's Conv1D exports as Gemm, which ORT's dynamic quantizer skips: it becomes MatMul + Add."""
     ir = load_and_trace(str(tiny_model_dir("gpt2")))
     Quantize(scheme="int8-dynamic")(ir, PassContext())
-    section = lower_artifact(ir, None, tmp_path, ("onnxruntime",), None, {})
+    section = lower_artifact(ir, tmp_path, ("onnxruntime",))
     variant = section["variants"]["int8-dynamic"]
     assert variant["gemm_rewritten"] > 0 and variant["layers_quantized"] == variant["layers_planned"]
     ops = {n.op_type for n in onnx.load(str(tmp_path / variant["file"])).graph.node}
@@ -140,7 +141,7 @@ def test_openvino_runs_its_int8_variant(tiny_model_dir, tmp_path):
     ir = load_and_trace(str(tiny_model_dir("bert")))
     ctx, calib = _ctx(ir)
     Quantize(scheme="int8", max_activation_ratio=0)(ir, ctx)
-    section = lower_artifact(ir, None, tmp_path, ("openvino",), calib, {})
+    section = lower_artifact(ir, tmp_path, ("openvino",), calib)
     assert section["backend_files"]["openvino"] == "onnx/int8-openvino/model.onnx"
     feeds, valid = _feeds(ir, section)
     ref = ort.InferenceSession(str(tmp_path / MODEL_FILE)).run(None, feeds)[0]

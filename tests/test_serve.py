@@ -25,7 +25,7 @@ pytest.importorskip("prometheus_client", reason="the server's /metrics needs pro
 
 from runtimes.serve.app import wait_until_ready  # noqa: E402
 from runtimes.serve.batching import DynamicBatcher, QueueFull  # noqa: E402
-from runtimes.serve.generation import SamplingParams, sample  # noqa: E402
+from runtimes.decode.loop import SamplingParams, sample  # noqa: E402
 from runtimes.serve.text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
 
 COMPILE_FAST = ("--calib-samples", "4", "--calib-seqlen", "32", "--runs", "2", "--seqlen", "32")
@@ -545,6 +545,54 @@ def test_greedy_completions_match_torch_generate(llama_server, artifacts):
         assert too_long.status_code == 400 and "at most 256 tokens" in too_long.json()["error"]["message"]
         assert c.post("/v1/embeddings", json={"input": "x"}).status_code == 400
         assert c.post("/v1/completions", json={"prompt": "x", "n": 2}).status_code == 400
+
+
+def test_deepsparse_serves_completions_through_its_decoder(artifacts, tmp_path):
+    """Completions run the backend's decoder (the loop `verify --decode` measures): DeepSparse, with fixed
+    shapes and the loop in its worker, serves them too, and its fixed limits are 400s."""
+    from compiler.registry import Registry
+
+    ok, reason = Registry.default().get_backend("deepsparse").available()
+    if not ok:
+        pytest.skip(f"deepsparse unavailable: {reason}")
+    refs = [greedy_reference(artifacts["llama"] / "model", p, 8) for p in PROMPTS]
+    server = start_server(artifacts["llama"], tmp_path, "--backend", "deepsparse", "--seqlen", "32", ready_timeout=600)
+    try:
+        with server.client() as c:
+            r = c.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            assert [ch["text"] for ch in r.json()["choices"]] == refs
+            over = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 40})
+            assert over.status_code == 400 and "static cache" in over.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+
+NO_TORCH = "import sys; sys.modules['torch'] = None; from compiler.cli import main; main()"
+
+
+def test_onnx_artifacts_serve_without_torch(artifacts, tmp_path):
+    """`sparsec serve` of an ONNX artifact (and so the deploy bundle's start.sh, which runs it) never
+    imports torch: with `import torch` blocked, the encoder serves embeddings and the LM completions."""
+    servers = {}
+    try:
+        for arch in ("bert", "llama"):
+            port = free_port()
+            log = tmp_path / f"{arch}.log"
+            with open(log, "w") as fh:
+                proc = subprocess.Popen([sys.executable, "-c", NO_TORCH, "serve", str(artifacts[arch]), "--port", str(port)],
+                                        stdout=fh, stderr=subprocess.STDOUT)
+            servers[arch] = Server(proc, f"http://127.0.0.1:{port}", log)
+            assert wait_until_ready(servers[arch].url, 120, proc) == "ready", servers[arch].log_text()
+        with servers["bert"].client() as c:
+            r = c.post("/v1/embeddings", json={"input": TEXTS})
+            assert r.status_code == 200, r.text
+        with servers["llama"].client() as c:
+            r = c.post("/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    finally:
+        for server in servers.values():
+            assert server.stop() == 0, server.log_text()
 
 
 def test_streaming_completion_equals_non_streaming(llama_server):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from compiler.artifact import Artifact
-from runtimes.measure.verify import VerifyOptions, apply_gates, compare_outputs, interleaved_timing, percentiles
+from runtimes.measure.inputs import VerifyOptions
+from runtimes.measure.stats import compare_outputs, interleaved_timing, percentiles
+from runtimes.measure.verify import apply_gates
 
 RUNS = ("--runs", "3", "--seqlen", "32")
 

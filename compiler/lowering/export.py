@@ -39,8 +39,8 @@ from torch import nn
 
 from compiler.errors import SparsecError
 from compiler.ir import ModelIR
+from compiler.lowering.format import OPSET
 
-OPSET = 17  # declared
 EXPORT_OPSET = 16  # what the exporter targets (see the module docstring)
 EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
 EXTERNAL_DATA_FILE = "model.onnx.data"

@@ -2,7 +2,7 @@
 
 The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic"`); here the decision
 is materialised with onnxruntime's quantization tools, restricted to the MatMul nodes of the planned
-layers (found by module scope, `compiler.lowering.layer_nodes`):
+layers (found by module scope, `compiler.lowering.rules.layer_nodes`):
 
 | variant          | format                        | runs on                   | calibration |
 |------------------|-------------------------------|---------------------------|-------------|
@@ -47,6 +47,9 @@ import numpy as np
 from compiler.ir import ModelIR
 from compiler.lowering.export import LoweringError, load_onnx, save_onnx
 from compiler.lowering.feeds import graph_feeds
+from compiler.lowering.files import path_rel
+from compiler.lowering.rules import graph_rules, layer_nodes
+from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 
 SCHEMES = ("int8", "int8-dynamic")
 
@@ -55,18 +58,20 @@ SCHEMES = ("int8", "int8-dynamic")
 class VariantKind:
     name: str
     format: str
-    backends: tuple[str, ...]
     calibrated: bool
     symmetric_activations: bool = False
     per_channel: bool = True  # weight scales per output channel (else one per tensor)
+    tool: str = "onnxruntime.quantization"
 
 
+# The int8 forms lowering can write. Which backend runs which is declared by the backend itself
+# (`Backend.quant_forms`, runtimes/base.py), never listed here.
 VARIANTS = {
-    "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", ("onnxruntime",), calibrated=False),
-    "int8-qdq": VariantKind("int8-qdq", "QDQ", ("onnxruntime", "openvino"), calibrated=True),
-    "int8-qoperator": VariantKind("int8-qoperator", "QOperator", ("deepsparse",), calibrated=True, per_channel=False),
-    "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", ("tensorrt",), calibrated=True, symmetric_activations=True),
-    "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", ("openvino",), calibrated=True),
+    "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", calibrated=False),
+    "int8-qdq": VariantKind("int8-qdq", "QDQ", calibrated=True),
+    "int8-qoperator": VariantKind("int8-qoperator", "QOperator", calibrated=True, per_channel=False),
+    "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", calibrated=True, symmetric_activations=True),
+    "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", calibrated=True, tool="nncf"),
 }
 
 
@@ -79,24 +84,30 @@ def nncf_available() -> bool:
     return importlib.util.find_spec("nncf") is not None
 
 
-def variants_for_scheme(scheme: str, backends: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
-    """Variant name → backends that run it, for a scheme (OpenVINO's NNCF variant and TensorRT's only
-    when those backends are requested)."""
+def variants_for_scheme(scheme: str, backends: tuple[str, ...] = (), registry: Any = None) -> dict[str, tuple[str, ...]]:
+    """Variant name → backends that run it, for a scheme. Each registered backend declares its form
+    (`quant_form(scheme, requested)`); a backend's variant is written when it is requested, or when it
+    declares `lowered_by_default` (so the artifact can be served on it later without re-lowering)."""
     if scheme not in SCHEMES:
         raise LoweringError(f"unknown quantization scheme '{scheme}' (known: {', '.join(SCHEMES)})")
-    nncf = "openvino" in backends and nncf_available()
-    ov = () if nncf else ("openvino",)
-    if scheme == "int8":
-        out = {"int8-qdq": ("onnxruntime", *ov), "int8-qoperator": ("deepsparse",)}
-    else:
-        out = {"int8-dynamic": ("onnxruntime",), "int8-qdq": ov, "int8-qoperator": ("deepsparse",)}
-        if not ov:
-            del out["int8-qdq"]
-    if nncf:
-        out["int8-openvino"] = ("openvino",)
-    if "tensorrt" in backends:
-        out["int8-qdq-sym"] = ("tensorrt",)
-    return out
+    if registry is None:
+        from compiler.registry import Registry
+
+        registry = Registry.default(kinds=("backend",))
+    out: dict[str, list[str]] = {}
+    for name, entry in registry.backends.items():
+        cls = entry.obj
+        requested = name in backends
+        if not (requested or getattr(cls, "lowered_by_default", False)):
+            continue
+        form = cls.quant_form(scheme, requested) if hasattr(cls, "quant_form") else None
+        if form is None:
+            continue
+        if form not in VARIANTS:
+            raise LoweringError(f"backend '{name}' declares int8 form '{form}', which lowering cannot write "
+                                f"(known: {', '.join(VARIANTS)})")
+        out.setdefault(form, []).append(name)
+    return {v: tuple(out[v]) for v in VARIANTS if v in out}  # a fixed order: the manifest does not depend on the registry's
 
 
 def planned_scheme(ir: ModelIR) -> str | None:
@@ -163,37 +174,6 @@ class _FeedReader:
         pass
 
 
-STATIC_MAX_ACTIVATION_RATIO = 45.0  # static int8 keeps layers fp32 above this input max|x|/rms
-
-
-def activation_ratios(ir: ModelIR, names: list[str], samples: list[dict[str, Any]]) -> dict[str, float]:
-    """max|x| / rms(x) of each layer's input over all calibration tokens (one forward per sample).
-    Static int8 fixes the activation range at calibration: a large ratio means either clipped
-    outliers or all 256 levels spent on them."""
-    import torch
-
-    from compiler.trace import call_model
-
-    acc = {n: [0.0, 0.0, 0] for n in names}  # max |x|, sum x², count
-
-    def hook(inputs: tuple, name: str) -> None:
-        x = inputs[0].detach().float()
-        a = acc[name]
-        a[0] = max(a[0], float(x.abs().max()))
-        a[1] += float((x * x).sum())
-        a[2] += x.numel()
-
-    handles = [ir.get_module(n).register_forward_hook(lambda m, i, o, n=n: hook(i, n)) for n in names]
-    try:
-        with torch.no_grad():
-            for sample in samples:
-                call_model(ir.module, sample)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (mx / (ss / c) ** 0.5 if c and ss > 0 else 0.0) for n, (mx, ss, c) in acc.items()}
-
-
 def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple[list[dict[str, np.ndarray]], dict[str, Any], Any]:
     """Graph feeds from the artifact's calibration samples (or a default set built now), their
     provenance, and the calibration set itself."""
@@ -219,13 +199,9 @@ def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple
 
 # -- variants --------------------------------------------------------------------------------------
 def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], scheme: str, calib: Any,
-                   backends: tuple[str, ...], only: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-    """Write the scheme's variants under `root/onnx/<variant>/model.onnx`; returns their manifest entries."""
-    from compiler.lowering.lower import graph_rules, layer_nodes, path_rel
-
-    wanted = variants_for_scheme(scheme, backends)
-    if only:  # explicit variant names (dense references): whatever the backends
-        wanted = {k: wanted.get(k, VARIANTS[k].backends) for k in only}
+                   wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Any]]:
+    """Write `wanted` (variant → backends that run it; `variants_for_scheme`) under
+    `root/onnx/<variant>/model.onnx`; returns their manifest entries."""
     layers = quantized_layers(ir)
     model = load_onnx(src)
     gemms = gemm_to_matmul(model)
@@ -250,8 +226,8 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
             kind = VARIANTS[name]
             out = root / "onnx" / name / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
-            used = static_mapping if kind.calibrated and name != "int8-openvino" else mapping
-            if name == "int8-openvino":
+            used = static_mapping if kind.calibrated and kind.tool != "nncf" else mapping
+            if kind.tool == "nncf":
                 _quantize_nncf(prepared, out, fp32_nodes, feeds, external)
             else:
                 _quantize(kind, prepared, out, [node for node, _ in used.values()], feeds, external)
@@ -262,7 +238,7 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
             entries[name] = {
                 "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
                 "weights": f"int8 symmetric per {'output channel' if kind.per_channel else 'tensor'}",
-                "tool": "nncf" if name == "int8-openvino" else "onnxruntime.quantization",
+                "tool": kind.tool,
                 "activations": "dynamic uint8" if not kind.calibrated else ("int8 symmetric" if kind.symmetric_activations else "uint8"),
                 "layers_quantized": len(used), "layers_planned": len(layers), "gemm_rewritten": gemms,
                 "layers_fp32_activation_outliers": sorted(set(mapping) - set(used)),

@@ -1,7 +1,7 @@
-"""Token-by-token greedy decode of a lowered causal LM on each backend, with its KV cache.
+"""Token-by-token generation of a lowered causal LM on each backend, with its KV cache.
 
-`open_decoder(backend, model_path, lowering, options, workdir) -> Decoder` picks the loop a backend
-runs best (the loops themselves are in runtimes/decode/loop.py):
+`open_decoder(backend, model_path, lowering, options, workdir) -> Decoder` picks the cache a backend
+runs best (the one generation loop and the caches are in runtimes/decode/loop.py):
 - onnxruntime, OpenVINO (and any backend with dynamic shapes): the lowered graph as is, in this
   process, `present.*` fed back as `past_key_values.*` (`cache="dynamic"`); `cache="static"` runs
   the fixed-shape graphs below on them too (used to test the static loop against the dynamic one);
@@ -10,9 +10,10 @@ runs best (the loops themselves are in runtimes/decode/loop.py):
   slots), masks for the valid slots — compiled in the DeepSparse worker process, which also runs the
   loop (runtimes/decode/worker_deepsparse.py): the cache never crosses the pipe.
 
-`Decoder.generate(ids, mask, new_tokens)` → `DecodeTrace` (tokens, prefill ms, per-step ms, peak
-RSS while decoding, of the process that holds the weights); `Decoder.prefill_logits` serves the
-accuracy checks. `torch_greedy` is the reference: the torch model of the same weights, same greedy
+`Decoder.generate(ids, mask, new_tokens)` → `DecodeTrace` (greedy, batch 1: tokens, prefill ms,
+per-step ms, peak RSS while decoding, of the process that holds the weights) for verify/bench;
+`Decoder.complete(requests, pad_id, eos_ids)` → `GenResult`s (sampling, stop callbacks) for the server;
+both run `loop.generate`. `Decoder.prefill_logits` serves the accuracy checks. `torch_greedy` is the reference: the torch model of the same weights, same greedy
 loop, so `tokens_match` can check every backend token for token.
 """
 
@@ -27,15 +28,15 @@ from typing import Any
 import numpy as np
 
 from compiler.errors import SparsecError
-from compiler.lowering.feeds import empty_past, kv_names
+from compiler.lowering.feeds import kv_names, lm_feeds
 from runtimes.base import RunnerOptions
-from runtimes.decode.loop import (DecodeTrace, greedy_dynamic, greedy_static, left_pad, rss_bytes, static_prefill_feeds,
+from runtimes.decode.loop import (DecodeTrace, DynamicCache, GenRequest, GenResult, KVLayout, SamplingParams,
+                                  StaticCache, generate, left_pad, left_pad_prompts, rss_bytes, static_prefill_feeds,
                                   static_slots)
 from runtimes.decode.static_graph import static_kv_graph
 
 CACHES = ("auto", "dynamic", "static")
 PREFILLS = ("engine", "tokens")
-STATIC_BACKENDS = frozenset({"deepsparse"})  # engines that need fixed shapes: cache="auto" → static
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,11 @@ class DecodeOptions:
     def slots(self) -> int:
         return static_slots(self.prompt_len, self.new_tokens)
 
-    def cache_for(self, backend: str) -> str:
+    def cache_for(self, backend: Any) -> str:
+        """"auto": fixed-shape graphs for a backend that declares `dynamic_shapes = False`."""
         if self.cache != "auto":
             return self.cache
-        return "static" if backend in STATIC_BACKENDS else "dynamic"
+        return "dynamic" if getattr(backend, "dynamic_shapes", True) else "static"
 
 
 def kv_shapes(lowering: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -78,7 +80,16 @@ def kv_shapes(lowering: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {n: (1, int(kv["kv_heads"]), 0, int(kv["head_dim"])) for n in kv_names(lowering)}
 
 
-def _check_prompt(ids: np.ndarray, mask: np.ndarray, new_tokens: int, opts: DecodeOptions, static: bool) -> None:
+def static_limits(opts: DecodeOptions, prompt_len: int, max_tokens: int) -> str | None:
+    """Why a prompt / token budget does not fit fixed-shape graphs compiled for `opts`, or None."""
+    if prompt_len > opts.prompt_len:
+        return f"a {prompt_len}-token prompt exceeds the static prefill length {opts.prompt_len}"
+    if max_tokens > opts.new_tokens:
+        return f"{max_tokens} new tokens exceed the static cache sized for {opts.new_tokens}"
+    return None
+
+
+def check_prompt(ids: np.ndarray, mask: np.ndarray, new_tokens: int, opts: DecodeOptions, static: bool) -> None:
     if ids.ndim != 2 or ids.shape[0] != 1 or mask.shape != ids.shape:
         raise SparsecError(f"decode runs batch 1: ids and mask must both be (1, n), got {ids.shape} and {mask.shape}")
     if static and ids.shape[1] > opts.prompt_len:
@@ -94,9 +105,34 @@ class Decoder:
     cache: str = ""
     details: dict[str, Any]
 
-    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, stop_ids: tuple[int, ...] = (),
-                 pad_id: int = 0) -> DecodeTrace:  # pragma: no cover - abstract
+    # True: `run` takes a batch of prompts at once (a growing cache); False: one request per call
+    batched: bool = False
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, requests: list[GenRequest], eos_ids: tuple[int, ...],
+            pad_id: int = 0) -> tuple[list[GenResult], DecodeTrace]:  # pragma: no cover - abstract
+        """`loop.generate` on this decoder's cache for the (left-padded) prompts `ids`/`mask`, one row per request."""
         raise NotImplementedError
+
+    def generate(self, ids: np.ndarray, mask: np.ndarray, new_tokens: int, stop_ids: tuple[int, ...] = (),
+                 pad_id: int = 0) -> DecodeTrace:
+        """Greedy, batch 1: `new_tokens` tokens (fewer at a stop id, which the trace keeps)."""
+        if ids.ndim != 2 or ids.shape[0] != 1 or mask.shape != ids.shape:
+            raise SparsecError(f"decode runs batch 1: ids and mask must both be (1, n), got {ids.shape} and {mask.shape}")
+        request = GenRequest([], SamplingParams(max_tokens=new_tokens))
+        return self.run(ids, mask, [request], tuple(stop_ids), pad_id)[1]
+
+    def complete(self, requests: list[GenRequest], pad_id: int, eos_ids: tuple[int, ...]) -> list[GenResult]:
+        """Serve requests (sampling, stop callbacks): all at once when the decoder is `batched`, else one by one."""
+        groups = [requests] if self.batched else [[r] for r in requests]
+        results: list[GenResult] = []
+        for group in groups:
+            ids, mask = left_pad_prompts([r.prompt for r in group], pad_id)
+            results += self.run(ids, mask, group, tuple(eos_ids), pad_id)[0]
+        return results
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a request cannot run on this decoder (a fixed-shape cache's limits), or None."""
+        return None
 
     def prefill_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,10 +145,15 @@ class DynamicDecoder(Decoder):
     """The lowered graph as is on an in-process runner; the cache grows by one slot per token."""
 
     cache = "dynamic"
+    batched = True
 
     def __init__(self, backend: Any, model_path: Path, lowering: dict[str, Any], opts: DecodeOptions, workdir: Path):
         self.backend = backend.name
         self.lowering = lowering
+        kv = lowering["kv"]
+        names = tuple(kv_names(lowering))
+        self.layout = KVLayout(names, {n: int(kv["kv_heads"]) for n in names}, {n: int(kv["head_dim"]) for n in names},
+                               "float32", "position_ids" in lowering["inputs"])
         before = rss_bytes()
         start = time.perf_counter()
         ropts = RunnerOptions(threads=opts.threads, batch_size=1, seqlen=opts.prompt_len)
@@ -121,13 +162,10 @@ class DynamicDecoder(Decoder):
                         "rss_load_delta_bytes": rss_bytes() - before, "rss_process": "this process",
                         **getattr(self.runner, "details", {})}
 
-    def generate(self, ids, mask, new_tokens, stop_ids=(), pad_id=0) -> DecodeTrace:
-        return greedy_dynamic(self.runner.infer, kv_names(self.lowering), empty_past(self.lowering, 1), ids, mask,
-                              new_tokens, tuple(stop_ids))
+    def run(self, ids, mask, requests, eos_ids, pad_id=0):
+        return generate(DynamicCache(self.runner.infer, self.layout, ids, mask), requests, eos_ids)
 
     def prefill_logits(self, ids, mask) -> np.ndarray:
-        from compiler.lowering.feeds import lm_feeds
-
         return self.runner.infer(lm_feeds(self.lowering, ids, mask))["logits"]
 
     def close(self) -> None:
@@ -163,15 +201,19 @@ class StaticDecoder(Decoder):
                         "load_seconds": time.perf_counter() - start, "rss_load_delta_bytes": rss_bytes() - before,
                         "rss_process": "this process", **getattr(self.decode, "details", {})}
 
-    def generate(self, ids, mask, new_tokens, stop_ids=(), pad_id=0) -> DecodeTrace:
-        _check_prompt(ids, mask, new_tokens, self.opts, True)
-        return greedy_static(self.prefill.infer if self.prefill else None, self.decode.infer, self.shapes,
-                             self.opts.slots, self.opts.prompt_len, ids, mask, new_tokens, tuple(stop_ids), pad_id)
+    def run(self, ids, mask, requests, eos_ids, pad_id=0):
+        check_prompt(ids, mask, max(r.params.max_tokens for r in requests), self.opts, True)
+        cache = StaticCache(self.prefill.infer if self.prefill else None, self.decode.infer, self.shapes,
+                            self.opts.slots, self.opts.prompt_len, ids, mask, pad_id)
+        return generate(cache, requests, eos_ids)
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+        return static_limits(self.opts, prompt_len, max_tokens)
 
     def prefill_logits(self, ids, mask) -> np.ndarray:
         if self.prefill is None:
             raise SparsecError("prefill logits need the prefill graph (prefill='engine')")
-        _check_prompt(ids, mask, 1, self.opts, True)
+        check_prompt(ids, mask, 1, self.opts, True)
         pids, pmask = left_pad(ids, mask, self.opts.prompt_len)
         return self.prefill.infer(static_prefill_feeds(pids, pmask, self.shapes))["logits"][:, -ids.shape[1]:]
 
@@ -183,14 +225,14 @@ class StaticDecoder(Decoder):
 
 def open_decoder(backend: Any, model_path: Path, lowering: dict[str, Any], opts: DecodeOptions,
                  workdir: Path) -> Decoder:
-    """The decoder `backend` runs best (see the module docstring); `workdir` holds derived graphs."""
+    """The decoder `backend` runs best: its own (`Backend.decoder`), else the in-process loop on its
+    runner (see the module docstring); `workdir` holds derived graphs."""
     kv_shapes(lowering)  # a causal LM with a KV cache, or a one-line error
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    if backend.name == "deepsparse":
-        from runtimes.decode.deepsparse_decoder import DeepSparseDecoder
-
-        return DeepSparseDecoder(backend, Path(model_path), lowering, opts, Path(workdir))
-    cls = StaticDecoder if opts.cache_for(backend.name) == "static" else DynamicDecoder
+    own = backend.decoder(Path(model_path), lowering, opts, Path(workdir))
+    if own is not None:
+        return own
+    cls = StaticDecoder if opts.cache_for(backend) == "static" else DynamicDecoder
     return cls(backend, Path(model_path), lowering, opts, Path(workdir))
 
 

@@ -1,5 +1,5 @@
 """DeepSparse decode worker: runs INSIDE the DeepSparse virtualenv, like runtimes/deepsparse_worker.py
-(same protocol, same `main`), with the greedy loop of runtimes/decode/loop.py in-process so the KV
+(same protocol, same `main`), with the generation loop of runtimes/decode/loop.py in-process so the KV
 cache never crosses the pipe. Imports only the stdlib, numpy, deepsparse and those two
 modules (their directories put on sys.path from this file's location: `python -I` does not add them).
 
@@ -7,8 +7,10 @@ Ops (besides `close`):
   {"op": "load", "decode_model": PATH, "prefill_model": PATH | null, "slots": S, "prefill_len": P,
    "kv_shapes": {name: [1, heads, 0, head_dim]}, "threads": T, "release_prefill": bool}
       -> {"ok", "version", "compile_seconds", "rss_before_load", "rss_after_load", "fraction_of_supported_ops"}
-  {"op": "generate", "new_tokens": N, "stop_ids": [...], "pad_id": id} + arrays {input_ids, attention_mask}
-      -> {"ok", "trace": DecodeTrace.to_dict()}
+  {"op": "generate", "new_tokens": N, "stop_ids": [...], "pad_id": id, "sampling": {temperature, top_p, seed} | absent}
+      + arrays {input_ids, attention_mask}
+      -> {"ok", "trace": DecodeTrace.to_dict(), "result": {"tokens": [...], "finish_reason"}} (loop.generate: greedy
+      without "sampling"; the eos token is in the trace, not in the result)
   {"op": "prefill"} + arrays {input_ids, attention_mask} -> {"ok"} + arrays {logits} (static prefill graph)
   {"op": "analyze"} -> the base worker's per-layer kernel report, for the decode graph.
 `release_prefill`: the prefill engine is compiled for each `generate` and freed before decoding, so
@@ -28,7 +30,7 @@ sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # runtimes/decode/ (loop.py), ru
 
 import numpy as np  # noqa: E402
 
-from loop import greedy_static, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
+from loop import GenRequest, SamplingParams, StaticCache, generate, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
 from deepsparse_worker import Worker, main  # noqa: E402
 
 
@@ -85,10 +87,15 @@ class DecodeWorker(Worker):
                 gc.collect()
             return out
 
-        trace = greedy_static(prefill if engine is not None else None, lambda f: self._call(self.engine, f), shapes,
-                              int(args["slots"]), int(args["prefill_len"]), arrays["input_ids"], arrays["attention_mask"],
-                              int(req["new_tokens"]), tuple(req.get("stop_ids", ())), int(req.get("pad_id", 0)))
-        return {"ok": True, "trace": trace.to_dict()}, {}
+        cache = StaticCache(prefill if engine is not None else None, lambda f: self._call(self.engine, f), shapes,
+                            int(args["slots"]), int(args["prefill_len"]), arrays["input_ids"], arrays["attention_mask"],
+                            int(req.get("pad_id", 0)))
+        sampling = req.get("sampling") or {}
+        params = SamplingParams(max_tokens=int(req["new_tokens"]), temperature=float(sampling.get("temperature", 0.0)),
+                                top_p=float(sampling.get("top_p", 1.0)), seed=sampling.get("seed"))
+        (result,), trace = generate(cache, [GenRequest([], params)], tuple(req.get("stop_ids", ())))
+        return {"ok": True, "trace": trace.to_dict(),
+                "result": {"tokens": list(result.tokens), "finish_reason": result.finish_reason}}, {}
 
     def prefill(self, req: dict, arrays: dict) -> tuple[dict, dict]:
         """Logits of the static prefill graph for one (left-padded) prompt: accuracy checks."""

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import SparsecError
-from compiler.lowering.lower import dense_reference
-from runtimes.measure.verify import COMPILED, DENSE, VerifyOptions, build_inputs, measure_backend, model_configs
+from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
+from runtimes.measure.inputs import VerifyOptions, build_inputs
+from runtimes.measure.verify import measure_backend
 
 
 def parse_positive_list(text: str, what: str) -> tuple[int, ...]:
@@ -50,14 +51,14 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
     if not lowering:
         raise SparsecError(f"artifact '{root}' has no lowered model: compile it with --backend to lower it to ONNX")
     check_backends_available(registry, backends)
-    dense_root = dense_reference(manifest, options, backends)
+    dense_root = dense_reference(manifest, options, backends, registry)
     rows: list[dict[str, Any]] = []
     accuracy: dict[tuple[str, str], dict[str, Any]] = {}
     work = Path(tempfile.mkdtemp(prefix="sparsec-bench-"))
     try:
         for name in backends:
             backend = registry.get_backend(name)()
-            configs = model_configs(root, manifest, name, dense_root, backends)
+            configs = model_configs(root, manifest, backend, dense_root, backends, registry)
             for bs in batch_sizes:
                 for th in threads:
                     opts = replace(base, batch_size=bs, threads=th,

@@ -24,15 +24,16 @@ import numpy as np
 from compiler.errors import SparsecError
 from runtimes.decode.decoders import DecodeOptions, open_decoder
 from runtimes.decode.traffic import kv_bytes_per_token, weight_traffic
-from runtimes.decode.loop import DecodeTrace
+from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
+from runtimes.measure.inputs import VerifyOptions, build_inputs, max_positions
+from runtimes.measure.membw import measure_read_bandwidth
+from runtimes.measure.stats import tokens_per_s
 
 WARMUP_TOKENS = 4
 
 
 def decode_prompt(root: Path, lowering: dict[str, Any], opts: DecodeOptions) -> tuple[np.ndarray, np.ndarray]:
     """A (1, prompt_len) prompt of real held-out text (seeded random ids without a tokenizer)."""
-    from runtimes.measure.verify import VerifyOptions, build_inputs, max_positions
-
     limit = max_positions(root)
     if limit and opts.prompt_len + opts.new_tokens > limit:
         raise SparsecError(f"prompt {opts.prompt_len} + {opts.new_tokens} new tokens exceed the model's {limit} positions")
@@ -47,17 +48,13 @@ def disk_bytes(path: Path) -> int:
     return Path(path).stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def tokens_per_s(trace: DecodeTrace) -> float:
-    total = sum(trace.step_ms)
-    return len(trace.step_ms) / total * 1e3 if total > 0 else 0.0
-
-
-def uses_sparse_kernels(backend: str, decoder: Any, sparsity: float) -> bool:
-    """Whether the backend reads the weights in a sparse form: DeepSparse says per layer (its analysis
-    engine) when the weights hold zeros; others say so in their runner details."""
+def uses_sparse_kernels(decoder: Any, sparsity: float) -> bool:
+    """Whether the backend reads the weights in a sparse form: a decoder that can tell per layer has a
+    `sparse_kernels()` method (DeepSparse: its analysis engine), asked when the weights hold zeros;
+    others say so in their runner details."""
     if sparsity < 0.05:
         return False
-    if backend == "deepsparse" and hasattr(decoder, "sparse_kernels"):
+    if callable(getattr(decoder, "sparse_kernels", None)):
         return bool(decoder.sparse_kernels()["used"])
     return bool(decoder.details.get("sparse_kernels"))
 
@@ -79,7 +76,7 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         if warmup:
             decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
         trace = decoder.generate(ids, mask, opts.new_tokens)
-        sparse = uses_sparse_kernels(backend.name, decoder, traffic.sparsity)
+        sparse = uses_sparse_kernels(decoder, traffic.sparsity)
         details = dict(decoder.details)
     shutil.rmtree(workdir, ignore_errors=True)
     rate = tokens_per_s(trace)
@@ -106,17 +103,14 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
 
 def bench_decode(root: Path, manifest: dict[str, Any], backends: tuple[str, ...], registry: Any,
                  opts: DecodeOptions, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    from compiler.lowering.lower import dense_reference
-    from runtimes.measure.membw import measure_read_bandwidth
     from runtimes.registry_helpers import check_backends_available
-    from runtimes.measure.verify import COMPILED, DENSE, model_configs
 
     lowering = manifest.get("lowering")
     if not lowering or lowering.get("task") != "text-generation":
         raise SparsecError(f"--decode needs a causal-LM artifact lowered to ONNX; '{root}' is "
                            f"{'not lowered' if not lowering else lowering.get('task')}")
     check_backends_available(registry, backends)
-    dense_root = dense_reference(manifest, options, backends)
+    dense_root = dense_reference(manifest, options, backends, registry)
     ids, mask = decode_prompt(root, lowering, opts)
     bandwidth = measure_read_bandwidth(threads=opts.threads)
     rows = []
@@ -124,7 +118,7 @@ def bench_decode(root: Path, manifest: dict[str, Any], backends: tuple[str, ...]
     try:
         for name in backends:
             backend = registry.get_backend(name)()
-            configs = model_configs(root, manifest, name, dense_root, backends)
+            configs = model_configs(root, manifest, backend, dense_root, backends, registry)
             for label, path in configs.items():
                 rows.append(decode_row(backend, label, path, lowering, opts, ids, mask, bandwidth.best_gbps,
                                        work / f"{name}-{len(rows)}"))

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from runtimes.decode.decoders import DecodeOptions, Decoder, open_decoder
-from runtimes.measure.decode_bench import tokens_per_s
+from runtimes.measure.dense import DENSE
+from runtimes.measure.stats import compare_outputs, interleaved_timing, merge_accuracy, percentiles, tokens_per_s
 
 DECODE_ROUNDS = 3
 
@@ -32,8 +33,6 @@ def _rows(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: str) -> dict[str, dict[str, Any]]:
-    from runtimes.measure.verify import compare_outputs, merge_accuracy
-
     parts: dict[str, list[dict[str, Any]]] = {label: [] for label in decoders if label != reference}
     for feeds, _ in inputs.accuracy:
         for ids, mask in _rows(feeds):
@@ -46,8 +45,6 @@ def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: s
 
 def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
                    rounds: int) -> dict[str, dict[str, Any]]:
-    from runtimes.measure.verify import percentiles
-
     labels = list(decoders)
     steps: dict[str, list[float]] = {label: [] for label in labels}
     rates: dict[str, list[float]] = {label: [] for label in labels}
@@ -65,8 +62,6 @@ def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarr
 
 def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, Any], inputs: Any, opts: Any,
                        workdir: Path) -> dict[str, Any]:
-    from runtimes.measure.verify import DENSE, interleaved_timing, percentiles
-
     ids, mask = _rows({k: v[:1] for k, v in inputs.timing.items()})[0]
     dopts = DecodeOptions(prompt_len=inputs.seqlen, new_tokens=opts.decode_tokens, threads=opts.threads)
     decoders: dict[str, Decoder] = {}

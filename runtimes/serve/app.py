@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from compiler.errors import SparsecError
 from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
-from runtimes.serve.generation import GenRequest, GenResult, SamplingParams
+from runtimes.decode.loop import GenRequest, GenResult, SamplingParams
 from runtimes.serve.metrics import ServerMetrics
 from runtimes.serve.model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
 from runtimes.serve.openai_schema import (APIError, ChoiceState, CompletionRequest, EmbeddingsRequest, InferRequest,
@@ -301,6 +301,10 @@ def _install_routes(app, state: ServerState) -> None:
         if any(not p for p in prompts):
             raise bad_request("a prompt tokenizes to zero tokens; give some text")
         check_lengths(prompts, state.model.token_limit, extra=req.max_tokens, what="prompt")
+        problem = state.model.check_request(max(len(p) for p in prompts), req.max_tokens)
+        if problem:
+            raise bad_request(f"{problem} (the '{state.target.backend_name}' decoder's fixed shapes; see --seqlen)",
+                              code="context_length_exceeded")
         params = SamplingParams(req.max_tokens, float(req.temperature), float(req.top_p), req.seed)
         stops = req.stops()
         prompt_tokens = sum(len(p) for p in prompts)

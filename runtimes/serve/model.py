@@ -2,8 +2,10 @@
 
 `open_artifact` is the cheap, synchronous part (sha256 verification, backend availability, graph
 signature, tokenizer) run before the server binds its port, so a tampered or unusable artifact is
-refused with a one-line error. `ServedModel.load` builds the runner and warms it up; the server runs
-it in the background and reports ready once it is done.
+refused with a one-line error. `ServedModel.load` builds the runner (embeddings, raw) or the backend's
+decoder (completions: the one generation loop of runtimes/decode/loop.py, the same `verify --decode`
+measures, on every backend with a decoder — DeepSparse included) and warms it up; the server runs it in
+the background and reports ready once it is done.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from compiler.artifact import Artifact
 from compiler.errors import ArtifactError
-from runtimes.serve.generation import PAST, GenRequest, GenResult, KVLayout, SamplingParams, generate
+from runtimes.decode.loop import PAST, GenRequest, GenResult, KVLayout, SamplingParams
 from runtimes.serve.text import TextModel, length_buckets, load_text_model, pad_batch, pool
 
 TASK_EMBEDDINGS = "embeddings"
@@ -116,7 +118,7 @@ def open_artifact(path: str | Path, backend: str, plugins: tuple[str, ...] = ())
     from runtimes.registry_helpers import check_backends_available
 
     artifact = Artifact.load(path, verify=True)
-    registry = Registry.default(plugins)
+    registry = Registry.default(plugins, kinds=("backend",))
     check_backends_available(registry, [backend])
     onnx_path = find_onnx(artifact, backend)
     sig = read_signature(onnx_path)
@@ -149,21 +151,19 @@ class ServedModel:
     Static-shape runners (compiled for one (batch, seqlen), e.g. DeepSparse) get every batch padded
     to that shape; their sequence length is also the token limit."""
 
-    def __init__(self, target: ServeTarget, runner: Any, workdir: Path | None = None):
+    def __init__(self, target: ServeTarget, runner: Any, workdir: Path | None = None, decoder: Any = None):
         self.target = target
-        self.runner = runner
+        self.runner = runner  # None for completions: the decoder holds the model
+        self.decoder = decoder
         self.workdir = workdir
         lowering = target.artifact.manifest.get("lowering") or {}
-        self.static = static_shapes(runner, target.signature)
+        self.static = static_shapes(runner, target.signature) if runner is not None else None
         self.sig = target.signature if self.static is None else Signature(
             tuple(dataclasses.replace(t, shape=self.static.get(t.name, t.shape)) for t in target.signature.inputs),
             target.signature.outputs)
         names = self.sig.output_names
         self.hidden_output = "last_hidden_state" if "last_hidden_state" in names else names[0]
-        self.layout = kv_layout(self.sig, lowering.get("kv")) if target.task == TASK_COMPLETIONS else None
-        if self.static is not None and target.task == TASK_COMPLETIONS:
-            raise ArtifactError(f"backend '{target.backend_name}' compiled static shapes {self.static}: text "
-                                "generation needs a backend with dynamic shapes (onnxruntime, openvino)")
+        self.layout = kv_layout(self.sig, lowering.get("kv")) if target.task == TASK_COMPLETIONS else None  # validates
 
     @classmethod
     def load(cls, target: ServeTarget, threads: int, max_batch_size: int, seqlen: int = 128) -> "ServedModel":
@@ -173,9 +173,11 @@ class ServedModel:
         from compiler.registry import Registry
         from runtimes.base import RunnerOptions
 
-        backend = Registry.default(target.plugins).get_backend(target.backend_name)()
+        backend = Registry.default(target.plugins, kinds=("backend",)).get_backend(target.backend_name)()
         if target.text is not None:
             seqlen = min(seqlen, target.text.max_positions)
+        if target.task == TASK_COMPLETIONS:
+            return cls._load_decoder(target, backend, threads, seqlen)
         options = RunnerOptions(threads=threads, batch_size=max_batch_size, seqlen=seqlen)
         workdir = None
         model_path = target.onnx_path
@@ -196,6 +198,34 @@ class ServedModel:
             raise
         return model
 
+    @classmethod
+    def _load_decoder(cls, target: ServeTarget, backend: Any, threads: int, seqlen: int) -> "ServedModel":
+        """The backend's decoder (`open_decoder`). A fixed-shape decoder is compiled for prompts of up to
+        `seqlen` tokens and as many new tokens as the model's positions leave (at most `seqlen`)."""
+        from runtimes.decode.decoders import DecodeOptions, open_decoder
+
+        lowering = target.artifact.manifest.get("lowering") or {}
+        prompt_len = max(1, min(seqlen, target.text.max_positions - 1))
+        new_tokens = max(1, min(seqlen, target.text.max_positions - prompt_len))
+        workdir = Path(tempfile.mkdtemp(prefix="sparsec-serve-"))
+        try:
+            decoder = open_decoder(backend, target.onnx_path, lowering,
+                                   DecodeOptions(prompt_len=prompt_len, new_tokens=new_tokens, threads=threads), workdir)
+            try:
+                model = cls(target, None, workdir, decoder)
+                model.warmup(1)
+            except BaseException:
+                decoder.close()
+                raise
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return model
+
+    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+        """Why a completion request cannot run on this model's decoder (fixed-shape limits), or None."""
+        return self.decoder.check_request(prompt_len, max_tokens) if self.decoder is not None else None
+
     @property
     def token_limit(self) -> tuple[int, str]:
         """(longest input in tokens, where that limit comes from) for 400 messages."""
@@ -207,7 +237,10 @@ class ServedModel:
         return text.max_positions, text.limit_source
 
     def close(self) -> None:
-        self.runner.close()
+        if self.runner is not None:
+            self.runner.close()
+        if self.decoder is not None:
+            self.decoder.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -259,8 +292,7 @@ class ServedModel:
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         text = self.target.text
-        return generate(lambda feeds: self.runner.infer(self._cast(feeds)), self.layout, requests, text.pad_id,
-                        text.eos_ids)
+        return self.decoder.complete(requests, text.pad_id, tuple(text.eos_ids))
 
     def _cast(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}

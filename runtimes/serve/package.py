@@ -28,6 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compiler.artifact import MANIFEST, Artifact, sha256_file
 from compiler.errors import ArtifactError
@@ -36,7 +37,6 @@ ROOT = "sparsec-bundle"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 SERVING_EXTRAS = ("prometheus_client",)  # needed by `serve`, not (yet) a declared sparsec requirement
 SPEEDUPS = ("httptools", "uvloop")  # uvicorn's C HTTP parser and event loop: pinned when installed here
-BACKEND_DISTRIBUTIONS = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",)}
 
 START_SH = """#!/usr/bin/env bash
 # Start the sparsec server for the bundled artifact.
@@ -76,8 +76,21 @@ class PackageResult:
     requirements: tuple[str, ...]
 
 
+def backend_distributions(backend: str, registry: Any = None) -> tuple[str, ...]:
+    """The pip distributions a bundle needs for `backend` (its declared `distributions`); a one-line
+    error naming the packageable backends when it declares none."""
+    if registry is None:
+        from compiler.registry import Registry
+
+        registry = Registry.default(kinds=("backend",))
+    packageable = [n for n, e in registry.backends.items() if getattr(e.obj, "distributions", ())]
+    if backend not in packageable:
+        raise ArtifactError(f"cannot package for backend '{backend}' (known: {', '.join(packageable)})")
+    return tuple(registry.backends[backend].obj.distributions)
+
+
 def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnxruntime",
-                     force: bool = False) -> PackageResult:
+                     force: bool = False, registry: Any = None) -> PackageResult:
     """Verify ARTIFACT, then write the bundle to OUT atomically."""
     from runtimes.serve.model import find_onnx
 
@@ -88,12 +101,11 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
         raise ArtifactError(f"output '{out}' exists and is not a file")
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise ArtifactError(f"output '{out}' must end in .tar.gz or .tgz")
-    if backend not in BACKEND_DISTRIBUTIONS:
-        raise ArtifactError(f"cannot package for backend '{backend}' (known: {', '.join(BACKEND_DISTRIBUTIONS)})")
+    distributions = backend_distributions(backend, registry)
     art = Artifact.load(artifact, verify=True)
     find_onnx(art, backend)  # refuse an artifact that was never lowered
     speedups = tuple(d for d in SPEEDUPS if _installed(d))
-    requirements = pinned_requirements(BACKEND_DISTRIBUTIONS[backend] + SERVING_EXTRAS + speedups)
+    requirements = pinned_requirements(distributions + SERVING_EXTRAS + speedups)
     bundle_info = {
         "sparsec": metadata.version("sparsec"), "backend": backend, "python": platform.python_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
