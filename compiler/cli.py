@@ -78,6 +78,7 @@ def _positive(ctx, param, value):
 @click.option("--method", help="Pruning method: magnitude | wanda | sparsegpt (shorthand).")
 @click.option("--pattern", help="unstructured | N:M such as 2:4 (shorthand).")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic"]), help="Quantization (shorthand).")
+@click.option("--recover", help="Recovery passes after prune, comma-separated: reconstruct | prune-grow | finetune (shorthand).")
 @click.option("--backend", "backends", help="Comma-separated backends to lower to and verify on, e.g. onnxruntime,openvino.")
 @click.option("--eval-data", help="Held-out text to evaluate compiled vs dense (perplexity / embedding cosine); 'eval' = built-in.")
 @click.option("--batch-size", type=int, default=1, show_default=True, callback=_positive)
@@ -85,11 +86,13 @@ def _positive(ctx, param, value):
 @click.option("--threads", type=int, default=2, show_default=True, callback=_positive)
 @click.option("--runs", type=int, default=20, show_default=True, callback=_positive, help="Timed runs per model in verification.")
 @click.option("--min-speedup", type=float, help="Gate: exit 2 when speedup vs dense is below this.")
-@click.option("--max-accuracy-drop", type=float, help="Gate: exit 2 when 1 - cosine exceeds this.")
+@click.option("--max-accuracy-drop", type=float, help="Without --sparsity: search the highest sparsity whose held-out quality "
+              "drop (perplexity ratio - 1 for LMs, 1 - cosine for encoders) stays within this. With --sparsity: "
+              "a backend gate, exit 2 when 1 - cosine exceeds this.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR (structure, plan, analyses) after each pass here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, calib_seqlen, seed, sparsity,
-                allocation, method, pattern, quantize, backends, eval_data, batch_size, seqlen, threads, runs,
+                allocation, method, pattern, quantize, recover, backends, eval_data, batch_size, seqlen, threads, runs,
                 min_speedup, max_accuracy_drop, dump_ir, force):
     """Compile MODEL (HF directory, hub id, module:factory, or a built-in name; default: minilm) into OUT."""
     from compiler.calibration import CalibrationConfig
@@ -97,15 +100,18 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
     from compiler.errors import VerificationFailed
 
     _sigterm_as_interrupt()
+    search = max_accuracy_drop is not None and sparsity is None and not passes_spec and not recipe
     opts = CompileOptions(
         model=model, out=out, passes=passes_spec, recipe=recipe, plugins=tuple(plugins),
         calib=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed),
         force=force, dump_ir=dump_ir, seed=seed,
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else (),
-        shorthand={"sparsity": sparsity, "allocation": allocation, "method": method, "pattern": pattern, "quantize": quantize},
+        shorthand={"sparsity": sparsity, "allocation": allocation, "method": method, "pattern": pattern, "quantize": quantize,
+                   "recover": recover},
+        max_accuracy_drop=max_accuracy_drop if search else None,
         eval_data=eval_data,
         verify={"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
-                "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop},
+                "min_speedup": min_speedup, "max_accuracy_drop": None if search else max_accuracy_drop},
     )
     if opts.backends:
         from compiler.cli_backends import echo_licence_notices
@@ -116,6 +122,11 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
     from compiler.report import headline
 
     click.echo(f"wrote {result.out}: {headline(rep['sparsity'])} in {rep.get('compile_seconds', 0):.1f}s")
+    if rep.get("accuracy_budget"):
+        from compiler.report import budget_lines
+
+        for line in budget_lines(rep["accuracy_budget"]):
+            click.echo(f"  {line}")
     for name, b in rep.get("backends", {}).items():
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
                    f"speedup {b.get('speedup_vs_dense'):.2f}x, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")

@@ -29,8 +29,9 @@ DEFAULT_METHOD = "wanda"
 
 
 def shorthand_spec(sparsity: float | None = None, allocation: str | None = None, method: str | None = None,
-                   pattern: str | None = None, quantize: str | None = None) -> str:
-    """The default pipeline with `--sparsity/--allocation/--method/--pattern/--quantize` applied."""
+                   pattern: str | None = None, quantize: str | None = None, recover: str | None = None) -> str:
+    """The default pipeline with `--sparsity/--allocation/--method/--pattern/--quantize/--recover` applied
+    (`recover`: comma-separated recovery passes run after prune, e.g. "prune-grow,reconstruct")."""
     sparsity = DEFAULT_SPARSITY if sparsity is None else sparsity
     structured = bool(pattern) and pattern != "unstructured"
     # nm-structure replaces every allocated target with 1 - n/m, so a search would be thrown away
@@ -47,6 +48,7 @@ def shorthand_spec(sparsity: float | None = None, allocation: str | None = None,
             raise SpecError(f"--pattern must be 'unstructured' or N:M such as 2:4, got '{pattern}'")
         parts.append(f"nm-structure{{n={n},m={m}}}")
     parts.append(f"prune{{method={method}}}")
+    parts.extend(name.strip() for name in (recover or "").split(",") if name.strip() and name.strip() != "none")
     if quantize and quantize != "none":
         parts.append(f"quantize{{scheme={quantize}}}")
     return ",".join(parts)
@@ -67,6 +69,7 @@ class CompileOptions:
     eval_data: str | None = None
     verify: dict[str, Any] = field(default_factory=dict)  # batch_size, seqlen, threads, runs, gates
     seed: int = 0
+    max_accuracy_drop: float | None = None  # without a sparsity: search the highest one within this budget
 
 
 @dataclass
@@ -125,6 +128,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
                   instruments: list[Any] | None = None) -> CompileResult:
     registry = Registry.default(opts.plugins)
     pipeline, settings = resolve_pipeline(opts, registry)
+    budget = _budget_config(opts)
     calib_cfg = _calibration_config(opts, settings)
     backends = tuple(opts.backends or settings.get("backends") or ())
     if backends:
@@ -139,7 +143,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     source_hash = state_dict_sha256(ir.module)
     # recovery passes (reconstruct, prune-grow, finetune) read the dense model: ctx.extras["dense"]
     needs_dense = any(getattr(p, "needs_dense", False) for p in pipeline.passes)
-    dense = ir.clone() if (opts.eval_data or backends or needs_dense) else None
+    dense = ir.clone() if (opts.eval_data or backends or needs_dense or budget) else None
     torch.manual_seed(opts.seed)
 
     calib_holder: dict[str, CalibrationSet] = {}
@@ -155,7 +159,15 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     insts: list[Any] = [timing, *(instruments or [])]
     if opts.dump_ir:
         insts.append(DumpIRInstrument(Path(opts.dump_ir)))
-    run: PipelineRun = pipeline.run(ir, ctx, insts)
+    budget_report = None
+    if budget is not None:
+        from compiler.accuracy_budget import search_sparsity
+
+        found = search_sparsity(ir, dense, ctx, lambda s: Pipeline.from_spec(
+            shorthand_spec(**{**opts.shorthand, "sparsity": s}), registry), budget, insts)
+        run, pipeline, budget_report = found.run, found.pipeline, found.report
+    else:
+        run: PipelineRun = pipeline.run(ir, ctx, insts)
     ir = run.ir
     ir.refresh_measured_sparsity()
 
@@ -176,6 +188,8 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
             "analyses": _manifest_analyses(run.analyses),
         }
         report = build_report(manifest, run.records)
+        if budget_report:
+            report["accuracy_budget"] = budget_report
         if opts.eval_data:
             from compiler.evaluate import evaluate_pair
 
@@ -198,6 +212,21 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
         (root / REPORT_MD).write_text(render_markdown(report, manifest), encoding="utf-8")
         out = writer.commit(manifest)
     return CompileResult(out, manifest, report)
+
+
+def _budget_config(opts: CompileOptions):
+    """The accuracy-budget search settings, or None when the sparsity is given (or no budget)."""
+    if opts.max_accuracy_drop is None or opts.shorthand.get("sparsity") is not None:
+        return None
+    if opts.passes or opts.recipe:
+        raise SpecError("--max-accuracy-drop without --sparsity searches the shorthand pipeline's sparsity: "
+                        "it cannot be combined with --passes/--recipe (give --sparsity to use it as a gate)")
+    pattern = opts.shorthand.get("pattern")
+    if pattern and pattern != "unstructured":
+        raise SpecError(f"--max-accuracy-drop searches unstructured sparsity; --pattern {pattern} fixes it: give --sparsity or drop --pattern")
+    from compiler.accuracy_budget import BudgetConfig
+
+    return BudgetConfig(max_drop=opts.max_accuracy_drop)
 
 
 def _calibration_config(opts: CompileOptions, settings: dict[str, Any]) -> CalibrationConfig:

@@ -68,6 +68,19 @@ def headline(s: dict[str, Any]) -> str:
             f"{s.get('layers_pruned', 0)}/{s.get('layers_total', 0)} pruned layers{tail}")
 
 
+def budget_lines(b: dict[str, Any]) -> list[str]:
+    """The accuracy-budget search in words: the budget, every trial, the choice."""
+    lines = [f"budget: drop <= {b['max_drop']} ({b['drop_definition']}) on '{b['data']}'; "
+             f"bisection over [{b['range'][0]}, {b['range'][1]}] in {b['seconds']:.1f} s"]
+    for t in b.get("trials", []):
+        extra = f", top-1 agreement {100 * t['top1_agreement']:.1f}%" if "top1_agreement" in t else ""
+        lines.append(f"trial sparsity {t['sparsity']:.4f}: drop {t['drop']:.4f} "
+                     f"({'within' if t['within_budget'] else 'over'} budget{extra}), {t['seconds']:.1f} s")
+    if b.get("chosen") is not None:
+        lines.append(f"chosen: sparsity {b['chosen']:.4f} (next untried step {b['resolution']:.4f} wide)")
+    return lines
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -90,6 +103,8 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     diags = [f"- {p['name']}: {d}" for p in report.get("passes", []) for d in p["diagnostics"]]
     if diags:
         lines += ["", "### Diagnostics", "", *diags]
+    if report.get("accuracy_budget"):
+        lines += ["", "## Accuracy budget search", "", *[f"- {line}" for line in budget_lines(report["accuracy_budget"])]]
     if report.get("evaluation"):
         lines += ["", "## Evaluation (compiled vs dense torch model)", ""]
         lines += [f"- {k}: {_fmt(v)}" for k, v in report["evaluation"].items()]
