@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint typecheck clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,15 @@ demo: venv
 		--backend $$backends --eval-data eval --force
 	$(VENV)/bin/sparsec inspect artifacts/minilm
 
-test: venv
+# Guard rails first (seconds): ruff on the whole codebase, mypy on the core; then the suite
+# (tests/test_layering.py guards the import map of docs/architecture.md).
+lint: venv
+	$(VENV)/bin/ruff check compiler passes runtimes tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: venv lint typecheck
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 clean:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from repo_paths import RESULTS
 
 OWL_PAPER = "lam=0.08"  # OWL's defaults: λ = 0.08, m = 5 (outlier-analysis default)
@@ -78,7 +77,8 @@ def better(metric: str, a: float, b: float) -> float:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | sparsity | metric | uniform | OWL (λ=0.08, M=5) | auto | auto − best(uniform, OWL) | auto's pick | auto s | prune s | auto/prune |",
+    lines = ["| model | sparsity | metric | uniform | OWL (λ=0.08, M=5) | auto | auto − best(uniform, OWL) "
+             "| auto's pick | auto s | prune s | auto/prune |",
              "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         best = r["uniform"] if better(r["metric"], r["uniform"], r["owl"]) >= 0 else r["owl"]

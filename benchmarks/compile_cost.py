@@ -86,7 +86,8 @@ def measure(model: str, spec: str, samples: int, seqlen: int, threads: int) -> d
     ir = load_and_trace(model)
     load_s = time.perf_counter() - start
     params = sum(p.numel() for p in ir.module.parameters())
-    out = {"model": repo_relative(model) if Path(model).exists() else model, "spec": spec, "samples": samples, "seqlen": seqlen, "load_seconds": round(load_s, 2),
+    out = {"model": repo_relative(model) if Path(model).exists() else model, "spec": spec, "samples": samples, "seqlen": seqlen,
+           "load_seconds": round(load_s, 2),
            "prunable_params": ir.prunable_params(), "model_bytes": sum(p.numel() * p.element_size() for p in ir.module.parameters()),
            "params": params}
     if spec:

@@ -18,9 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-
 from repo_paths import RESULTS
-
 
 
 def parse_args() -> argparse.Namespace:

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from repo_paths import RESULTS, ROOT, repo_relative
 
 ARTIFACTS = ROOT / "benchmarks" / "artifacts"
@@ -439,7 +438,8 @@ def main() -> None:
     report = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
               "seconds": args.seconds, "rounds": args.rounds, "texts": len(texts),
-              "artifacts": {"sparse": repo_relative(sparse), "dense": dense and repo_relative(dense)}, "results": rows, "overhead": overhead, "ceiling": ceiling,
+              "artifacts": {"sparse": repo_relative(sparse), "dense": dense and repo_relative(dense)}, "results": rows,
+              "overhead": overhead, "ceiling": ceiling,
               "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

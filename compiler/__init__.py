@@ -30,11 +30,18 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, eagerly
-    from compiler.errors import SparsecError
-    from compiler.ir import ModelIR
-    from compiler.pass_infra import Pass, PassContext, PassResult, option
-    from compiler.pipeline import Pipeline, Recipe
-    from compiler.registry import Registry, register_allocation, register_backend, register_pass
+    from compiler.errors import SparsecError as SparsecError
+    from compiler.ir import ModelIR as ModelIR
+    from compiler.pass_infra import Pass as Pass
+    from compiler.pass_infra import PassContext as PassContext
+    from compiler.pass_infra import PassResult as PassResult
+    from compiler.pass_infra import option as option
+    from compiler.pipeline import Pipeline as Pipeline
+    from compiler.pipeline import Recipe as Recipe
+    from compiler.registry import Registry as Registry
+    from compiler.registry import register_allocation as register_allocation
+    from compiler.registry import register_backend as register_backend
+    from compiler.registry import register_pass as register_pass
 
 
 def __getattr__(name: str) -> Any:

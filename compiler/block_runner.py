@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from compiler.block_batching import DEFAULT_MAX_TOKENS, batch_groups, stacked_call
 from compiler.errors import NumericsError
 from compiler.ir import Block, ModelIR, PrunableLayer, weight_matrix
 from compiler.stats import input_matrix
@@ -108,7 +108,7 @@ class BlockStep:
         return stats
 
     def _forward_all(self) -> list[torch.Tensor]:
-        return [self.runner._run_block(self.module, self.inputs, i) for i in range(len(self.inputs.hidden))]
+        return self.runner.forward_samples(self.module, self.inputs)
 
     def outputs(self) -> list[torch.Tensor]:
         """Block outputs with the current weights (cached when the weights did not change)."""
@@ -129,6 +129,8 @@ class BlockRunner:
         self.samples = samples
         self.progress = progress or (lambda what, done, total: None)
         self.what = what
+        self.max_batch_tokens = DEFAULT_MAX_TOKENS  # samples per block call (compiler/block_batching.py)
+        self.groups: list[list[int]] | None = None  # set by check_batching; None = one call per sample
 
     def capture_first_inputs(self) -> BlockInputs:
         first = self.ir.block_module(self.ir.blocks[0])
@@ -172,12 +174,47 @@ class BlockRunner:
             kwargs.append(kw)
         return BlockInputs(hidden, args, kwargs, pos)
 
+    def check_batching(self, inputs: BlockInputs) -> None:
+        """Group samples for batched block calls, and keep the grouping only when one batched call of
+        block 0 reproduces its per-sample calls (a block that does not broadcast its batch-1 arguments
+        over the batch falls back to per-sample calls)."""
+        groups = batch_groups(inputs.hidden, inputs.args, inputs.kwargs, self.max_batch_tokens)
+        self.groups = None
+        big = next((g for g in groups if len(g) > 1), None)
+        if big is None:
+            return
+        module = self.ir.block_module(self.ir.blocks[0])
+        probe = big[:2]
+        try:
+            batched = self._call(module, *stacked_call(inputs.hidden, inputs.args, inputs.kwargs, inputs.hidden_pos, probe))
+        except Exception:  # noqa: BLE001 - any failure of the batched form means: do not batch
+            return
+        singles = [self._run_block(module, inputs, i) for i in probe]
+        if batched.shape[0] != len(probe) or any(
+                batched[k : k + 1].shape != s.shape or not torch.allclose(batched[k : k + 1], s, rtol=1e-4, atol=1e-4 * float(s.abs().max() + 1e-6))
+                for k, s in enumerate(singles)):
+            return
+        self.groups = groups
+
+    def forward_samples(self, module: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
+        """The block's output for every sample, batched where `check_batching` allowed it."""
+        if self.groups is None:
+            return [self._run_block(module, inputs, i) for i in range(len(inputs.hidden))]
+        outs: list[torch.Tensor] = []
+        for group in self.groups:
+            out = self._call(module, *stacked_call(inputs.hidden, inputs.args, inputs.kwargs, inputs.hidden_pos, group))
+            outs.extend(out.split(1, dim=0) if len(group) > 1 else [out])
+        return outs
+
     def _run_block(self, module: nn.Module, inputs: BlockInputs, i: int) -> torch.Tensor:
         args, kwargs = list(inputs.args[i]), dict(inputs.kwargs[i])
         if isinstance(inputs.hidden_pos, int):
             args[0] = inputs.hidden[i]
         else:
             kwargs[inputs.hidden_pos] = inputs.hidden[i]
+        return self._call(module, args, kwargs)
+
+    def _call(self, module: nn.Module, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
             out = module(*args, **kwargs)
         if isinstance(out, (tuple, list)):
@@ -192,6 +229,7 @@ class BlockRunner:
 
     def __iter__(self) -> Iterator[BlockStep]:
         inputs = self.capture_first_inputs()
+        self.check_batching(inputs)
         total = len(self.ir.blocks)
         for k, block in enumerate(self.ir.blocks):
             step = BlockStep(self, block, self.ir.block_module(block), inputs)

@@ -190,7 +190,8 @@ def effective_seqlen(requested: int, config: Any) -> int:
     return max(2, min(requested, limit))
 
 
-def tokenize_windows(texts: list[str], tokenizer: Any, samples: int, seqlen: int, seed: int, source: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
+def tokenize_windows(texts: list[str], tokenizer: Any, samples: int, seqlen: int, seed: int,
+                     source: str) -> tuple[list[dict[str, torch.Tensor]], list[str]]:
     """Concatenate texts, tokenize once, and draw `samples` random windows of `seqlen` tokens."""
     sep = "\n\n"
     ids = tokenizer(sep.join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]

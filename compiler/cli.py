@@ -268,10 +268,18 @@ def _print_allocation_candidates(console, auto) -> None:
     console.print(table)
 
 
-from compiler.cli_eval import eval_cmd; main.add_command(eval_cmd)  # noqa: E402
-from compiler.cli_serve import package_cmd, serve_cmd; main.add_command(serve_cmd); main.add_command(package_cmd)  # noqa: E402
-from compiler.cli_backends import install_cmd; backends_cmd.add_command(install_cmd)  # noqa: E402
-from compiler.cli_runtime import bench_cmd, verify_cmd; main.add_command(verify_cmd); main.add_command(bench_cmd)  # noqa: E402
+# Subcommands defined in their own modules (they import only click at the top): registered last.
+from compiler.cli_backends import install_cmd  # noqa: E402
+from compiler.cli_eval import eval_cmd  # noqa: E402
+from compiler.cli_runtime import bench_cmd, verify_cmd  # noqa: E402
+from compiler.cli_serve import package_cmd, serve_cmd  # noqa: E402
+
+main.add_command(eval_cmd)
+main.add_command(serve_cmd)
+main.add_command(package_cmd)
+backends_cmd.add_command(install_cmd)
+main.add_command(verify_cmd)
+main.add_command(bench_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,14 +15,18 @@ import click
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server processes (each loads the model).")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="Inference threads per worker (0 = CPU cores / workers).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Most inputs grouped into one backend call.")
-@click.option("--seqlen", type=click.IntRange(min=1), default=128, show_default=True, help="Sequence length for backends that compile static shapes (DeepSparse); dynamic backends ignore it.")
-@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Longest a request waits for a batch to fill (0 = never).")
+@click.option("--seqlen", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Static shapes (DeepSparse): the sequence length embeddings are padded to, and for completions the longest "
+              "prompt and the most new tokens; dynamic backends ignore it.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Longest a request waits for a batch to fill (0 = never).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True, help="Queued inputs before answering 503.")
 @click.option("--max-body-kb", type=click.IntRange(min=1), default=2048, show_default=True, help="Request body limit (413 above).")
 @click.option("--api-key", envvar="SPARSEC_API_KEY", help="Require this key (Bearer) on /v1 routes; env SPARSEC_API_KEY (preferred: not in `ps`).")
 @click.option("--model-name", help="Model id in /v1/models and responses (default: the artifact directory name).")
 @click.option("--plugin", "plugins", multiple=True, help="Plugin file or module defining a backend (repeatable).")
-@click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True, help="Seconds in-flight requests get after SIGTERM.")
+@click.option("--graceful-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds in-flight requests get after SIGTERM.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
 def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_body_kb,

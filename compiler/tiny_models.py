@@ -32,7 +32,7 @@ def train_tokenizer(vocab_size: int = 512):
 
 
 def tiny_config(arch: str, vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128):
-    from transformers import (BertConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config)
+    from transformers import BertConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size)
     if arch == "llama":

@@ -48,9 +48,25 @@ from compiler.ir import ModelIR, weight_matrix
 from compiler.pass_infra import PassContext
 from compiler.stats import first_tensor, input_matrix
 from compiler.trace import call_model
-from passes.math.candidates import (FAMILIES, OWL_PAPER, GroupCandidate, allocation_key, best_index, finalist_count, finalists,
-                                    fit_to_target, flat_ranks, gram_alpha, group_candidates, keep_mask, pooled,
-                                    row_cosines, row_ranks, screen_size, token_kl)
+from passes.math.candidates import (
+    FAMILIES,
+    OWL_PAPER,
+    GroupCandidate,
+    allocation_key,
+    best_index,
+    finalist_count,
+    finalists,
+    fit_to_target,
+    flat_ranks,
+    gram_alpha,
+    group_candidates,
+    keep_mask,
+    pooled,
+    row_cosines,
+    row_ranks,
+    screen_size,
+    token_kl,
+)
 from passes.math.masks import nm_mask, parse_pattern
 from passes.math.scores import magnitude_scores, outlier_ratio, pooled_outlier_ratio, wanda_scores
 from passes.plan_utils import layer_groups

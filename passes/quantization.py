@@ -24,8 +24,8 @@ from typing import Any, Literal
 
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
-from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from compiler.pass_infra import Pass, PassContext, PassResult, option
+from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from passes.plan_utils import compile_patterns, require_prunable_layers
 
 Scheme = Literal["int8", "int8-dynamic"]

@@ -52,7 +52,8 @@ class SparsityAllocation(Pass):
     granularity: Literal["block", "layer"] = option("block", "one ratio per block (reference) or per layer")
     file: str = option("", "manual: YAML mapping {layer name or regex: ratio or null}")
     dense: tuple[str, ...] = option(DEFAULT_DENSE, "regexes (re.search) of layers never pruned")
-    prune_method: Literal["magnitude", "wanda", "sparsegpt"] = option("wanda", "auto: pruning method whose masks score the candidates (sparsegpt: Wanda proxy)")
+    prune_method: Literal["magnitude", "wanda", "sparsegpt"] = option(
+        "wanda", "auto: pruning method whose masks score the candidates (sparsegpt: Wanda proxy)")
     holdout: float = option(0.25, "auto: share of calibration samples held out to score candidates")
     grid_lam: tuple[float, ...] = option((0.05, 0.1, 0.15), "auto: spreads (λ) tried by every candidate family")
     grid_m: tuple[float, ...] = option((5.0, 10.0), "auto: OWL outlier thresholds (m) tried")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sparsity_helpers import load_ir, run_spec
 
 from compiler import agreement
 from compiler.evaluate import EvalConfig, Reference
-from sparsity_helpers import load_ir, run_spec
 
 SMALL = EvalConfig(seqlen=64, stride=32, max_tokens=256, max_texts=24, greedy_prompts=3, greedy_prompt_len=8, greedy_tokens=6, knn=4)
 

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from sparsity_helpers import block_layers, load_ir, run_spec
 
 from compiler.errors import PassError, SpecError
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from passes.math.alpha import fit_power_law, layer_alpha
 from passes.math.owl import alpha_allocation, fit_mean, owl_allocation
-from sparsity_helpers import block_layers, load_ir, run_spec
 
 
 def _wmean(values, weights):

@@ -6,19 +6,28 @@ import json
 
 import pytest
 import torch
+from sparsity_helpers import context, load_ir
 
 from compiler.errors import PassError, PluginError, SpecError
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry, register_allocation
-from passes.allocation_auto import (batches, collect_input_norms, dense_reference, score_candidate, split_holdout,
-                                    temporary_masks)
+from passes.allocation_auto import batches, collect_input_norms, dense_reference, score_candidate, split_holdout, temporary_masks
 from passes.math.alpha import layer_alpha
-from passes.math.candidates import (best_index, finalist_count, finalists, flat_ranks, gram_alpha, group_candidates,
-                                    keep_mask, row_ranks, screen_size, token_kl)
+from passes.math.candidates import (
+    best_index,
+    finalist_count,
+    finalists,
+    flat_ranks,
+    gram_alpha,
+    group_candidates,
+    keep_mask,
+    row_ranks,
+    screen_size,
+    token_kl,
+)
 from passes.math.masks import layer_mask, row_mask
 from passes.math.scores import wanda_scores
-from sparsity_helpers import context, load_ir
 
 FAST = "grid_lam=0.05;0.15,grid_m=5"  # a small grid keeps the tests quick
 

@@ -8,14 +8,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compiler.errors import SparsecError
+from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.lowering.files import MODEL_FILE
 from compiler.lowering.lower import lower_artifact
-from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.registry import Registry
 from compiler.trace import load_and_trace
 from runtimes.base import RunnerOptions
-from runtimes.onnxruntime_backend import OnnxRuntimeBackend
 from runtimes.measure.stats import compare_outputs
+from runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_openvino_sparse_eligibility_follows_the_plugin_rule(tmp_path):
 
 
 def test_tensorrt_is_unavailable_here_with_install_command(cli):
-    from runtimes.tensorrt_backend import TensorRtBackend, sparse_layers_from_log, _profile_shapes
+    from runtimes.tensorrt_backend import TensorRtBackend, _profile_shapes, sparse_layers_from_log
 
     try:
         import tensorrt  # noqa: F401

@@ -1,8 +1,6 @@
 """The compile CLI end to end with a plugin pass, inspect, and every core bad-input path:
 one-line error, non-zero exit, nothing written to OUT."""
 
-import json
-import os
 import signal
 import subprocess
 import sys

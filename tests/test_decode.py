@@ -148,8 +148,8 @@ def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
 
 
 def test_half_precision_runtimes_read_half_the_float_bytes(llama_artifact):
-    from runtimes.measure.decode_bench import runtime_float_itemsize
     from runtimes.decode.traffic import weight_traffic
+    from runtimes.measure.decode_bench import runtime_float_itemsize
 
     # the precision strings the runtimes really report (OpenVINO: "bfloat16" on AMX machines)
     assert [runtime_float_itemsize(p) for p in ("bfloat16", "bf16", "f16", "fp32", "as in the graph", None)] == [2, 2, 2, 4, 4, 4]

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
+from sparsity_helpers import load_ir, run_spec
 
 from compiler.calibration import CalibrationConfig, build_calibration, load_texts
 from compiler.evaluate import EvalConfig, corpus_ids, embedding_cosines, evaluate_pair, perplexity
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
-from sparsity_helpers import load_ir, run_spec
 
 SMALL = EvalConfig(seqlen=64, stride=32, max_tokens=512, max_texts=16)
 

@@ -189,7 +189,8 @@ def test_serving_modules_import_without_torch():
     code = NO_TORCH + """
 import importlib
 for name in ("compiler", "compiler.cli", "compiler.cli_serve", "runtimes.serve.app", "runtimes.serve.model",
-             "runtimes.serve.package", "runtimes.decode.decoders", "runtimes.decode.deepsparse_decoder"):
+             "runtimes.serve.package", "runtimes.decode.decoders", "runtimes.decode.deepsparse_decoder",
+             "compiler.lowering.rules", "compiler.lowering.files", "compiler.lowering.feeds"):
     importlib.import_module(name)
 from compiler.registry import Registry
 print(sorted(Registry.default(kinds=("backend",)).backends))

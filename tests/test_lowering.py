@@ -8,14 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from lowering_helpers import prune_half
 
+from compiler.lowering.export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
+from compiler.lowering.feeds import lm_feeds, present_to_past
 from compiler.lowering.files import MODEL_FILE, model_file
 from compiler.lowering.lower import lower_artifact
 from compiler.lowering.rules import explain_rejection, graph_rules, layer_nodes
-from compiler.lowering.export import EXTERNAL_DATA_FILE, LoweringError, load_onnx, save_onnx
-from compiler.lowering.feeds import lm_feeds, present_to_past
 from compiler.trace import load_and_trace
-from lowering_helpers import prune_half
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +129,8 @@ def test_external_data_roundtrip(tmp_path, lowered):
 
 
 def test_rules_name_what_a_runtime_rejects(tmp_path, lowered):
-    from runtimes.onnxruntime_backend import OnnxRuntimeBackend
     from runtimes.base import RunnerOptions
+    from runtimes.onnxruntime_backend import OnnxRuntimeBackend
 
     _, root, _ = lowered("bert")
     model = onnx.load(str(root / MODEL_FILE))

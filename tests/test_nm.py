@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from sparsity_helpers import block_layers, load_ir, run_spec
 
 from compiler.errors import SpecError
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from compiler.tiny_models import build_tiny_model
 from passes.math.masks import nm_violations
-from sparsity_helpers import block_layers, load_ir, run_spec
 
 
 def _groups_ok(matrix: torch.Tensor, n: int, m: int) -> bool:

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from sparsity_helpers import context, load_ir, run_spec
 
 from compiler.block_runner import BlockRunner
 from compiler.errors import NumericsError, PassError, SpecError
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from passes.math.scores import outlier_ratio, pooled_outlier_ratio, wanda_scores
-from sparsity_helpers import context, load_ir, run_spec
 
 
 def test_outlier_ratio_counts_scores_above_m_times_mean():

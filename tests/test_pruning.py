@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from sparsity_helpers import block_layers, context, load_ir, run_spec
 
 from compiler.block_runner import BlockRunner
 from compiler.errors import NumericsError, PassError, SpecError
@@ -13,7 +14,6 @@ from passes.math.masks import layer_mask, nm_mask, row_mask
 from passes.math.scores import magnitude_scores, wanda_scores
 from passes.math.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from passes.pruning import Prune
-from sparsity_helpers import block_layers, context, load_ir, run_spec
 
 
 def _calib(tokens=512, cols=64, seed=0):

@@ -7,20 +7,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from lowering_helpers import prune_half
 
 from compiler.calibration import CalibrationConfig, build_calibration
+from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.lowering.files import MODEL_FILE
 from compiler.lowering.lower import lower_artifact
-from compiler.lowering.feeds import graph_feeds, text_batch
 from compiler.lowering.quant import gemm_to_matmul, variants_for_scheme
 from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline
 from compiler.registry import Registry
-from compiler.trace import load_and_trace
 from compiler.stats import activation_ratios
+from compiler.trace import load_and_trace
 from passes.quantization import Quantize
 from runtimes.measure.stats import compare_outputs
-from lowering_helpers import prune_half
 
 
 def _ctx(ir, samples=4, seqlen=32):

@@ -4,10 +4,9 @@ passes never saw."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from sparsity_helpers import load_ir
 
 from compiler.calibration import CalibrationConfig, build_calibration
 from compiler.errors import PassError, SpecError
@@ -16,7 +15,6 @@ from compiler.pipeline import Pipeline
 from compiler.registry import Registry
 from passes.math.prune_grow import prune_and_grow
 from passes.math.reconstruct import masked_least_squares, row_errors
-from sparsity_helpers import load_ir
 
 PRUNE = "sparsity-allocation{method=uniform,target=0.6},prune{method=wanda}"
 

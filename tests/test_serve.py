@@ -23,9 +23,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client", reason="the server's /metrics needs prometheus_client")
 
+from runtimes.decode.loop import SamplingParams, sample  # noqa: E402
 from runtimes.serve.app import wait_until_ready  # noqa: E402
 from runtimes.serve.batching import DynamicBatcher, QueueFull  # noqa: E402
-from runtimes.decode.loop import SamplingParams, sample  # noqa: E402
 from runtimes.serve.text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
 
 COMPILE_FAST = ("--calib-samples", "4", "--calib-seqlen", "32", "--runs", "2", "--seqlen", "32")

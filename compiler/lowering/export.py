@@ -37,19 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from compiler.errors import SparsecError
 from compiler.ir import ModelIR
-from compiler.lowering.format import OPSET
+from compiler.lowering.format import OPSET, LoweringError, load_onnx
 
 EXPORT_OPSET = 16  # what the exporter targets (see the module docstring)
 EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
 EXTERNAL_DATA_FILE = "model.onnx.data"
 TASKS = {"encoder": "feature-extraction", "sequence-classification": "text-classification",
          "causal-lm": "text-generation", "module": "module"}
-
-
-class LoweringError(SparsecError):
-    """The model cannot be lowered to ONNX, or the lowered graph breaks one of our rules."""
 
 
 @dataclass(frozen=True)
@@ -316,12 +311,6 @@ def _declare_opset(model: Any, version: int) -> None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = version
-
-
-def load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
 
 
 def save_onnx(model: Any, path: Path, external: bool | None = None) -> None:

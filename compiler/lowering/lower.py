@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 
 from compiler.ir import ModelIR
-from compiler.lowering.export import GraphSpec, LoweringError, export_onnx, load_onnx, torch_outputs
-from compiler.lowering.format import OPSET
+from compiler.lowering.export import GraphSpec, export_onnx, torch_outputs
 from compiler.lowering.feeds import graph_feeds, lm_feeds, present_to_past, text_batch
 from compiler.lowering.files import MODEL_FILE, file_sizes, path_rel
+from compiler.lowering.format import OPSET, LoweringError, load_onnx
 from compiler.lowering.quant import planned_scheme, variants_for_scheme, write_variants
 from compiler.lowering.rules import graph_rules, zeros_report
 

@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 
 from compiler.ir import ModelIR
-from compiler.lowering.export import LoweringError, load_onnx, save_onnx
+from compiler.lowering.export import save_onnx
 from compiler.lowering.feeds import graph_feeds
 from compiler.lowering.files import path_rel
+from compiler.lowering.format import LoweringError, load_onnx
 from compiler.lowering.rules import graph_rules, layer_nodes
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 

@@ -4,12 +4,14 @@ runtime rejected a file. Also maps prunable layers to graph nodes (by module sco
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compiler.errors import SparsecError
-from compiler.ir import ModelIR
-from compiler.lowering.export import GraphSpec, LoweringError, load_onnx
-from compiler.lowering.format import MAX_IR_VERSION, OPSET
+from compiler.lowering.format import MAX_IR_VERSION, OPSET, LoweringError, load_onnx
+
+if TYPE_CHECKING:  # annotations only: runtimes import these rules to explain a rejection, without torch
+    from compiler.ir import ModelIR
+    from compiler.lowering.export import GraphSpec
 
 
 def graph_rules(model: Any, spec: GraphSpec | None = None) -> list[dict[str, Any]]:

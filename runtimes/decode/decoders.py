@@ -13,7 +13,8 @@ runs best (the one generation loop and the caches are in runtimes/decode/loop.py
 `Decoder.generate(ids, mask, new_tokens)` → `DecodeTrace` (greedy, batch 1: tokens, prefill ms,
 per-step ms, peak RSS while decoding, of the process that holds the weights) for verify/bench;
 `Decoder.complete(requests, pad_id, eos_ids)` → `GenResult`s (sampling, stop callbacks) for the server;
-both run `loop.generate`. `Decoder.prefill_logits` serves the accuracy checks. `torch_greedy` is the reference: the torch model of the same weights, same greedy
+both run `loop.generate`. `Decoder.prefill_logits` serves the accuracy checks. `torch_greedy` is the reference:
+the torch model of the same weights, same greedy
 loop, so `tokens_match` can check every backend token for token.
 """
 
@@ -30,9 +31,21 @@ import numpy as np
 from compiler.errors import SparsecError
 from compiler.lowering.feeds import kv_names, lm_feeds
 from runtimes.base import RunnerOptions
-from runtimes.decode.loop import (DecodeTrace, DynamicCache, GenRequest, GenResult, KVLayout, SamplingParams,
-                                  StaticCache, generate, left_pad, left_pad_prompts, rss_bytes, static_prefill_feeds,
-                                  static_slots)
+from runtimes.decode.loop import (
+    DecodeTrace,
+    DynamicCache,
+    GenRequest,
+    GenResult,
+    KVLayout,
+    SamplingParams,
+    StaticCache,
+    generate,
+    left_pad,
+    left_pad_prompts,
+    rss_bytes,
+    static_prefill_feeds,
+    static_slots,
+)
 from runtimes.decode.static_graph import static_kv_graph
 
 CACHES = ("auto", "dynamic", "static")

@@ -29,9 +29,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # runtimes/decode/ (loop.py), runtimes/ (deepsparse_worker.py)
 
 import numpy as np  # noqa: E402
-
-from loop import GenRequest, SamplingParams, StaticCache, generate, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
 from deepsparse_worker import Worker, main  # noqa: E402
+from loop import GenRequest, SamplingParams, StaticCache, generate, left_pad, rss_bytes, static_prefill_feeds  # noqa: E402
 
 
 class DecodeWorker(Worker):

@@ -37,7 +37,6 @@ class PackResult:
 
 def load_artifact_model(model_dir: Path) -> nn.Module:
     """The artifact's transformed HF model in fp32 (the class its config names)."""
-    import transformers
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(model_dir))

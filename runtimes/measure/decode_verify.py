@@ -73,7 +73,7 @@ def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[st
                                      opts.runs, opts.warmup)
         decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, max(1, min(opts.runs, DECODE_ROUNDS))) \
             if opts.decode else {}
-        for label, d in decode.items():
+        for d in decode.values():
             d["same_tokens_as_dense"] = d["tokens"] == decode[DENSE]["tokens"]
         if opts.batch_size > 1 and "causal LMs are timed at batch 1" not in inputs.notes:
             inputs.notes.append("causal LMs are timed at batch 1 (prefill and decode)")

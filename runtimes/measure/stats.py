@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     a = np.asarray(samples_ms, dtype=np.float64)
     return {"p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),

@@ -144,7 +144,7 @@ def apply_gates(results: dict[str, dict[str, Any]], opts: VerifyOptions) -> None
         for label, p50 in r["dense_configs_p50_ms"].items():
             if fastest is None or p50 < fastest["p50_ms"]:
                 fastest = {"backend": name, "config": label, "p50_ms": p50}
-    for name, r in results.items():
+    for r in results.values():
         r["fastest_dense"] = fastest
         r["speedup_vs_fastest_dense"] = fastest["p50_ms"] / r["compiled_p50_ms"]
         failures = []

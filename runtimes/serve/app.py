@@ -31,13 +31,24 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from compiler.errors import SparsecError
-from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
 from runtimes.decode.loop import GenRequest, GenResult, SamplingParams
+from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
 from runtimes.serve.metrics import ServerMetrics
 from runtimes.serve.model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
-from runtimes.serve.openai_schema import (APIError, ChoiceState, CompletionRequest, EmbeddingsRequest, InferRequest,
-                                    bad_request, check_lengths, chunk_body, completion_body, completion_id,
-                                    embeddings_body, tokenize_inputs)
+from runtimes.serve.openai_schema import (
+    APIError,
+    ChoiceState,
+    CompletionRequest,
+    EmbeddingsRequest,
+    InferRequest,
+    bad_request,
+    check_lengths,
+    chunk_body,
+    completion_body,
+    completion_id,
+    embeddings_body,
+    tokenize_inputs,
+)
 
 LOG = logging.getLogger("sparsec.server")
 CONFIG_ENV = "SPARSEC_SERVE_CONFIG"  # JSON ServeConfig handed to `--workers` processes
