@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from compiler.errors import SparsecError
+from compiler.spec import DEFAULT_SPARSITY
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -73,7 +74,7 @@ def _positive(ctx, param, value):
 @click.option("--calib-samples", type=int, default=32, show_default=True, callback=_positive)
 @click.option("--calib-seqlen", type=int, default=128, show_default=True, callback=_positive, help="Tokens per sample (capped by the model).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--sparsity", type=float, help="Target sparsity (shorthand; default 0.5).")
+@click.option("--sparsity", type=float, help=f"Target sparsity (shorthand; default {DEFAULT_SPARSITY}).")
 @click.option("--allocation", help="Layerwise allocation: auto (default: best on held-out data) | uniform | owl | alphapruning (shorthand).")
 @click.option("--method", help="Pruning method: magnitude | wanda | sparsegpt (shorthand).")
 @click.option("--pattern", help="unstructured | N:M such as 2:4 (shorthand).")

@@ -21,9 +21,9 @@ from compiler.pass_infra import PassContext
 from compiler.pipeline import Pipeline, PipelineRun, Recipe
 from compiler.registry import Registry
 from compiler.report import build_report, plot_plan, render_markdown
+from compiler.spec import DEFAULT_SPARSITY
 from compiler.trace import DEFAULT_MODEL, load_and_trace
 
-DEFAULT_SPARSITY = 0.5
 DEFAULT_ALLOCATION = "auto"  # scores uniform/OWL/AlphaPruning/... on held-out calibration data
 DEFAULT_METHOD = "wanda"
 

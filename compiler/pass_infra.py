@@ -48,6 +48,8 @@ class Pass:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # analyses still valid after this pass changes weights (the pipeline drops every other one)
+    preserves: ClassVar[tuple[str, ...]] = ()
     needs_calibration: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

@@ -121,7 +121,7 @@ class Pipeline:
             run.records.append(PassRecord(p.name, p.spec(), seconds, result.modified, dict(result.metrics), list(result.diagnostics)))
             run.analyses.update(result.ir.analyses)
             if result.modified:
-                keep = set(getattr(p, "preserves", ()))
+                keep = set(p.preserves)
                 result.ir.analyses = {k: v for k, v in result.ir.analyses.items() if k in keep}
                 result.ir.refresh_measured_sparsity()
             run.ir = result.ir

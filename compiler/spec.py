@@ -13,6 +13,8 @@ from typing import Any
 
 from compiler.errors import SpecError
 
+DEFAULT_SPARSITY = 0.5  # the one default target sparsity: --sparsity, the shorthand pipeline, sparsity-allocation
+
 _SIMPLE = re.compile(r"^[A-Za-z0-9_.:+\-/*]*$")
 
 

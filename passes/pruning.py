@@ -62,6 +62,7 @@ class Prune(Pass):
     def call(self, ir: ModelIR, ctx: PassContext) -> PassResult:
         planned = planned_layers(ir)
         check_weights_finite(ir, planned)
+        zeros_before = {n: int((ir.weight(n) == 0).sum()) for n in planned}
         notes: list[str] = []
         sgpt: dict[str, Any] = {}
         if self.method == "magnitude":
@@ -81,7 +82,11 @@ class Prune(Pass):
                     stats[name].hessian = None  # free the Hessian as soon as it is used
                 step.mark_modified()
         ir.refresh_measured_sparsity()
-        return PassResult(ir, modified=True, metrics=self._metrics(ir, planned, sgpt), diagnostics=notes + _over_pruned(ir, planned))
+        # honest `modified`: SparseGPT updates the kept weights of every layer it runs on; the others
+        # change weights only where they zeroed some (a plan of 0% targets prunes nothing)
+        modified = (self.method == "sparsegpt" and bool(planned)) or any(
+            int((ir.weight(n) == 0).sum()) != zeros_before[n] for n in planned)
+        return PassResult(ir, modified=modified, metrics=self._metrics(ir, planned, sgpt), diagnostics=notes + _over_pruned(ir, planned))
 
     def _prune_layer(self, ir: ModelIR, name: str, stats: LayerStats | None, sgpt: dict[str, Any], notes: list[str]) -> None:
         plan = ir.plan[name]

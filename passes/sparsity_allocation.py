@@ -31,7 +31,7 @@ from typing import Any, Literal
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
 from compiler.pass_infra import Pass, PassContext, PassResult, option
-from compiler.spec import load_yaml_file
+from compiler.spec import DEFAULT_SPARSITY, load_yaml_file
 from passes.math.alpha import layer_alpha
 from passes.math.masks import parse_pattern
 from passes.math.owl import Allocation, alpha_allocation, owl_allocation
@@ -47,7 +47,7 @@ class SparsityAllocation(Pass):
 
     name = "sparsity-allocation"
     method: Method = option("owl", "uniform | owl | alphapruning | manual | auto")
-    target: float = option(0.5, "mean target sparsity over allocated parameters, in [0, 1)")
+    target: float = option(DEFAULT_SPARSITY, "mean target sparsity over allocated parameters, in [0, 1)")
     lam: float = option(0.08, "half-width of the allocation spread (OWL lambda / AlphaPruning epsilon)")
     granularity: Literal["block", "layer"] = option("block", "one ratio per block (reference) or per layer")
     file: str = option("", "manual: YAML mapping {layer name or regex: ratio or null}")
