@@ -56,7 +56,7 @@ def test_int8_accumulation_is_exact(isa, n, k, sparsity):
     for m in TOKENS:
         xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(m))
         ref = xq.to(torch.int64) @ q.T
-        got = o.sparse_i8_acc(xq, sp.tensors["masks"], sp.tensors["row_ptr"], sp.tensors["values"], sp.tensors["rowsum"], n)
+        got = o.sparse_i8_acc(xq, sp.tensors["masks"], sp.tensors["tile_ptr"], sp.tensors["values"], sp.tensors["rowsum"], n)
         assert torch.equal(got.to(torch.int64), ref), (isa, m)
         got_dense = o.dense_i8_acc(xq, de.tensors["q"], de.tensors["rowsum"], n)
         assert torch.equal(got_dense.to(torch.int64), ref), (isa, m)
@@ -131,8 +131,8 @@ def test_pack_save_load_round_trip_without_densifying(tmp_path):
     assert torch.equal(back["a.proj"].bias, layers["a.proj"].bias)
     sp = back["a.proj"]
     assert max(t.numel() for t in sp.tensors.values()) < 0.4 * 300 * 200
-    # exactly: 1 B per non-zero (+64 B padding), 8 B of mask per 64 columns, row_ptr, scale and rowsum per row
-    assert sp.stored_bytes() == sp.nnz + 64 + 300 * 4 * 8 + 301 * 8 + 300 * 4 + 300 * 4
+    # exactly: 1 B per non-zero (+64 B padding), 8 B of mask per 64 columns, tile_ptr per 4 rows, scale and rowsum per row
+    assert sp.stored_bytes() == sp.nnz + 64 + 300 * 4 * 8 + 76 * 8 + 300 * 4 + 300 * 4
     assert sp.nnz < 0.35 * 300 * 200
     assert path.stat().st_size < 1.1 * sum(p.stored_bytes() + 4 * p.out_features for p in layers.values()) + 4096
 
@@ -141,7 +141,7 @@ def test_bad_arguments_are_one_line_errors():
     o = ops.ops()
     p = pack_linear(sparse_weight(8, 64, 0.5, 0), "sparse-int8")
     with pytest.raises(RuntimeError, match="error: masks must be"):
-        o.sparse_linear_i8(torch.randn(1, 128), p.tensors["masks"], p.tensors["row_ptr"], p.tensors["values"],
+        o.sparse_linear_i8(torch.randn(1, 128), p.tensors["masks"], p.tensors["tile_ptr"], p.tensors["values"],
                            p.tensors["scales"], p.tensors["rowsum"], None, 8)
     with pytest.raises(RuntimeError, match="error: unknown kernel ISA"):
         ops.set_isa("sse9")

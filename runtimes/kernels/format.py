@@ -1,12 +1,14 @@
 """The packed weight format of one Linear (out x in), and its sparse-on-disk safetensors file.
 
-Per row, the input columns are cut into chunks of 64; each chunk has a 64-bit presence mask and the
-row's non-zeros are stored contiguously in (chunk, column) order. `row_ptr` holds where each row's
-values start, so rows are independent (threads split rows; no popcount chain across rows). The
-values are int8 with one fp32 scale per output channel plus the row sums of the int8 weights (the
-+128 compensation of the u8 x s8 VNNI product), or plain fp32. A dense int8 kind (zero-padded to 64
-columns) is the same-family dense baseline and the LM head's fast path. Bytes per weight at sparsity
-s: int8 (1 - s) + 1/8, fp32 4 (1 - s) + 1/8, plus 8 bytes of row_ptr and 8 of scale/rowsum per row.
+The input columns are cut into chunks of 64; each (row, chunk) has a 64-bit presence mask and the
+non-zeros are stored contiguously. Rows are grouped in tiles of 4 whose data is interleaved chunk by
+chunk (masks[(tile, chunk, row)], values in (tile, chunk, row, column) order), so a tile is one
+sequential stream for the hardware prefetcher; `tile_ptr` holds where each tile's values start, so
+tiles are independent (threads split tiles). The values are int8 with one fp32 scale per output
+channel plus the row sums of the int8 weights (the +128 compensation of the u8 x s8 VNNI product),
+or plain fp32. A dense int8 kind (row-major, zero-padded to 64 columns) is the same-family dense
+baseline and the LM head's fast path. Bytes per weight at sparsity s: int8 (1 - s) + 1/8, fp32
+4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum per row and 8 of tile_ptr per 4 rows.
 
 On disk (`save_packed` / `load_packed`): one safetensors file of exactly these arrays (keys
 `<layer>.<field>`) whose metadata lists each layer's kind and shape. Loading reads the packed arrays
@@ -26,9 +28,10 @@ Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8"]
 KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8")
 FORMAT = "sparsec-packed-v1"
 CHUNK = 64
+TILE = 4  # rows per interleaved tile (csrc/common.h kTile)
 PAD = {"sparse-int8": 64, "sparse-fp32": 16}  # values read 64 bytes (int8) / 16 floats past each chunk start
-FIELDS = {"sparse-int8": ("masks", "row_ptr", "values", "scales", "rowsum"),
-          "sparse-fp32": ("masks", "row_ptr", "values"),
+FIELDS = {"sparse-int8": ("masks", "tile_ptr", "values", "scales", "rowsum"),
+          "sparse-fp32": ("masks", "tile_ptr", "values"),
           "dense-int8": ("q", "scales", "rowsum")}
 
 
@@ -48,10 +51,14 @@ class PackedLinear:
         return (self.in_features + CHUNK - 1) // CHUNK
 
     @property
+    def tiles(self) -> int:
+        return (self.out_features + TILE - 1) // TILE
+
+    @property
     def nnz(self) -> int:
         if self.kind == "dense-int8":
             return self.out_features * self.in_features
-        return int(self.tensors["row_ptr"][-1])
+        return int(self.tensors["tile_ptr"][-1])
 
     @property
     def sparsity(self) -> float:
@@ -62,7 +69,7 @@ class PackedLinear:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def bytes_read(self) -> int:
-        """Bytes one batch-1 call reads from the weight: masks, non-zeros, row_ptr, scales, rowsums."""
+        """Bytes one batch-1 call reads from the weight: masks, non-zeros, tile_ptr, scales, rowsums."""
         total = self.stored_bytes()
         if self.kind in PAD:
             total -= PAD[self.kind] * self.tensors["values"].element_size()
@@ -75,7 +82,7 @@ class PackedLinear:
         if missing:
             raise ValueError(f"packed {self.kind} layer lacks {missing}")
         n, kc = self.out_features, self.chunks
-        shapes = {"masks": n * kc, "row_ptr": n + 1, "scales": n, "rowsum": n, "q": n * kc * CHUNK}
+        shapes = {"masks": self.tiles * kc * TILE, "tile_ptr": self.tiles + 1, "scales": n, "rowsum": n, "q": n * kc * CHUNK}
         for name, size in shapes.items():
             if name in self.tensors and self.tensors[name].numel() != size:
                 raise ValueError(f"packed {self.kind} layer: {name} has {self.tensors[name].numel()} elements, expected {size}")
@@ -90,16 +97,24 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales.contiguous()
 
 
+def _tiled(w: torch.Tensor) -> torch.Tensor:
+    """[n, kp] -> [tiles, kc, TILE, 64] (rows padded to whole tiles with zeros): the storage order."""
+    n, kp = w.shape
+    tiles = (n + TILE - 1) // TILE
+    if tiles * TILE != n:
+        w = torch.cat([w, torch.zeros(tiles * TILE - n, kp, dtype=w.dtype)])
+    return w.view(tiles, TILE, kp // CHUNK, CHUNK).permute(0, 2, 1, 3).contiguous()
+
+
 def _masks(nonzero: torch.Tensor) -> torch.Tensor:
-    """[n, kc*64] bool -> [n*kc] int64 bit masks (bit j of chunk c <=> column 64c + j)."""
-    n, kp = nonzero.shape
+    """[tiles, kc, TILE, 64] bool -> [tiles*kc*TILE] int64 bit masks (bit j <=> column 64c + j)."""
+    flat = nonzero.reshape(-1, CHUNK)
     shifts = torch.arange(CHUNK, dtype=torch.int64)
-    out = torch.empty(n, kp // CHUNK, dtype=torch.int64)
-    step = max(1, (1 << 22) // kp)  # bound the int64 temporary to ~32 MiB
-    for r in range(0, n, step):
-        block = nonzero[r:r + step].view(-1, kp // CHUNK, CHUNK).to(torch.int64)
-        out[r:r + step] = (block << shifts).sum(dim=-1)  # distinct bits: the sum is the OR (bit 63 wraps)
-    return out.reshape(-1)
+    out = torch.empty(flat.shape[0], dtype=torch.int64)
+    step = 1 << 16  # bound the int64 temporary to 32 MiB
+    for r in range(0, flat.shape[0], step):
+        out[r:r + step] = (flat[r:r + step].to(torch.int64) << shifts).sum(dim=-1)  # distinct bits: sum == OR
+    return out
 
 
 def _pad_columns(w: torch.Tensor) -> torch.Tensor:
@@ -131,12 +146,13 @@ def pack_linear(weight: torch.Tensor, kind: str, bias: torch.Tensor | None = Non
         vals, extra = _pad_columns(q), {"scales": scales, "rowsum": q.to(torch.int32).sum(1).to(torch.int32)}
     else:
         vals, extra = _pad_columns(weight.detach().to(torch.float32)), {}
-    nonzero = vals != 0
-    counts = nonzero.sum(dim=1)
-    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
-    row_ptr[1:] = torch.cumsum(counts, 0)
-    values = torch.cat([vals[nonzero], torch.zeros(PAD[kind], dtype=vals.dtype)])
-    tensors = {"masks": _masks(nonzero), "row_ptr": row_ptr, "values": values, **extra}
+    tiled = _tiled(vals)
+    nonzero = tiled != 0
+    counts = nonzero.view(nonzero.shape[0], -1).sum(dim=1)
+    tile_ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64)
+    tile_ptr[1:] = torch.cumsum(counts, 0)
+    values = torch.cat([tiled[nonzero], torch.zeros(PAD[kind], dtype=vals.dtype)])
+    tensors = {"masks": _masks(nonzero), "tile_ptr": tile_ptr, "values": values, **extra}
     return PackedLinear(kind, n, k, tensors, b)
 
 
@@ -146,14 +162,15 @@ def unpack_dense(p: PackedLinear) -> torch.Tensor:
     if p.kind == "dense-int8":
         q = p.tensors["q"].view(n, kc * CHUNK)[:, :k].to(torch.float32)
         return q * p.tensors["scales"][:, None]
-    bits = (p.tensors["masks"].view(n, kc, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1
-    nonzero = bits.view(n, kc * CHUNK).bool()
-    dense = torch.zeros(n, kc * CHUNK, dtype=torch.float32)
-    nnz = int(p.tensors["row_ptr"][-1])
-    dense[nonzero] = p.tensors["values"][:nnz].to(torch.float32)
+    tiles = p.tiles
+    bits = (p.tensors["masks"].view(tiles, kc, TILE, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1
+    nonzero = bits.bool()
+    tiled = torch.zeros(tiles, kc, TILE, CHUNK, dtype=torch.float32)
+    tiled[nonzero] = p.tensors["values"][:p.nnz].to(torch.float32)
+    dense = tiled.permute(0, 2, 1, 3).reshape(tiles * TILE, kc * CHUNK)[:n, :k]
     if p.kind == "sparse-int8":
-        dense *= p.tensors["scales"][:, None]
-    return dense[:, :k]
+        dense = dense * p.tensors["scales"][:, None]
+    return dense.contiguous()
 
 
 def save_packed(layers: dict[str, PackedLinear], path: str | Path, extra_meta: dict | None = None) -> Path:

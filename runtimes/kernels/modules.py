@@ -35,9 +35,9 @@ class PackedLinearModule(nn.Module):
             x = x.to(torch.float32)
         o, n = self._ops, self.out_features
         if self.kind == "sparse-int8":
-            y = o.sparse_linear_i8(x, self.masks, self.row_ptr, self.values, self.scales, self.rowsum, self.bias, n)
+            y = o.sparse_linear_i8(x, self.masks, self.tile_ptr, self.values, self.scales, self.rowsum, self.bias, n)
         elif self.kind == "sparse-fp32":
-            y = o.sparse_linear_f32(x, self.masks, self.row_ptr, self.values, self.bias, n)
+            y = o.sparse_linear_f32(x, self.masks, self.tile_ptr, self.values, self.bias, n)
         else:
             y = o.dense_linear_i8(x, self.q, self.scales, self.rowsum, self.bias, n)
         return y if dtype == torch.float32 else y.to(dtype)

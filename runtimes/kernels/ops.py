@@ -49,9 +49,9 @@ def _register_fakes() -> None:
         return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
     torch.library.register_fake("sparsec::sparse_linear_i8")(
-        lambda x, masks, row_ptr, values, scales, rowsum, bias, n: out_like(x, n))
+        lambda x, masks, tile_ptr, values, scales, rowsum, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::dense_linear_i8")(lambda x, q, scales, rowsum, bias, n: out_like(x, n))
-    torch.library.register_fake("sparsec::sparse_linear_f32")(lambda x, masks, row_ptr, values, bias, n: out_like(x, n))
+    torch.library.register_fake("sparsec::sparse_linear_f32")(lambda x, masks, tile_ptr, values, bias, n: out_like(x, n))
 
 
 def ops():

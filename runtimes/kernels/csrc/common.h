@@ -6,11 +6,14 @@
 // So the ISA files use only intrinsics and their own functions with internal linkage, and expose
 // exactly the entry points declared below.
 //
-// Packed sparse format of one Linear weight W (N out x K in), see docs/kernels.md:
-//   kc        = ceil(K / 64) chunks of 64 input columns per row
-//   masks     uint64 [N * kc]   bit j of masks[n*kc + c] <=> W[n, 64c + j] != 0
-//   row_ptr   int64  [N + 1]    first packed value of row n (values are row-major, chunk, bit order)
-//   values    int8 / fp32 [nnz + 64 padding]  the non-zeros, contiguous
+// Packed sparse format of one Linear weight W (N out x K in), see docs/kernels.md. Rows are grouped
+// in tiles of 4 (N padded to a multiple of 4 with empty rows) and a tile's data is interleaved chunk
+// by chunk, so one tile is ONE sequential stream (masks and values), which the hardware prefetcher
+// follows; row-major storage gave 4-8 short streams per pass and ran latency-bound (docs/kernels.md).
+//   kc        = ceil(K / 64) chunks of 64 input columns
+//   masks     uint64 [tiles * kc * 4]  masks[(tile*kc + c)*4 + r]: bit j <=> W[4 tile + r, 64c + j] != 0
+//   tile_ptr  int64  [tiles + 1]       first packed value of each tile
+//   values    int8 / fp32 [nnz + 64 padding]  non-zeros in (tile, chunk, row, column) order
 //   scales    fp32 [N]          int8 only: W[n, k] = scales[n] * q[n, k]
 //   rowsum    int32 [N]         int8 only: sum_k q[n, k]  (the +128 compensation of u8 x s8 VNNI)
 // Dense int8 (the same-family baseline): q int8 [N * kp] with kp = 64 * kc (zero padded), scales, rowsum.
@@ -19,19 +22,23 @@
 
 namespace sparsec {
 
+constexpr int kTile = 4;
+
 struct SparseI8 {
   const uint64_t* masks;
-  const int64_t* row_ptr;
+  const int64_t* tile_ptr;
   const int8_t* values;
   const int32_t* rowsum;
   int64_t n, k, kc;
+  int64_t pf;  // software prefetch distance in bytes along the tile stream (SPARSEC_PREFETCH_BYTES)
 };
 
 struct SparseF32 {
   const uint64_t* masks;
-  const int64_t* row_ptr;
+  const int64_t* tile_ptr;
   const float* values;
   int64_t n, k, kc;
+  int64_t pf;
 };
 
 struct DenseI8 {
@@ -55,7 +62,8 @@ struct ActF32 {
   int64_t m, kp;
 };
 
-// Each kernel computes rows [n0, n1) for all m tokens. int8 kernels write exact int32 dot products
+// Each kernel computes rows [n0, n1) for all m tokens (sparse kernels: n0 is a multiple of kTile and
+// whole tiles are computed; rows >= n are not written). int8 kernels write exact int32 dot products
 // sum_k xq[t,k] * q[n,k] to acc[t * n_total + n]; fp32 kernels write y[t * n_total + n].
 typedef void (*SparseI8Fn)(const SparseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
 typedef void (*SparseF32Fn)(const SparseF32&, const ActF32&, int64_t n0, int64_t n1, float* y);

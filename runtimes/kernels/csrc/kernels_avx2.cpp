@@ -39,41 +39,40 @@ __attribute__((always_inline)) inline __m256i expand16_i8(const int8_t*& p, unsi
   return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(v, ctl));
 }
 
-template <int R, int T>
-__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t n, int64_t t,
+// One tile of 4 rows x T tokens; the tile's masks and values are one sequential stream.
+template <int T>
+__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t tile, int64_t t,
                                                    int32_t* acc) {
-  __m256i s[R][T];
-  const int8_t* p[R];
-  const uint64_t* mk[R];
+  __m256i s[kTile][T];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    p[r] = w.values + w.row_ptr[n + r];
-    mk[r] = w.masks + (n + r) * w.kc;
+  for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_si256();
-  }
+  const int8_t* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const int16_t* x = a.xs + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
-    uint64_t m[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
 #pragma GCC unroll 4
-    for (int g = 0; g < 4; ++g) {
-      __m256i wv[R];
+      for (int g = 0; g < 4; ++g) {
+        const __m256i wv = expand16_i8(p, (unsigned)(m >> (16 * g)) & 0xffffu);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = expand16_i8(p[r], (unsigned)(m[r] >> (16 * g)) & 0xffffu);
-#pragma GCC unroll 8
-      for (int u = 0; u < T; ++u) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + c * 64 + 16 * g));
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) s[r][u] = _mm256_add_epi32(s[r][u], _mm256_madd_epi16(wv[r], xv));
+        for (int u = 0; u < T; ++u) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + c * 64 + 16 * g));
+          s[r][u] = _mm256_add_epi32(s[r][u], _mm256_madd_epi16(wv, xv));
+        }
       }
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
 #pragma GCC unroll 8
-    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_epi32(s[r][u]);
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n] = hsum_epi32(s[r][u]);
+  }
 }
 
 template <int R, int T>
@@ -104,49 +103,54 @@ __attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI
     for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_epi32(s[r][u]);
 }
 
-template <int R, int T>
-__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t n, int64_t t,
+template <int T>
+__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t tile, int64_t t,
                                                     float* y) {
-  __m256 s[R][T];
-  const float* p[R];
-  const uint64_t* mk[R];
+  __m256 s[kTile][T];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    p[r] = w.values + w.row_ptr[n + r];
-    mk[r] = w.masks + (n + r) * w.kc;
+  for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
-  }
+  const float* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const float* x = a.x + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
-    uint64_t m[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
 #pragma GCC unroll 8
-    for (int g = 0; g < 8; ++g) {
-      __m256 wv[R];
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const unsigned b = (unsigned)(m[r] >> (8 * g)) & 0xffu;
-        const __m256 v = _mm256_loadu_ps(p[r]);
+      for (int g = 0; g < 8; ++g) {
+        const unsigned b = (unsigned)(m >> (8 * g)) & 0xffu;
+        const __m256 v = _mm256_loadu_ps(p);
         const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
         const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
-        wv[r] = _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep);
-        p[r] += _mm_popcnt_u32(b);
-      }
+        const __m256 wv = _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep);
+        p += _mm_popcnt_u32(b);
 #pragma GCC unroll 8
-      for (int u = 0; u < T; ++u) {
-        const __m256 xv = _mm256_loadu_ps(x + u * a.kp + c * 64 + 8 * g);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) s[r][u] = _mm256_fmadd_ps(wv[r], xv, s[r][u]);
+        for (int u = 0; u < T; ++u)
+          s[r][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + u * a.kp + c * 64 + 8 * g), s[r][u]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
 #pragma GCC unroll 8
-    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = hsum_ps(s[r][u]);
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n] = hsum_ps(s[r][u]);
+  }
 }
+
+#define SPARSEC_SPARSE_DRIVER(NAME, TILE, WT, AT, OT)                              \
+  void NAME(const WT& w, const AT& a, int64_t n0, int64_t n1, OT* out) {           \
+    const int64_t t0 = n0 / kTile, t1 = (n1 + kTile - 1) / kTile;                  \
+    for (int64_t t = 0; t < a.m; t += 2) {                                         \
+      const int64_t cnt = a.m - t < 2 ? a.m - t : 2;                               \
+      for (int64_t tile = t0; tile < t1; ++tile) {                                 \
+        if (cnt == 1) TILE<1>(w, a, tile, t, out); else TILE<2>(w, a, tile, t, out); \
+      }                                                                            \
+    }                                                                              \
+  }
 
 #define SPARSEC_TOKEN_SWITCH(TILE, R, W, A, N, T, OUT, COUNT) \
   switch (COUNT) {                                           \
@@ -172,8 +176,8 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
     }                                                                                    \
   }
 
-SPARSEC_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
-SPARSEC_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
+SPARSEC_SPARSE_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx2, di8_tile, DenseI8, ActI8, int32_t)
 
 }  // namespace

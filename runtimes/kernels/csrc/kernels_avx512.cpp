@@ -16,49 +16,49 @@ namespace sparsec {
 namespace {
 
 // Keep v in a register: stops the compiler from folding the load into vpexpandb's (slower) memory form.
-#ifndef SPARSEC_PF_BYTES
-#define SPARSEC_PF_BYTES 512
-#endif
 #define SPARSEC_IN_REG(v) __asm__("" : "+v"(v))
 
-template <int R, int T>
-__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t n, int64_t t,
+// One tile of 4 rows x T tokens. The tile's masks and values are one sequential stream; the pointer
+// advances row by row within a chunk by the popcounts (the masks are loaded independently of it).
+template <int T>
+__attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const ActI8& a, int64_t tile, int64_t t,
                                                    int32_t* acc) {
-  __m512i s[R][T];
-  const int8_t* p[R];
-  const uint64_t* mk[R];
+  __m512i s[kTile][T];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    p[r] = w.values + w.row_ptr[n + r];
-    mk[r] = w.masks + (n + r) * w.kc;
+  for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_si512();
-  }
+  const int8_t* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const uint8_t* x = a.xu + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
-    __m512i wv[R];
+    // ~77 bytes of values per chunk at 70 %: two lines per chunk keep the prefetch ahead of the loads
+    _mm_prefetch((const char*)(p + w.pf), _MM_HINT_T0);
+    _mm_prefetch((const char*)(p + w.pf + 64), _MM_HINT_T0);
+    if ((c & 1) == 0) _mm_prefetch((const char*)(mk + c * kTile) + w.pf, _MM_HINT_T0);
+    __m512i wv[kTile];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const uint64_t m = mk[r][c];
-      _mm_prefetch((const char*)(p[r] + SPARSEC_PF_BYTES), _MM_HINT_T0);
-      if ((c & 7) == 0) _mm_prefetch((const char*)(mk[r] + c + 32), _MM_HINT_T0);
-      __m512i v = _mm512_loadu_si512((const void*)p[r]);
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
+      __m512i v = _mm512_loadu_si512((const void*)p);
       SPARSEC_IN_REG(v);
       wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, v);
-      p[r] += _mm_popcnt_u64(m);
+      p += _mm_popcnt_u64(m);
     }
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) {
       const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) s[r][u] = _mm512_dpbusd_epi32(s[r][u], xv, wv[r]);
+      for (int r = 0; r < kTile; ++r) s[r][u] = _mm512_dpbusd_epi32(s[r][u], xv, wv[r]);
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
 #pragma GCC unroll 8
-    for (int u = 0; u < T; ++u)
-      acc[(t + u) * w.n + n + r] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n + r];
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n];
+  }
 }
 
 template <int R, int T>
@@ -90,48 +90,62 @@ __attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI
       acc[(t + u) * w.n + n + r] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n + r];
 }
 
-template <int R, int T>
-__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t n, int64_t t,
+template <int T>
+__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t tile, int64_t t,
                                                     float* y) {
-  __m512 s[R][T];
-  const float* p[R];
-  const uint64_t* mk[R];
+  __m512 s[kTile][T];
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    p[r] = w.values + w.row_ptr[n + r];
-    mk[r] = w.masks + (n + r) * w.kc;
+  for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
-  }
+  const float* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const float* x = a.x + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
-    uint64_t m[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) m[r] = mk[r][c];
 #pragma GCC unroll 4
-    for (int h = 0; h < 4; ++h) {
-      __m512 wv[R];
+    for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)p + 2 * w.pf + 64 * line, _MM_HINT_T0);
+    if ((c & 1) == 0) _mm_prefetch((const char*)(mk + c * kTile) + w.pf, _MM_HINT_T0);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        const unsigned mm = (unsigned)(m[r] >> (16 * h)) & 0xffffu;
-        __m512 v = _mm512_loadu_ps(p[r]);
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
+#pragma GCC unroll 4
+      for (int h = 0; h < 4; ++h) {
+        const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
+        __m512 v = _mm512_loadu_ps(p);
         SPARSEC_IN_REG(v);
-        wv[r] = _mm512_maskz_expand_ps((__mmask16)mm, v);
-        p[r] += _mm_popcnt_u32(mm);
-      }
+        const __m512 wv = _mm512_maskz_expand_ps((__mmask16)mm, v);
+        p += _mm_popcnt_u32(mm);
 #pragma GCC unroll 8
-      for (int u = 0; u < T; ++u) {
-        const __m512 xv = _mm512_loadu_ps(x + u * a.kp + c * 64 + 16 * h);
-#pragma GCC unroll 8
-        for (int r = 0; r < R; ++r) s[r][u] = _mm512_fmadd_ps(wv[r], xv, s[r][u]);
+        for (int u = 0; u < T; ++u)
+          s[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + u * a.kp + c * 64 + 16 * h), s[r][u]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
 #pragma GCC unroll 8
-    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = _mm512_reduce_add_ps(s[r][u]);
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n] = _mm512_reduce_add_ps(s[r][u]);
+  }
 }
+
+// Sparse drivers: whole tiles; T = 1 at batch 1, up to 4 tokens share each expanded chunk for M > 1.
+#define SPARSEC_SPARSE_DRIVER(NAME, TILE, WT, AT, OT)                              \
+  void NAME(const WT& w, const AT& a, int64_t n0, int64_t n1, OT* out) {           \
+    const int64_t t0 = n0 / kTile, t1 = (n1 + kTile - 1) / kTile;                  \
+    for (int64_t t = 0; t < a.m; t += 4) {                                         \
+      const int64_t cnt = a.m - t < 4 ? a.m - t : 4;                               \
+      for (int64_t tile = t0; tile < t1; ++tile) {                                 \
+        switch (cnt) {                                                             \
+          case 1: TILE<1>(w, a, tile, t, out); break;                              \
+          case 2: TILE<2>(w, a, tile, t, out); break;                              \
+          case 3: TILE<3>(w, a, tile, t, out); break;                              \
+          default: TILE<4>(w, a, tile, t, out); break;                             \
+        }                                                                          \
+      }                                                                            \
+    }                                                                              \
+  }
 
 // Row/token tiling shared by the three kernels: R rows per pass at batch 1 (activation loads shared),
 // R2 rows x up to 8 tokens per pass for M > 1 (each expanded chunk reused by 8 tokens).
@@ -163,8 +177,8 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
     }                                                                                    \
   }
 
-SPARSEC_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
-SPARSEC_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
+SPARSEC_SPARSE_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
 
 }  // namespace

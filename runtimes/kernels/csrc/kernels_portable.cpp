@@ -34,43 +34,45 @@ void init_tables() {
 namespace {
 
 void sparse_i8_portable(const SparseI8& w, const ActI8& a, int64_t n0, int64_t n1, int32_t* acc) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* mrow = w.masks + n * w.kc;
+  for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
     for (int64_t t = 0; t < a.m; ++t) {
       const int16_t* x = a.xs + t * a.kp;
-      const int8_t* v = w.values + w.row_ptr[n];
-      int32_t s = 0;
+      const int8_t* v = w.values + w.tile_ptr[tile];
+      int32_t s[kTile] = {0, 0, 0, 0};
       for (int64_t c = 0; c < w.kc; ++c) {
-        uint64_t m = mrow[c];
         const int16_t* xc = x + c * 64;
-        while (m) {
-          int j = __builtin_ctzll(m);
-          s += (int32_t)xc[j] * (int32_t)(*v++);
-          m &= m - 1;
+        for (int r = 0; r < kTile; ++r) {
+          uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+          while (m) {
+            s[r] += (int32_t)xc[__builtin_ctzll(m)] * (int32_t)(*v++);
+            m &= m - 1;
+          }
         }
       }
-      acc[t * w.n + n] = s;
+      for (int r = 0; r < kTile; ++r)
+        if (tile * kTile + r < w.n) acc[t * w.n + tile * kTile + r] = s[r];
     }
   }
 }
 
 void sparse_f32_portable(const SparseF32& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint64_t* mrow = w.masks + n * w.kc;
+  for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
     for (int64_t t = 0; t < a.m; ++t) {
       const float* x = a.x + t * a.kp;
-      const float* v = w.values + w.row_ptr[n];
-      float s = 0.f;
+      const float* v = w.values + w.tile_ptr[tile];
+      float s[kTile] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t c = 0; c < w.kc; ++c) {
-        uint64_t m = mrow[c];
         const float* xc = x + c * 64;
-        while (m) {
-          int j = __builtin_ctzll(m);
-          s += xc[j] * (*v++);
-          m &= m - 1;
+        for (int r = 0; r < kTile; ++r) {
+          uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+          while (m) {
+            s[r] += xc[__builtin_ctzll(m)] * (*v++);
+            m &= m - 1;
+          }
         }
       }
-      y[t * w.n + n] = s;
+      for (int r = 0; r < kTile; ++r)
+        if (tile * kTile + r < w.n) y[t * w.n + tile * kTile + r] = s[r];
     }
   }
 }

@@ -73,6 +73,14 @@ const KernelTable& kernels() {
   return g_table;
 }
 
+int64_t prefetch_bytes() {
+  static const int64_t pf = [] {
+    const char* env = std::getenv("SPARSEC_PREFETCH_BYTES");
+    return env && *env ? std::atoll(env) : (int64_t)1024;
+  }();
+  return pf;
+}
+
 std::string current_isa() { return kernels().name; }
 
 void set_isa(std::string isa) {
@@ -144,18 +152,18 @@ at::Tensor pad_f32(const at::Tensor& x2, int64_t kp) {
 
 // ---- argument checks ------------------------------------------------------------------------------
 
-int64_t check_sparse(const at::Tensor& masks, const at::Tensor& row_ptr, const at::Tensor& values, int64_t n,
+int64_t check_sparse(const at::Tensor& masks, const at::Tensor& tile_ptr, const at::Tensor& values, int64_t n,
                      int64_t k, at::ScalarType vdtype) {
   TORCH_CHECK(n > 0, "error: out_features must be > 0");
-  const int64_t kc = (k + 63) / 64;
-  TORCH_CHECK(masks.scalar_type() == at::kLong && masks.is_contiguous() && masks.numel() == n * kc,
-              "error: masks must be contiguous int64 [", n, " x ", kc, "], got ", masks.sizes());
-  TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.is_contiguous() && row_ptr.numel() == n + 1,
-              "error: row_ptr must be contiguous int64 [", n + 1, "]");
+  const int64_t kc = (k + 63) / 64, tiles = (n + kTile - 1) / kTile;
+  TORCH_CHECK(masks.scalar_type() == at::kLong && masks.is_contiguous() && masks.numel() == tiles * kc * kTile,
+              "error: masks must be contiguous int64 [", tiles, " x ", kc, " x ", kTile, "], got ", masks.sizes());
+  TORCH_CHECK(tile_ptr.scalar_type() == at::kLong && tile_ptr.is_contiguous() && tile_ptr.numel() == tiles + 1,
+              "error: tile_ptr must be contiguous int64 [", tiles + 1, "]");
   TORCH_CHECK(values.scalar_type() == vdtype && values.is_contiguous(), "error: values must be contiguous ",
               c10::toString(vdtype));
   const int64_t pad = vdtype == at::kChar ? 64 : 16;
-  const int64_t nnz = row_ptr.data_ptr<int64_t>()[n];
+  const int64_t nnz = tile_ptr.data_ptr<int64_t>()[tiles];
   TORCH_CHECK(values.numel() >= nnz + pad, "error: values must hold nnz + ", pad, " padding elements (",
               values.numel(), " < ", nnz + pad, ")");
   return kc;
@@ -182,15 +190,15 @@ at::Tensor epilogue_shape(const at::Tensor& x, at::Tensor y2, int64_t n) {
 
 // ---- int8 ---------------------------------------------------------------------------------------
 
-at::Tensor sparse_i8_acc(const at::Tensor& xq, const at::Tensor& masks, const at::Tensor& row_ptr,
+at::Tensor sparse_i8_acc(const at::Tensor& xq, const at::Tensor& masks, const at::Tensor& tile_ptr,
                          const at::Tensor& values, const at::Tensor& rowsum, int64_t n) {
   TORCH_CHECK(xq.dim() == 2, "error: xq must be [tokens, in_features]");
-  const int64_t k = xq.size(1), kc = check_sparse(masks, row_ptr, values, n, k, at::kChar);
+  const int64_t k = xq.size(1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kChar);
   check_vec(rowsum, n, at::kInt, "rowsum");
   const auto& kt = kernels();
   I8Acts a = widen_rows(xq, kc * 64);
-  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
-             rowsum.data_ptr<int32_t>(), n, k, kc};
+  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
+             rowsum.data_ptr<int32_t>(), n, k, kc, prefetch_bytes()};
   ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), xq.size(0), kc * 64};
   auto acc = at::empty({xq.size(0), n}, xq.options().dtype(at::kInt));
   int32_t* out = acc.data_ptr<int32_t>();
@@ -244,14 +252,14 @@ at::Tensor i8_linear(const at::Tensor& x, int64_t k, int64_t kc, const at::Tenso
   return epilogue_shape(x, y, n);
 }
 
-at::Tensor sparse_linear_i8(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& row_ptr,
+at::Tensor sparse_linear_i8(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
                             const at::Tensor& values, const at::Tensor& scales, const at::Tensor& rowsum,
                             const c10::optional<at::Tensor>& bias, int64_t n) {
-  const int64_t k = x.size(-1), kc = check_sparse(masks, row_ptr, values, n, k, at::kChar);
+  const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kChar);
   check_vec(rowsum, n, at::kInt, "rowsum");
   const auto& kt = kernels();
-  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
-             rowsum.data_ptr<int32_t>(), n, k, kc};
+  SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
+             rowsum.data_ptr<int32_t>(), n, k, kc, prefetch_bytes()};
   return i8_linear(x, k, kc, scales, bias, n,
                    [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.sparse_i8(w, act, n0, n1, acc); });
 }
@@ -270,44 +278,46 @@ at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::T
 // ---- fp32 ---------------------------------------------------------------------------------------
 
 // The dense [n, k] matrix of a packed fp32 weight (used only above kDensifyM tokens and by tests).
-at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& row_ptr, const at::Tensor& values, int64_t n,
+at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, const at::Tensor& values, int64_t n,
                        int64_t k) {
-  const int64_t kc = check_sparse(masks, row_ptr, values, n, k, at::kFloat);
+  const int64_t kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
   auto out = at::zeros({n, k}, values.options());
   float* o = out.data_ptr<float>();
   const uint64_t* mk = (const uint64_t*)masks.data_ptr<int64_t>();
-  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int64_t* rp = tile_ptr.data_ptr<int64_t>();
   const float* v = values.data_ptr<float>();
   over_rows(n, [&](int64_t n0, int64_t n1) {
-    for (int64_t r = n0; r < n1; ++r) {
-      const float* p = v + rp[r];
-      for (int64_t c = 0; c < kc; ++c) {
-        uint64_t m = mk[r * kc + c];
-        while (m) {
-          o[r * k + c * 64 + __builtin_ctzll(m)] = *p++;
-          m &= m - 1;
+    for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
+      const float* p = v + rp[tile];
+      for (int64_t c = 0; c < kc; ++c)
+        for (int r = 0; r < kTile; ++r) {
+          uint64_t m = mk[(tile * kc + c) * kTile + r];
+          float* orow = o + (tile * kTile + r) * k + c * 64;
+          while (m) {
+            orow[__builtin_ctzll(m)] = *p++;  // padded rows (>= n) have empty masks
+            m &= m - 1;
+          }
         }
-      }
     }
   });
   return out;
 }
 
-at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& row_ptr,
+at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
                              const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
-  const int64_t k = x.size(-1), kc = check_sparse(masks, row_ptr, values, n, k, at::kFloat);
+  const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
   auto x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
   if (m > kDensifyM) {
-    auto wd = densify_f32(masks, row_ptr, values, n, k);
+    auto wd = densify_f32(masks, tile_ptr, values, n, k);
     auto y = bias ? at::addmm(*bias, x2.to(at::kFloat), wd.t()) : at::mm(x2.to(at::kFloat), wd.t());
     return epilogue_shape(x, y, n);
   }
   const auto& kt = kernels();
   auto xp = pad_f32(x2, kc * 64);
-  SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), row_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
-              k, kc};
+  SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
+              k, kc, prefetch_bytes()};
   ActF32 act{xp.data_ptr<float>(), m, kc * 64};
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
@@ -331,13 +341,13 @@ TORCH_LIBRARY(sparsec, m) {
   m.def("isa() -> str", &sparsec::current_isa);
   m.def("set_isa(str isa) -> ()", &sparsec::set_isa);
   m.def("available_isas() -> str[]", &sparsec::available_isas);
-  m.def("sparse_i8_acc(Tensor xq, Tensor masks, Tensor row_ptr, Tensor values, Tensor rowsum, int n) -> Tensor");
+  m.def("sparse_i8_acc(Tensor xq, Tensor masks, Tensor tile_ptr, Tensor values, Tensor rowsum, int n) -> Tensor");
   m.def("dense_i8_acc(Tensor xq, Tensor q, Tensor rowsum, int n) -> Tensor");
-  m.def("sparse_linear_i8(Tensor x, Tensor masks, Tensor row_ptr, Tensor values, Tensor scales, Tensor rowsum, "
+  m.def("sparse_linear_i8(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor rowsum, "
         "Tensor? bias, int n) -> Tensor");
   m.def("dense_linear_i8(Tensor x, Tensor q, Tensor scales, Tensor rowsum, Tensor? bias, int n) -> Tensor");
-  m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor row_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
-  m.def("densify_f32(Tensor masks, Tensor row_ptr, Tensor values, int n, int k) -> Tensor");
+  m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
+  m.def("densify_f32(Tensor masks, Tensor tile_ptr, Tensor values, int n, int k) -> Tensor");
   m.def("noop(Tensor x) -> Tensor");
 }
 
