@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from compiler.block_batching import stacked_call
 from compiler.block_runner import BlockInputs, BlockRunner
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
@@ -73,13 +74,9 @@ def _matrix(x: torch.Tensor, width: int) -> torch.Tensor:
     return x.detach().reshape(-1, width).double()
 
 
-def call_block(module: nn.Module, inputs: BlockInputs, i: int) -> Any:
-    """One sample through one block (the block runner's calling convention)."""
-    args, kwargs = list(inputs.args[i]), dict(inputs.kwargs[i])
-    if isinstance(inputs.hidden_pos, int):
-        args[0] = inputs.hidden[i]
-    else:
-        kwargs[inputs.hidden_pos] = inputs.hidden[i]
+def call_block(module: nn.Module, inputs: BlockInputs, group: list[int]) -> Any:
+    """The samples of `group` through one block in one call (the block runner's calling convention)."""
+    args, kwargs = stacked_call(inputs.hidden, inputs.args, inputs.kwargs, inputs.hidden_pos, group)
     with torch.no_grad():
         return module(*args, **kwargs)
 
@@ -115,8 +112,9 @@ def run_paired(ir: ModelIR, dense: ModelIR, samples: list[dict[str, torch.Tensor
             dstep.outputs()
             continue
         captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        # a batched block call sees several samples at once: keep one entry per sample
         handles = [dense.get_module(n).register_forward_hook(
-            lambda m, inp, out, n=n: captured[n].append(inp[0].detach())) for n in names]
+            lambda m, inp, out, n=n: captured[n].extend(inp[0].detach().split(1, dim=0))) for n in names]
         try:
             dstep.outputs()
         finally:
@@ -148,22 +146,25 @@ def _group_grams(ir: ModelIR, sstep: Any, group: list[str], captured: dict[str, 
     handle = last.register_forward_hook(hook)
     first = ir.get_module(head)
     h_first = first.register_forward_hook(lambda m, inp, out: current.__setitem__("x", inp[0].detach()))
+    batches = sstep.runner.groups or [[i] for i in range(len(sstep.inputs.hidden))]
     try:
-        for i in range(len(sstep.inputs.hidden)):
+        for batch in batches:
             current.clear()
             try:
-                call_block(sstep.module, sstep.inputs, i)
+                call_block(sstep.module, sstep.inputs, batch)
             except _Stop:
                 pass
             if "x" not in current:
                 raise SpecError(f"layer '{head}' was not called by its block's forward")
-            xs = _matrix(current["x"], width)
-            xd = _matrix(captured[head][i], width)
-            g = held if is_held[i] else fit
-            g.ss += xs.t() @ xs
-            g.sd += xs.t() @ xd
-            g.dd += xd.t() @ xd
-            g.tokens += xs.shape[0]
+            per_sample = current["x"].split(1, dim=0) if len(batch) > 1 else [current["x"]]
+            for i, x in zip(batch, per_sample):
+                xs = _matrix(x, width)
+                xd = _matrix(captured[head][i], width)
+                g = held if is_held[i] else fit
+                g.ss += xs.t() @ xs
+                g.sd += xs.t() @ xd
+                g.dd += xd.t() @ xd
+                g.tokens += xs.shape[0]
     finally:
         handle.remove()
         h_first.remove()
