@@ -18,7 +18,11 @@ from pathlib import Path
 
 NAME = "sparsec_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-CFLAGS = ("-O3", "-std=c++17", "-fno-semantic-interposition")
+# -fopenmp: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
+# compiled into THIS library; without the flag it silently runs on one thread. libgomp.so.1 resolves to
+# the copy torch already loaded (torch/lib/libgomp.so.1), so there is one thread pool in the process.
+CFLAGS = ("-O3", "-std=c++17", "-fno-semantic-interposition", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def sources() -> list[Path]:
@@ -30,7 +34,7 @@ def source_hash() -> str:
 
     h = hashlib.sha256()
     h.update(torch.__version__.encode())
-    h.update(" ".join(CFLAGS).encode())
+    h.update(" ".join(CFLAGS + LDFLAGS).encode())
     for p in sources():
         h.update(p.name.encode())
         h.update(p.read_bytes())
@@ -69,7 +73,7 @@ def build(verbose: bool = False) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["PATH"] = f"{Path(sys.prefix) / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
     started = time.perf_counter()
-    load(name=NAME, sources=[str(p) for p in sources() if p.suffix == ".cpp"], extra_cflags=list(CFLAGS),
+    load(name=NAME, sources=[str(p) for p in sources() if p.suffix == ".cpp"], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
          extra_include_paths=[str(CSRC)], build_directory=str(work), is_python_module=False, verbose=verbose)
     if not lib.is_file():
         raise RuntimeError(f"error: the sparsec kernel build finished but {lib} is missing")

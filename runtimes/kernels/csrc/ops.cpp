@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -101,8 +102,10 @@ struct I8Acts {
 I8Acts quantize_rows(const at::Tensor& x2, int64_t kp) {
   const int64_t m = x2.size(0), k = x2.size(1);
   auto xf = x2.to(at::kFloat).contiguous();
-  I8Acts a{at::full({m, kp}, 128, x2.options().dtype(at::kByte)), at::zeros({m, kp}, x2.options().dtype(at::kShort)),
+  I8Acts a{at::empty({m, kp}, x2.options().dtype(at::kByte)), at::empty({m, kp}, x2.options().dtype(at::kShort)),
            at::empty({m}, x2.options().dtype(at::kFloat))};
+  std::memset(a.xu.data_ptr<uint8_t>(), 128, (size_t)(m * kp));
+  std::memset(a.xs.data_ptr<int16_t>(), 0, (size_t)(m * kp) * sizeof(int16_t));
   const float* src = xf.data_ptr<float>();
   uint8_t* xu = a.xu.data_ptr<uint8_t>();
   int16_t* xs = a.xs.data_ptr<int16_t>();
@@ -115,7 +118,7 @@ I8Acts quantize_rows(const at::Tensor& x2, int64_t kp) {
     sc[t] = s;
     if (s == 0.f) continue;
     for (int64_t j = 0; j < k; ++j) {
-      float q = std::nearbyint(row[j] / s);
+      float q = std::nearbyint(row[j] / s);  // a division, as the Python reference does (bit-exact rounding)
       q = std::fmin(127.f, std::fmax(-127.f, q));
       xu[t * kp + j] = (uint8_t)((int)q + 128);
       xs[t * kp + j] = (int16_t)q;
@@ -174,9 +177,17 @@ void check_vec(const at::Tensor& t, int64_t n, at::ScalarType dt, const char* wh
               c10::toString(dt), " [", n, "]");
 }
 
+// Below this many (row, chunk, token) steps a call runs on the calling thread: waking the pool costs
+// more than it saves on a 64 x 64 layer (docs/kernels.md, per-op overhead).
+constexpr int64_t kMinParallelWork = 4096;
+
 template <class F>
-void over_rows(int64_t n, const F& f) {
+void over_rows(int64_t n, const F& f, int64_t work = 1 << 30) {
   const int64_t blocks = (n + kRowBlock - 1) / kRowBlock;
+  if (work < kMinParallelWork) {
+    f(0, n);
+    return;
+  }
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     f(b0 * kRowBlock, std::min(n, b1 * kRowBlock));
   });
@@ -248,7 +259,7 @@ at::Tensor i8_linear(const at::Tensor& x, int64_t k, int64_t kc, const at::Tenso
   over_rows(n, [&](int64_t n0, int64_t n1) {
     run(act, n0, n1, accp);
     i8_epilogue(accp, sx, sw, bp, m, n, n0, n1, yp);
-  });
+  }, n * kc * m);
   return epilogue_shape(x, y, n);
 }
 
@@ -303,6 +314,47 @@ at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, cons
   return out;
 }
 
+// Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight into buf [r1 - r0, k] (zeroed here).
+void densify_rows(const uint64_t* mk, const int64_t* tp, const float* v, int64_t kc, int64_t k, int64_t r0,
+                  int64_t r1, float* buf) {
+  std::memset(buf, 0, sizeof(float) * (size_t)((r1 - r0) * k));
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const float* p = v + tp[tile];
+    for (int64_t c = 0; c < kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        uint64_t m = mk[(tile * kc + c) * kTile + r];
+        const int64_t row = tile * kTile + r;
+        float* orow = buf + (row - r0) * k + c * 64;
+        while (m) {
+          if (row < r1) orow[__builtin_ctzll(m)] = *p;
+          ++p;
+          m &= m - 1;
+        }
+      }
+  }
+}
+
+// M > kDensifyM: each worker densifies 64-row tiles into a cache-resident buffer and runs torch's GEMM
+// on it (compute-bound regime: MKL's sgemm beats expand + FMA, and no dense copy of W ever exists).
+at::Tensor tiled_dense_gemm_f32(const at::Tensor& x2, const at::Tensor& masks, const at::Tensor& tile_ptr,
+                                const at::Tensor& values, int64_t n, int64_t k, int64_t kc) {
+  constexpr int64_t TR = 64;
+  auto xf = x2.to(at::kFloat).contiguous();
+  auto y = at::empty({xf.size(0), n}, xf.options());
+  const uint64_t* mk = (const uint64_t*)masks.data_ptr<int64_t>();
+  const int64_t* tp = tile_ptr.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  at::parallel_for(0, (n + TR - 1) / TR, 1, [&](int64_t b0, int64_t b1) {
+    auto buf = at::empty({TR, k}, xf.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * TR, r1 = std::min(n, r0 + TR);
+      densify_rows(mk, tp, v, kc, k, r0, r1, buf.data_ptr<float>());
+      y.narrow(1, r0, r1 - r0).copy_(at::mm(xf, buf.narrow(0, 0, r1 - r0).t()));
+    }
+  });
+  return y;
+}
+
 at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
                              const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
@@ -310,8 +362,8 @@ at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const
   auto x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
   if (m > kDensifyM) {
-    auto wd = densify_f32(masks, tile_ptr, values, n, k);
-    auto y = bias ? at::addmm(*bias, x2.to(at::kFloat), wd.t()) : at::mm(x2.to(at::kFloat), wd.t());
+    auto y = tiled_dense_gemm_f32(x2, masks, tile_ptr, values, n, k, kc);
+    if (bias) y.add_(*bias);
     return epilogue_shape(x, y, n);
   }
   const auto& kt = kernels();
@@ -327,7 +379,7 @@ at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const
     if (bp)
       for (int64_t t = 0; t < m; ++t)
         for (int64_t j = n0; j < n1; ++j) yp[t * n + j] += bp[j];
-  });
+  }, n * kc * m);
   return epilogue_shape(x, y, n);
 }
 
