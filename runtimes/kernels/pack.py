@@ -103,15 +103,17 @@ def pack_model(model: nn.Module, plan: dict[str, dict[str, Any]], *, min_sparsit
 
 
 def pack_artifact(artifact: str | Path, out: str | Path | None = None, *, min_sparsity: float = 0.25,
-                  lm_head: str = "dense-int8") -> PackResult:
-    """Pack ART's planned layers into ART/sparsec/ (or `out`); returns what was written."""
+                  lm_head: str = "dense-int8", plan: dict[str, dict[str, Any]] | None = None) -> PackResult:
+    """Pack ART's planned layers into ART/sparsec/ (or `out`); returns what was written. `plan`: the
+    plan to pack (the compile driver passes it before manifest.json exists), else the manifest's."""
     root = Path(artifact)
     manifest_path = root / "manifest.json"
-    if not manifest_path.is_file():
+    if plan is None and not manifest_path.is_file():
         raise FileNotFoundError(f"error: '{root}' is not a sparsec artifact (no manifest.json)")
     if not (root / "model" / "config.json").is_file():
         raise FileNotFoundError(f"error: artifact '{root}' has no Hugging Face model/ directory to pack")
-    plan = json.loads(manifest_path.read_text(encoding="utf-8")).get("plan") or {}
+    if plan is None:
+        plan = json.loads(manifest_path.read_text(encoding="utf-8")).get("plan") or {}
     if not plan:
         raise ValueError(f"error: artifact '{root}' has an empty plan: nothing to pack")
     model = load_artifact_model(root / "model")

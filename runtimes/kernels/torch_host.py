@@ -81,6 +81,19 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
+def swap_in(model: nn.Module, packed_layers: dict[str, Any]) -> dict[str, PackedLinearModule]:
+    """Replace each named layer of `model` by a PackedLinearModule of its packed form."""
+    modules: dict[str, PackedLinearModule] = {}
+    for name, p in packed_layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if not hasattr(parent, child):
+            raise ValueError(f"error: packed layer '{name}' does not exist in {type(model).__name__}")
+        modules[name] = PackedLinearModule(p)
+        setattr(parent, child, modules[name])
+    return modules
+
+
 def load_host_model(artifact: str | Path, packed_path: str | Path | None = None, *, threads: int | None = None) -> HostModel:
     """The artifact's model with its packed layers on the sparsec kernels (see module docstring)."""
     from safetensors import safe_open
@@ -97,14 +110,7 @@ def load_host_model(artifact: str | Path, packed_path: str | Path | None = None,
     packed_layers = load_packed(weights)
     model, config = _empty_model(model_dir)
 
-    modules: dict[str, PackedLinearModule] = {}
-    for name, p in packed_layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if not hasattr(parent, child):
-            raise ValueError(f"error: packed layer '{name}' does not exist in {type(model).__name__}")
-        modules[name] = PackedLinearModule(p)
-        setattr(parent, child, modules[name])
+    modules = swap_in(model, packed_layers)
 
     # every remaining parameter / persistent buffer, by name; tied tensors are filled once
     targets = dict(model.named_parameters(remove_duplicate=False))

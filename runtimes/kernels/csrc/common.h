@@ -68,12 +68,16 @@ struct ActF32 {
 typedef void (*SparseI8Fn)(const SparseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
 typedef void (*SparseF32Fn)(const SparseF32&, const ActF32&, int64_t n0, int64_t n1, float* y);
 typedef void (*DenseI8Fn)(const DenseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
+// Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight written dense into buf [r1 - r0, kc * 64]
+// (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
+typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
 
 struct KernelTable {
   const char* name;
   SparseI8Fn sparse_i8;
   SparseF32Fn sparse_f32;
   DenseI8Fn dense_i8;
+  DensifyF32Fn densify_f32;
 };
 
 KernelTable portable_kernels();

@@ -180,11 +180,32 @@ SPARSEC_SPARSE_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx2, di8_tile, DenseI8, ActI8, int32_t)
 
+void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const float* p = w.values + w.tile_ptr[tile];
+    for (int64_t c = 0; c < w.kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t row = tile * kTile + r;
+        const uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+        float* o = buf + (row - r0) * kp + c * 64;
+        for (int g = 0; g < 8; ++g) {
+          const unsigned b = (unsigned)(m >> (8 * g)) & 0xffu;
+          const __m256 v = _mm256_loadu_ps(p);
+          const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
+          const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
+          if (row < r1) _mm256_storeu_ps(o + 8 * g, _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep));
+          p += _mm_popcnt_u32(b);
+        }
+      }
+  }
+}
+
 }  // namespace
 }  // namespace sparsec
 
 #pragma GCC pop_options
 
 namespace sparsec {
-KernelTable avx2_kernels() { return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2}; }
+KernelTable avx2_kernels() { return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2}; }
 }  // namespace sparsec

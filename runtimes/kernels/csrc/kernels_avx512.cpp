@@ -181,6 +181,26 @@ SPARSEC_SPARSE_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
 
+void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const float* p = w.values + w.tile_ptr[tile];
+    for (int64_t c = 0; c < w.kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t row = tile * kTile + r;
+        const uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+        float* o = buf + (row - r0) * kp + c * 64;
+        for (int h = 0; h < 4; ++h) {
+          const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
+          __m512 v = _mm512_loadu_ps(p);
+          SPARSEC_IN_REG(v);
+          if (row < r1) _mm512_storeu_ps(o + 16 * h, _mm512_maskz_expand_ps((__mmask16)mm, v));
+          p += _mm_popcnt_u32(mm);
+        }
+      }
+  }
+}
+
 }  // namespace
 }  // namespace sparsec
 
@@ -189,6 +209,6 @@ SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
 namespace sparsec {
 // Compiled for the baseline ISA: callable (and called) on every CPU; only the kernels need AVX-512.
 KernelTable avx512_kernels() {
-  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512};
+  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512};
 }
 }  // namespace sparsec

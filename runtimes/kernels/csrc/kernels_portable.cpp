@@ -90,10 +90,29 @@ void dense_i8_portable(const DenseI8& w, const ActI8& a, int64_t n0, int64_t n1,
   }
 }
 
+void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = 0.f;
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const float* p = w.values + w.tile_ptr[tile];
+    for (int64_t c = 0; c < w.kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t row = tile * kTile + r;
+        uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+        float* o = buf + (row - r0) * kp + c * 64;
+        while (m) {
+          if (row < r1) o[__builtin_ctzll(m)] = *p;
+          ++p;
+          m &= m - 1;
+        }
+      }
+  }
+}
+
 }  // namespace
 
 KernelTable portable_kernels() {
-  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable};
+  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable};
 }
 
 }  // namespace sparsec

@@ -21,7 +21,7 @@ namespace {
 constexpr int64_t kRowBlock = 16;
 // Above this many tokens the fp32 path densifies the weight once per call and calls torch's GEMM:
 // compute-bound there, and MKL's sgemm beats expand + FMA (docs/kernels.md).
-constexpr int64_t kDensifyM = 32;
+constexpr int64_t kDensifyM = 16;
 
 bool cpu_has(const std::string& isa) {
   __builtin_cpu_init();
@@ -288,7 +288,7 @@ at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::T
 
 // ---- fp32 ---------------------------------------------------------------------------------------
 
-// The dense [n, k] matrix of a packed fp32 weight (used only above kDensifyM tokens and by tests).
+// The dense [n, k] matrix of a packed fp32 weight (tests and debugging; the GEMM path densifies tiles).
 at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, const at::Tensor& values, int64_t n,
                        int64_t k) {
   const int64_t kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
@@ -314,42 +314,20 @@ at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, cons
   return out;
 }
 
-// Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight into buf [r1 - r0, k] (zeroed here).
-void densify_rows(const uint64_t* mk, const int64_t* tp, const float* v, int64_t kc, int64_t k, int64_t r0,
-                  int64_t r1, float* buf) {
-  std::memset(buf, 0, sizeof(float) * (size_t)((r1 - r0) * k));
-  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
-    const float* p = v + tp[tile];
-    for (int64_t c = 0; c < kc; ++c)
-      for (int r = 0; r < kTile; ++r) {
-        uint64_t m = mk[(tile * kc + c) * kTile + r];
-        const int64_t row = tile * kTile + r;
-        float* orow = buf + (row - r0) * k + c * 64;
-        while (m) {
-          if (row < r1) orow[__builtin_ctzll(m)] = *p;
-          ++p;
-          m &= m - 1;
-        }
-      }
-  }
-}
-
-// M > kDensifyM: each worker densifies 64-row tiles into a cache-resident buffer and runs torch's GEMM
-// on it (compute-bound regime: MKL's sgemm beats expand + FMA, and no dense copy of W ever exists).
-at::Tensor tiled_dense_gemm_f32(const at::Tensor& x2, const at::Tensor& masks, const at::Tensor& tile_ptr,
-                                const at::Tensor& values, int64_t n, int64_t k, int64_t kc) {
+// M > kDensifyM: each worker densifies 64-row tiles into a cache-resident buffer (vector expansion,
+// the ISA's densify kernel) and runs torch's GEMM on it: the compute-bound regime, where MKL's sgemm
+// beats expand + FMA per token; no dense copy of the whole W ever exists.
+at::Tensor tiled_dense_gemm_f32(const KernelTable& kt, const SparseF32& w, const at::Tensor& x2) {
   constexpr int64_t TR = 64;
+  const int64_t n = w.n, k = w.k, kp = w.kc * 64;
   auto xf = x2.to(at::kFloat).contiguous();
   auto y = at::empty({xf.size(0), n}, xf.options());
-  const uint64_t* mk = (const uint64_t*)masks.data_ptr<int64_t>();
-  const int64_t* tp = tile_ptr.data_ptr<int64_t>();
-  const float* v = values.data_ptr<float>();
   at::parallel_for(0, (n + TR - 1) / TR, 1, [&](int64_t b0, int64_t b1) {
-    auto buf = at::empty({TR, k}, xf.options());
+    auto buf = at::empty({TR, kp}, xf.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * TR, r1 = std::min(n, r0 + TR);
-      densify_rows(mk, tp, v, kc, k, r0, r1, buf.data_ptr<float>());
-      y.narrow(1, r0, r1 - r0).copy_(at::mm(xf, buf.narrow(0, 0, r1 - r0).t()));
+      kt.densify_f32(w, r0, r1, buf.data_ptr<float>());
+      y.narrow(1, r0, r1 - r0).copy_(at::mm(xf, buf.narrow(0, 0, r1 - r0).narrow(1, 0, k).t()));
     }
   });
   return y;
@@ -361,15 +339,15 @@ at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
   auto x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
+  const auto& kt = kernels();
+  SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
+              k, kc, prefetch_bytes()};
   if (m > kDensifyM) {
-    auto y = tiled_dense_gemm_f32(x2, masks, tile_ptr, values, n, k, kc);
+    auto y = tiled_dense_gemm_f32(kt, w, x2);
     if (bias) y.add_(*bias);
     return epilogue_shape(x, y, n);
   }
-  const auto& kt = kernels();
   auto xp = pad_f32(x2, kc * 64);
-  SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
-              k, kc, prefetch_bytes()};
   ActF32 act{xp.data_ptr<float>(), m, kc * 64};
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
