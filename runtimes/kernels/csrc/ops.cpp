@@ -94,54 +94,72 @@ std::vector<std::string> available_isas() { return available(); }
 
 // ---- activations ------------------------------------------------------------------------------
 
+// Quantized activations live in per-thread scratch (no allocation per call at batch 1) and only in
+// the form the active ISA reads: u8 (x + 128) for VNNI, int16 for AVX2 / portable.
 struct I8Acts {
-  at::Tensor xu, xs, scale;  // [m, kp] uint8, [m, kp] int16, [m] fp32
+  const uint8_t* xu = nullptr;
+  const int16_t* xs = nullptr;
+  std::vector<float> scale;  // [m]
 };
 
+bool wants_u8(const KernelTable& kt) { return kt.name[0] == 'a' && kt.name[3] == '5'; }  // "avx512"
+
+template <class T>
+T* scratch(std::vector<T>& buf, size_t count, T fill) {
+  buf.assign(count, fill);
+  return buf.data();
+}
+
+thread_local std::vector<uint8_t> t_xu;
+thread_local std::vector<int16_t> t_xs;
+
 // Per-token symmetric int8: scale = max|x| / 127, xq = round-half-even(x / scale) clamped to +-127.
-I8Acts quantize_rows(const at::Tensor& x2, int64_t kp) {
+I8Acts quantize_rows(const KernelTable& kt, const at::Tensor& x2, int64_t kp) {
   const int64_t m = x2.size(0), k = x2.size(1);
   auto xf = x2.to(at::kFloat).contiguous();
-  I8Acts a{at::empty({m, kp}, x2.options().dtype(at::kByte)), at::empty({m, kp}, x2.options().dtype(at::kShort)),
-           at::empty({m}, x2.options().dtype(at::kFloat))};
-  std::memset(a.xu.data_ptr<uint8_t>(), 128, (size_t)(m * kp));
-  std::memset(a.xs.data_ptr<int16_t>(), 0, (size_t)(m * kp) * sizeof(int16_t));
+  I8Acts a;
+  a.scale.assign((size_t)m, 0.f);
+  const bool u8 = wants_u8(kt);
+  uint8_t* xu = u8 ? scratch<uint8_t>(t_xu, (size_t)(m * kp), 128) : nullptr;
+  int16_t* xs = u8 ? nullptr : scratch<int16_t>(t_xs, (size_t)(m * kp), 0);
+  a.xu = xu;
+  a.xs = xs;
   const float* src = xf.data_ptr<float>();
-  uint8_t* xu = a.xu.data_ptr<uint8_t>();
-  int16_t* xs = a.xs.data_ptr<int16_t>();
-  float* sc = a.scale.data_ptr<float>();
   for (int64_t t = 0; t < m; ++t) {
     const float* row = src + t * k;
     float amax = 0.f;
     for (int64_t j = 0; j < k; ++j) amax = std::fmax(amax, std::fabs(row[j]));
     const float s = amax / 127.f;
-    sc[t] = s;
+    a.scale[t] = s;
     if (s == 0.f) continue;
     for (int64_t j = 0; j < k; ++j) {
       float q = std::nearbyint(row[j] / s);  // a division, as the Python reference does (bit-exact rounding)
       q = std::fmin(127.f, std::fmax(-127.f, q));
-      xu[t * kp + j] = (uint8_t)((int)q + 128);
-      xs[t * kp + j] = (int16_t)q;
+      if (u8) xu[t * kp + j] = (uint8_t)((int)q + 128);
+      else xs[t * kp + j] = (int16_t)q;
     }
   }
   return a;
 }
 
 // Already-quantized int8 activations (the exact-accumulation test ops).
-I8Acts widen_rows(const at::Tensor& xq, int64_t kp) {
+I8Acts widen_rows(const KernelTable& kt, const at::Tensor& xq, int64_t kp) {
   TORCH_CHECK(xq.scalar_type() == at::kChar, "error: quantized activations must be int8");
   const int64_t m = xq.size(0), k = xq.size(1);
   auto xc = xq.contiguous();
-  I8Acts a{at::full({m, kp}, 128, xq.options().dtype(at::kByte)), at::zeros({m, kp}, xq.options().dtype(at::kShort)),
-           at::ones({m}, xq.options().dtype(at::kFloat))};
+  I8Acts a;
+  a.scale.assign((size_t)m, 1.f);
+  uint8_t* xu = scratch<uint8_t>(t_xu, (size_t)(m * kp), 128);
+  int16_t* xs = scratch<int16_t>(t_xs, (size_t)(m * kp), 0);
+  a.xu = xu;
+  a.xs = xs;
   const int8_t* src = xc.data_ptr<int8_t>();
-  uint8_t* xu = a.xu.data_ptr<uint8_t>();
-  int16_t* xs = a.xs.data_ptr<int16_t>();
   for (int64_t t = 0; t < m; ++t)
     for (int64_t j = 0; j < k; ++j) {
       xu[t * kp + j] = (uint8_t)((int)src[t * k + j] + 128);
       xs[t * kp + j] = src[t * k + j];
     }
+  (void)kt;
   return a;
 }
 
@@ -207,10 +225,10 @@ at::Tensor sparse_i8_acc(const at::Tensor& xq, const at::Tensor& masks, const at
   const int64_t k = xq.size(1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kChar);
   check_vec(rowsum, n, at::kInt, "rowsum");
   const auto& kt = kernels();
-  I8Acts a = widen_rows(xq, kc * 64);
+  I8Acts a = widen_rows(kt, xq, kc * 64);
   SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
              rowsum.data_ptr<int32_t>(), n, k, kc, prefetch_bytes()};
-  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), xq.size(0), kc * 64};
+  ActI8 act{a.xu, a.xs, xq.size(0), kc * 64};
   auto acc = at::empty({xq.size(0), n}, xq.options().dtype(at::kInt));
   int32_t* out = acc.data_ptr<int32_t>();
   over_rows(n, [&](int64_t n0, int64_t n1) { kt.sparse_i8(w, act, n0, n1, out); });
@@ -223,9 +241,9 @@ at::Tensor dense_i8_acc(const at::Tensor& xq, const at::Tensor& q, const at::Ten
   check_vec(q, n * kc * 64, at::kChar, "q (padded to 64 columns)");
   check_vec(rowsum, n, at::kInt, "rowsum");
   const auto& kt = kernels();
-  I8Acts a = widen_rows(xq, kc * 64);
+  I8Acts a = widen_rows(kt, xq, kc * 64);
   DenseI8 w{q.data_ptr<int8_t>(), rowsum.data_ptr<int32_t>(), n, k, kc};
-  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), xq.size(0), kc * 64};
+  ActI8 act{a.xu, a.xs, xq.size(0), kc * 64};
   auto acc = at::empty({xq.size(0), n}, xq.options().dtype(at::kInt));
   int32_t* out = acc.data_ptr<int32_t>();
   over_rows(n, [&](int64_t n0, int64_t n1) { kt.dense_i8(w, act, n0, n1, out); });
@@ -240,20 +258,22 @@ void i8_epilogue(const int32_t* acc, const float* sx, const float* sw, const flo
       y[t * n + j] = (float)acc[t * n + j] * (sx[t] * sw[j]) + (bias ? bias[j] : 0.f);
 }
 
+thread_local std::vector<int32_t> t_acc;
+
 template <class RunRows>
-at::Tensor i8_linear(const at::Tensor& x, int64_t k, int64_t kc, const at::Tensor& scales,
+at::Tensor i8_linear(const KernelTable& kt, const at::Tensor& x, int64_t k, int64_t kc, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, int64_t n, const RunRows& run) {
   check_vec(scales, n, at::kFloat, "scales");
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
   auto x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
-  I8Acts a = quantize_rows(x2, kc * 64);
-  ActI8 act{a.xu.data_ptr<uint8_t>(), a.xs.data_ptr<int16_t>(), m, kc * 64};
-  auto acc = at::empty({m, n}, x.options().dtype(at::kInt));
+  I8Acts a = quantize_rows(kt, x2, kc * 64);
+  ActI8 act{a.xu, a.xs, m, kc * 64};
+  t_acc.resize((size_t)(m * n));
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  int32_t* accp = acc.data_ptr<int32_t>();
+  int32_t* accp = t_acc.data();
   float* yp = y.data_ptr<float>();
-  const float* sx = a.scale.data_ptr<float>();
+  const float* sx = a.scale.data();
   const float* sw = scales.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   over_rows(n, [&](int64_t n0, int64_t n1) {
@@ -271,7 +291,7 @@ at::Tensor sparse_linear_i8(const at::Tensor& x, const at::Tensor& masks, const 
   const auto& kt = kernels();
   SparseI8 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<int8_t>(),
              rowsum.data_ptr<int32_t>(), n, k, kc, prefetch_bytes()};
-  return i8_linear(x, k, kc, scales, bias, n,
+  return i8_linear(kt, x, k, kc, scales, bias, n,
                    [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.sparse_i8(w, act, n0, n1, acc); });
 }
 
@@ -282,7 +302,7 @@ at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::T
   check_vec(rowsum, n, at::kInt, "rowsum");
   const auto& kt = kernels();
   DenseI8 w{q.data_ptr<int8_t>(), rowsum.data_ptr<int32_t>(), n, k, kc};
-  return i8_linear(x, k, kc, scales, bias, n,
+  return i8_linear(kt, x, k, kc, scales, bias, n,
                    [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.dense_i8(w, act, n0, n1, acc); });
 }
 
