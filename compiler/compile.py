@@ -197,13 +197,14 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
         if backends:
             from compiler.lowering.lower import lower_artifact
             from runtimes.base import lower_for_backends
-            from runtimes.measure.dense import cache_dense_reference, reference_quants
+            from runtimes.measure.dense import cache_dense_reference, needs_source_model, reference_quants
             from runtimes.measure.verify import verify_backends
 
             calib = calib_holder.get("set")
             lowering = lower_artifact(ir, root, backends, calib=calib, registry=registry)
             lower_for_backends(registry, backends, root, lowering, manifest["plan"], opts.verify)
-            cache_dense_reference(dense, source_hash, opts.verify, calib, reference_quants(ir.plan, backends, registry))
+            cache_dense_reference(dense, source_hash, opts.verify, calib, reference_quants(ir.plan, backends, registry),
+                                  needs_source_model(backends, registry))
             manifest["lowering"] = lowering
             report["backends"] = verify_backends(root, manifest, backends, registry, opts.verify)
         report["compile_seconds"] = round(time.perf_counter() - started, 3)

@@ -89,6 +89,9 @@ class Backend:
     distributions: ClassVar[tuple[str, ...]] = ()
     # dense int8 forms timed beside dense fp32 on this backend: variant -> scheme applied to every block layer
     dense_alternatives: ClassVar[Mapping[str, str]] = {}
+    # the dense reference keeps the source model's Hugging Face directory (`model/`) for this backend: it
+    # runs models rather than graphs (the sparsec backend)
+    needs_source_model: ClassVar[bool] = False
 
     @classmethod
     def available(cls) -> tuple[bool, str]:  # pragma: no cover - abstract
@@ -122,6 +125,12 @@ class Backend:
         `runtimes.decode.decoders.open_decoder` runs the in-process decoders on `runner()` (a growing
         cache, or fixed-shape graphs when `dynamic_shapes` is False)."""
         return None
+
+    def dense_configs(self, dense_root: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+        """Dense configurations this backend derives itself from the dense reference in `dense_root`
+        (label -> what `prepare`/`runner` take), timed beside the compiled model; they replace the generic
+        ones of the same label. Default: none (the ONNX files of `dense_alternatives` serve)."""
+        return {}
 
     def info(self) -> dict[str, Any]:
         ok, reason = self.available()

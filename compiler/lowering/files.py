@@ -15,10 +15,15 @@ def file_sizes(path: Path, cache: bool = False) -> dict[str, int]:
     """Bytes on disk (graph + external data) and deflate-compressed (zlib level 1, streamed: fast,
     and enough to show how much of a file is zeros). With `cache`, the result is kept beside the
     file (for the dense references in the cache directory, measured once)."""
-    files = [path] + ([path.parent / "model.onnx.data"] if (path.parent / "model.onnx.data").exists() else [])
+    if path.is_dir():  # a backend's own lowered form (e.g. packed weights): every file in it
+        files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.endswith(".sizes.json"))
+        memo_dir = path
+    else:
+        files = [path] + ([path.parent / "model.onnx.data"] if (path.parent / "model.onnx.data").exists() else [])
+        memo_dir = None
     raw = sum(f.stat().st_size for f in files)
     stamp = f"{raw}:{max(f.stat().st_mtime_ns for f in files)}"
-    memo = path.with_name(path.name + ".sizes.json")
+    memo = memo_dir / ".sizes.json" if memo_dir is not None else path.with_name(path.name + ".sizes.json")
     if cache and memo.is_file():
         data = json.loads(memo.read_text(encoding="utf-8"))
         if data.get("stamp") == stamp:

@@ -29,6 +29,7 @@ from compiler.lowering.files import MODEL_FILE, model_file
 from compiler.lowering.lower import LOWERING_FORMAT, lower_model
 from compiler.lowering.quant import QUANT_FORMAT, variants_for_scheme, write_variants
 
+SOURCE_MODEL_DIR = "model"
 COMPILED = "compiled"
 DENSE = "dense fp32"
 
@@ -43,7 +44,7 @@ def dense_dir(source_sha256: str, options: dict[str, Any] | None = None) -> Path
 
 
 def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[str, Any] | None,
-                          calib: Any = None, quants: list[DenseQuant] = ()) -> Path:
+                          calib: Any = None, quants: list[DenseQuant] = (), keep_model: bool = False) -> Path:
     """Lower the dense model into the cache (once per source hash); returns the cache directory.
     Each entry of `quants` (which layers are int8, in which variants) also gets the dense model's
     int8 variants, under `quant_root(...)`."""
@@ -60,6 +61,8 @@ def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[s
                 pass
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    if keep_model and not (target / SOURCE_MODEL_DIR / "config.json").is_file():
+        _save_source_model(dense_ir, target / SOURCE_MODEL_DIR)
     for dq in quants:
         missing = _missing_variants(target, dq)
         if missing:
@@ -67,6 +70,26 @@ def cache_dense_reference(dense_ir: ModelIR, source_sha256: str, options: dict[s
             write_variants(_with_quant_plan(dense_ir, dq.quant), target / MODEL_FILE, quant_root(target, dq.quant),
                            section, dq.scheme, calib, {v: () for v in missing})
     return target
+
+
+def needs_source_model(backends: tuple[str, ...] | list[str], registry: Any) -> bool:
+    """Whether a backend among `backends` runs the Hugging Face model rather than a graph."""
+    return any(getattr(registry.get_backend(b), "needs_source_model", False) for b in backends)
+
+
+def _save_source_model(dense_ir: ModelIR, directory: Path) -> None:
+    """The dense source model's Hugging Face directory, written atomically (for model-running backends)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=directory.parent))
+    try:
+        dense_ir.module.save_pretrained(tmp, safe_serialization=True)
+        if dense_ir.tokenizer is not None:
+            dense_ir.tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, directory)
+        except OSError:  # another process saved it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def quant_root(target: Path, quant: dict[str, str]) -> Path:
@@ -157,7 +180,9 @@ def dense_reference(manifest: dict[str, Any], options: dict[str, Any] | None, ba
         raise SparsecError("the artifact's manifest has no source sha256: cannot find its dense reference")
     target = dense_dir(sha, options)
     quants = reference_quants(manifest.get("plan", {}), backends, registry)
-    if (target / MODEL_FILE).is_file() and not any(_missing_variants(target, q) for q in quants):
+    keep_model = needs_source_model(backends, registry)
+    if (target / MODEL_FILE).is_file() and not any(_missing_variants(target, q) for q in quants) and \
+            (not keep_model or (target / SOURCE_MODEL_DIR / "config.json").is_file()):
         return target
     from compiler.trace import load_and_trace
 
@@ -167,7 +192,7 @@ def dense_reference(manifest: dict[str, Any], options: dict[str, Any] | None, ba
         raise SparsecError(f"the source model '{source.get('resolved')}' changed since compile (sha256 {actual[:12]} "
                            f"!= {sha[:12]} in the manifest): cannot build its dense reference")
     calib = _rebuild_calibration(dense_ir, manifest) if any(q.role == "same-plan" for q in quants) else None
-    return cache_dense_reference(dense_ir, sha, options, calib, quants)
+    return cache_dense_reference(dense_ir, sha, options, calib, quants, keep_model)
 
 
 def _rebuild_calibration(ir: ModelIR, manifest: dict[str, Any]) -> Any:
@@ -196,4 +221,5 @@ def model_configs(root: Path, manifest: dict[str, Any], backend: Any, dense_root
             for alt in backend.dense_alternatives:
                 if alt in files:
                     configs[f"dense {alt}"] = files[alt]
+    configs.update(backend.dense_configs(dense_root, manifest))
     return configs

@@ -342,7 +342,11 @@ at::Tensor tiled_dense_gemm_f32(const KernelTable& kt, const SparseF32& w, const
   const int64_t n = w.n, k = w.k, kp = w.kc * 64;
   auto xf = x2.to(at::kFloat).contiguous();
   auto y = at::empty({xf.size(0), n}, xf.options());
+  // InferenceMode is thread-local: the pool's threads must run torch ops in the caller's mode, or
+  // writing into `y` (an inference tensor when the caller is in inference mode) is refused.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, (n + TR - 1) / TR, 1, [&](int64_t b0, int64_t b1) {
+    c10::InferenceMode guard(inference);
     auto buf = at::empty({TR, kp}, xf.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * TR, r1 = std::min(n, r0 + TR);
