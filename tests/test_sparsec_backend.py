@@ -109,3 +109,39 @@ def test_gpt2_conv1d_packs_and_runs(tiny_model_dir, tmp_path):
     out = tmp_path / "gpt2"
     report = _compile(tiny_model_dir("gpt2"), out)
     assert report["backends"]["sparsec"]["decode"]
+
+
+def test_serve_embeddings_and_completions_on_sparsec(llama_int8, tiny_model_dir, tmp_path):
+    """A real server process on the sparsec backend: embeddings equal torch's, completions equal the
+    backend's own greedy decode (streamed and not)."""
+    from test_serve import reference_embeddings, start_server
+
+    bert = tmp_path / "bert"
+    _compile(tiny_model_dir("bert"), bert)
+    texts = ["Return the sum of a and b.", "Open a file and return a stream.", "x"]
+    server = start_server(bert, tmp_path, "--backend", "sparsec", "--model-name", "b")
+    try:
+        with server.client() as c:
+            r = c.post("/v1/embeddings", json={"input": texts, "model": "b"})
+            assert r.status_code == 200, r.text
+            got = np.array([d["embedding"] for d in r.json()["data"]], dtype=np.float32)
+        np.testing.assert_allclose(got, reference_embeddings(bert / "model", texts), atol=2e-4)
+    finally:
+        assert server.stop() == 0, server.log_text()
+
+    art, _ = llama_int8
+    server = start_server(art, tmp_path, "--backend", "sparsec", "--model-name", "l")
+    try:
+        with server.client() as c:
+            body = {"model": "l", "prompt": "hello world", "max_tokens": 6}
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["text"]
+            assert r.json()["usage"]["completion_tokens"] == 6
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+                chunks = [line for line in s.iter_lines() if line.startswith("data: {")]
+            streamed = "".join(json.loads(line[6:])["choices"][0]["text"] for line in chunks)
+            assert streamed == text
+        assert "sparsec" in server.log_text()
+    finally:
+        assert server.stop() == 0, server.log_text()

@@ -90,7 +90,7 @@ def find_onnx(artifact: Artifact, backend: str) -> Path:
     lowering = artifact.manifest.get("lowering") or {}
     rel = (lowering.get("backend_files") or {}).get(backend) or (lowering.get("files") or {}).get("model") or "onnx/model.onnx"
     path = artifact.path(rel)
-    if not path.is_file():
+    if not path.exists():  # a file (a graph) or a directory (a backend's own lowered form)
         raise ArtifactError(f"artifact '{artifact.root}' has no lowered graph '{rel}': compile it with --backend {backend}")
     return path
 
@@ -121,7 +121,9 @@ def open_artifact(path: str | Path, backend: str, plugins: tuple[str, ...] = ())
     registry = Registry.default(plugins, kinds=("backend",))
     check_backends_available(registry, [backend])
     onnx_path = find_onnx(artifact, backend)
-    sig = read_signature(onnx_path)
+    # a backend that runs its own lowered form (a directory: packed weights) keeps the generic graph's contract
+    generic = artifact.path((artifact.manifest.get("lowering") or {}).get("files", {}).get("model", "onnx/model.onnx"))
+    sig = read_signature(onnx_path if onnx_path.is_file() else generic)
     task = detect_task(sig, artifact.manifest.get("lowering") or {})
     model_dir = artifact.path("model")
     text = load_text_model(model_dir) if (model_dir / "config.json").is_file() else None
