@@ -67,8 +67,16 @@ def key(model: str, sparsity: float, quant: str, backend: str, threads: int) -> 
 
 
 # -- models and their compiled forms (cached) ------------------------------------------------------
+PRETRAINED = {"smollm2": "smollm2"}  # real weights: SmolLM2-135M-Instruct (built in, from its GGUF)
+
+
 def source_dir(cache: Path, model: str) -> Path:
-    """The random-init fp32 Llama as a Hugging Face directory (with a stdlib-trained tokenizer)."""
+    """The random-init fp32 Llama as a Hugging Face directory (with a stdlib-trained tokenizer), or the
+    built-in pretrained model's directory."""
+    if model in PRETRAINED:
+        from compiler.trace import builtin_model_path
+
+        return builtin_model_path(PRETRAINED[model])
     out = cache / model / "source"
     if (out / "config.json").is_file():
         return out
@@ -121,8 +129,17 @@ def build(cache: Path, model: str, sparsity: float, quant: str, backends: tuple[
         ctx = PassContext(calibration=lambda: calib, seed=0, progress=lambda *a: None, extras={})
         ir = Pipeline.from_spec(spec, Registry.default()).run(ir, ctx, []).ir
         ir.refresh_measured_sparsity()
-    lowered_backends = tuple(b for b in backends if b != "openvino")  # OpenVINO runs the ORT-QDQ variant
-    section = lower_artifact(ir, out, lowered_backends, calib=calib)
+    registry = Registry.default()
+    # OpenVINO runs the ORT-QDQ variant; backends that run their own lowered form (sparsec: packed weights
+    # beside the HF model) write it after the ONNX lowering, as the compile driver does
+    lowered_backends = tuple(b for b in backends if b != "openvino")
+    section = lower_artifact(ir, out, tuple(b for b in lowered_backends if b != "sparsec"), calib=calib)
+    if "sparsec" in backends:
+        from compiler.compile import save_model
+        from runtimes.base import lower_for_backends
+
+        save_model(ir, out / "model")
+        lower_for_backends(registry, ("sparsec",), out, section, {n: p.to_dict() for n, p in ir.plan.items()}, {})
     section["pipeline"] = spec
     section["compile_seconds"] = time.perf_counter() - started
     section["measured_sparsity"] = _block_sparsity(ir)
@@ -155,7 +172,7 @@ def run_one(args: argparse.Namespace, model: str, sparsity: float, quant: str, b
     path = art / model_file(lowering, backend_name)
     deepsparse = backend_name == "deepsparse"
     opts = DecodeOptions(prompt_len=args.prompt, new_tokens=args.tokens, threads=args.threads, release_prefill=deepsparse)
-    vocab = MODELS[model]["vocab_size"]
+    vocab = MODELS[model]["vocab_size"] if model in MODELS else 8000
     ids = np.random.default_rng(0).integers(3, vocab, size=(1, args.prompt))
     row = decode_row(backend, "dense" if sparsity == 0 else f"{sparsity:.0%} sparse", path, lowering, opts, ids,
                      np.ones_like(ids), args.membw, art / f"work-{backend_name}", warmup=not deepsparse)
@@ -226,7 +243,7 @@ def drive(args: argparse.Namespace) -> dict:
                     rc, tail = _child(["--one", model, str(sparsity), quant, b, *common], args.timeout_minutes * 60)
                     k = key(model, sparsity, quant, b, args.threads)
                     if rc == 0:
-                        results["rows"][k] = json.loads(tail.strip().splitlines()[-1])
+                        results["rows"][k] = json.loads([line for line in tail.strip().splitlines() if line.startswith("{")][-1])
                         r = results["rows"][k]
                         print(f"{k}: {r['tokens_per_s']:.2f} tokens/s, {r['weight_bytes_per_token'] / 1e6:.0f} MB/token, "
                               f"{100 * r['fraction_of_membw']:.0f}% of membw, peak RSS {r['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
@@ -361,9 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         model, sparsity, quant, backend = args.one
         print(json.dumps(run_one(args, model, float(sparsity), quant, backend), default=str))
         return 0
-    unknown = [m for m in args.models.split(",") if m and m not in MODELS]
+    unknown = [m for m in args.models.split(",") if m and m not in MODELS and m not in PRETRAINED]
     if unknown:
-        print(f"unknown model {unknown[0]} (known: {', '.join(MODELS)})", file=sys.stderr)
+        print(f"unknown model {unknown[0]} (known: {', '.join([*MODELS, *PRETRAINED])})", file=sys.stderr)
         return 1
     results = load_results(args.out) if args.report_only else drive(args)
     report(results, args.out)

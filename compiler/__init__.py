@@ -12,9 +12,18 @@ served without torch installed (tests/test_layering.py checks it).
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# OpenMP threads (torch's pool, which also runs the sparsec kernels) spin ~300k iterations after each
+# parallel region by default. On a shared 2-core machine that spinning steals the cores the next op
+# needs: a decode step of the tiny Llama on the sparsec backend took 47.8 ms with the default and
+# 2.8-7 ms with passive waiting or a 10k spin (load average 6.9; docs/kernels.md). libgomp reads this
+# when torch is first imported, so it is set here, before any sparsec module imports torch; a value the
+# user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 # public name -> the module defining it
 _EXPORTS = {

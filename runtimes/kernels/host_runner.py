@@ -74,6 +74,22 @@ def kernel_counts(host: Any) -> dict[str, int]:
     return counts
 
 
+def packed_bytes_read(module: Any) -> int:
+    """Bytes a batch-1 call of a packed layer reads: its packed arrays less the read-ahead padding."""
+    from runtimes.kernels.format import FIELDS, PAD
+
+    total = sum(getattr(module, f).numel() * getattr(module, f).element_size() for f in FIELDS[module.kind])
+    if module.kind in PAD:
+        total -= PAD[module.kind] * module.values.element_size()
+    return total
+
+
+def packed_nonzeros(module: Any) -> int:
+    if module.kind == "dense-int8":
+        return module.out_features * module.in_features
+    return int(module.tile_ptr[-1])
+
+
 def _torch_feeds(feeds: dict[str, np.ndarray]) -> dict[str, Any]:
     import torch
 
@@ -174,6 +190,36 @@ class HostDecoder(Decoder):
         results = generate(HostCache(self.host.model, ids, mask), requests, eos_ids)
         self.details["layers_run"] = len(self.host.layers_run())
         return results
+
+    def weight_traffic(self) -> Any:
+        """Weight bytes one decode step reads, as these kernels read them: each packed layer's masks,
+        non-zeros and per-row data (`bytes_read`), the layers left in torch whole, one row of each
+        embedding table. `sparse_bytes` is that exact total (no estimate of another format)."""
+        from torch import nn
+
+        from runtimes.decode.traffic import MIN_MATRIX_ELEMENTS, WeightTraffic
+
+        c = dict(read=0, elements=0, nonzeros=0, row=0, emb=0, other=0, matrices=0)
+        for module in self.host.packed.values():
+            c["read"] += packed_bytes_read(module)
+            c["elements"] += module.out_features * module.in_features
+            c["nonzeros"] += packed_nonzeros(module)
+            c["matrices"] += 1
+        embeddings = {id(m.weight) for m in self.host.model.modules() if isinstance(m, nn.Embedding)}
+        for p in {id(p): p for p in self.host.model.parameters()}.values():
+            size = p.numel() * p.element_size()
+            if id(p) in embeddings:
+                c["emb"] += size
+                c["row"] += size // p.shape[0]
+            elif p.dim() == 2 and p.numel() >= MIN_MATRIX_ELEMENTS:
+                c["read"] += size
+                c["elements"] += p.numel()
+                c["nonzeros"] += int((p != 0).sum())
+                c["matrices"] += 1
+            else:
+                c["other"] += size
+        return WeightTraffic(c["read"], 0, c["read"], 0, c["elements"], c["nonzeros"], c["row"], c["emb"], c["other"],
+                             c["matrices"])
 
     def prefill_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch

@@ -71,8 +71,9 @@ def runtime_float_itemsize(precision: Any) -> int:
 def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], opts: DecodeOptions, ids: np.ndarray,
                mask: np.ndarray, bandwidth_gbps: float, workdir: Path, warmup: bool = True) -> dict[str, Any]:
     """Load one configuration, warm it up (a few tokens), generate, and measure it against the roofline."""
-    traffic = weight_traffic(path)
     with closing(open_decoder(backend, path, lowering, opts, workdir)) as decoder:
+        # a decoder that reads its own weight format says what it reads; else the graph's initializers
+        traffic = decoder.weight_traffic() if callable(getattr(decoder, "weight_traffic", None)) else weight_traffic(path)
         if warmup:
             decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
         trace = decoder.generate(ids, mask, opts.new_tokens)
