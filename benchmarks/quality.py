@@ -2,10 +2,17 @@
 
     python benchmarks/quality.py                       # MiniLM, embedding cosine on the 'eval' corpus
     python benchmarks/quality.py --model .cache/tiny-lm --sparsities 0.5,0.7   # a causal LM: perplexity
+    python benchmarks/quality.py --model smollm2 --allocations uniform,auto --methods wanda,sparsegpt \
+        --recover none,reconstruct,prune-grow,finetune --out benchmarks/results/quality_smollm2.json
 
 Rows: uniform / owl / alphapruning × magnitude / wanda / sparsegpt; columns: unstructured sparsities
 and N:M patterns (N:M makes every eligible layer N:M, so it is run with the uniform allocation only:
-see passes/nm_structure.py). Calibration samples are built once and shared by every run. Prints a
+see passes/nm_structure.py). `--recover` adds, per pruned model, one row per recovery variant (a pass
+spec or several joined by '+', e.g. `prune-grow+reconstruct`; `none` = the pruned model itself):
+each variant runs on a copy of the same pruned model. Rows carry wall and CPU seconds of the prune
+pipeline and of the recovery, and (LMs) next-token top-1 agreement with the dense model; the meta
+records the CPU seconds of one dense forward over the calibration set (the compile-cost yardstick).
+Calibration samples are built once and shared by every run. Prints a
 rich table and writes benchmarks/results/quality.json and quality.png. Bounded: --max-minutes stops
 launching new runs (finished ones are kept; `--resume` runs the missing ones later).
 """
@@ -37,6 +44,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-minutes", type=float, default=40.0)
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing ones")
+    ap.add_argument("--recover", default="none", help="recovery variants per pruned model: none,reconstruct,prune-grow,finetune,...")
+    ap.add_argument("--greedy-prompts", type=int, default=0, help="LMs: greedy-continuation prompts per evaluation (0: skip)")
     return ap.parse_args()
 
 
@@ -51,23 +60,62 @@ def configs(args: argparse.Namespace) -> list[dict]:
     return out
 
 
-def run_one(dense, calib, cfg: dict, reference) -> dict:
-    from compiler.compile import shorthand_spec
-    from compiler.pass_infra import PassContext
+def _measured(ir) -> float:
+    names = [n for n, p in ir.plan.items() if p.target_sparsity is not None]
+    params = sum(ir.plan[n].params for n in names)
+    return sum(ir.plan[n].measured_sparsity * ir.plan[n].params for n in names) / params
+
+
+def _timed_run(spec: str, ir, ctx):
     from compiler.pipeline import Pipeline
     from compiler.registry import Registry
 
-    spec = shorthand_spec(cfg["sparsity"], cfg["allocation"], cfg["method"], cfg["pattern"])
-    ir = dense.clone()
-    start = time.perf_counter()
-    run = Pipeline.from_spec(spec, Registry.default()).run(ir, PassContext(calibration=calib))
-    seconds = time.perf_counter() - start
+    wall, cpu = time.perf_counter(), time.process_time()
+    run = Pipeline.from_spec(spec, Registry.default()).run(ir, ctx)
     run.ir.refresh_measured_sparsity()
-    names = [n for n, p in run.ir.plan.items() if p.target_sparsity is not None]
-    params = sum(run.ir.plan[n].params for n in names)
-    measured = sum(run.ir.plan[n].measured_sparsity * run.ir.plan[n].params for n in names) / params
-    ev = reference.compare(run.ir)
-    return {**cfg, "spec": spec, "compile_seconds": round(seconds, 2), "measured_sparsity": round(measured, 4), **ev}
+    return run, round(time.perf_counter() - wall, 2), round(time.process_time() - cpu, 2)
+
+
+def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> list[dict]:
+    """Prune once, then evaluate the pruned model and each recovery variant applied to a copy of it."""
+    from compiler.compile import shorthand_spec
+    from compiler.pass_infra import PassContext
+
+    spec = shorthand_spec(cfg["sparsity"], cfg["allocation"], cfg["method"], cfg["pattern"])
+    ctx = PassContext(calibration=calib, extras={"dense": dense})
+    run, seconds, cpu = _timed_run(spec, dense.clone(), ctx)
+    pruned = run.ir
+    rows = []
+    for rec in recoveries:
+        base = {**cfg, "recovery": rec, "spec": spec, "compile_seconds": seconds, "compile_cpu_seconds": cpu,
+                "pass_seconds": {r.name: round(r.seconds, 2) for r in run.records}}
+        if rec == "none":
+            model, extra = pruned, {}
+        else:
+            rec_spec = rec.replace("+", ",")
+            rrun, rsec, rcpu = _timed_run(rec_spec, pruned.clone(), ctx)
+            model = rrun.ir
+            extra = {"recovery_spec": rrun.records and ",".join(r.spec for r in rrun.records), "recovery_seconds": rsec,
+                     "recovery_cpu_seconds": rcpu,
+                     "recovery_metrics": {r.name: {k: v for k, v in r.metrics.items() if not isinstance(v, (dict, list))}
+                                          for r in rrun.records}}
+        rows.append({**base, **extra, "measured_sparsity": round(_measured(model), 4), **reference.compare(model)})
+    return rows
+
+
+def dense_forward_cpu(dense, calib) -> dict:
+    """CPU and wall seconds of one dense forward over the calibration set (batched, one call per 4096 tokens)."""
+    from compiler.trace import call_model
+
+    samples = calib.samples
+    per = max(1, 4096 // max(1, samples[0]["input_ids"].shape[-1])) if "input_ids" in samples[0] else 1
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for i in range(0, len(samples), per):
+            chunk = samples[i : i + per]
+            batch = {k: torch.cat([s[k] for s in chunk]) for k in chunk[0]}
+            call_model(dense.module, batch)
+    return {"dense_forward_seconds": round(time.perf_counter() - wall, 2), "dense_forward_cpu_seconds": round(time.process_time() - cpu, 2)}
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -76,10 +124,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
     metric = rows[0]["metric"]
     lines = [f"{meta['model']}: {metric} vs dense ({meta['dense']:.4g}), held-out '{meta['eval_data']}' text; "
              f"calibration {meta['calibration']['samples']} x {meta['calibration']['seqlen']}, {meta['threads']} threads", "",
-             "| allocation | method | " + " | ".join(settings) + " |", "|---|---|" + "---:|" * len(settings)]
-    for alloc, meth in dict.fromkeys((r["allocation"], r["method"]) for r in rows):
-        vals = {r["setting"]: r["compiled"] for r in rows if r["allocation"] == alloc and r["method"] == meth}
-        lines.append(f"| {alloc} | {meth} | " + " | ".join(f"{vals[s]:.4g}" if s in vals else "" for s in settings) + " |")
+             "| allocation | method | recovery | " + " | ".join(settings) + " |", "|---|---|---|" + "---:|" * len(settings)]
+    agree = "top1_agreement" in rows[0]
+    for alloc, meth, rec in dict.fromkeys((r["allocation"], r["method"], r.get("recovery", "none")) for r in rows):
+        vals = {r["setting"]: r for r in rows if (r["allocation"], r["method"], r.get("recovery", "none")) == (alloc, meth, rec)}
+        cell = (lambda r: f"{r['compiled']:.4g} ({100 * r['top1_agreement']:.1f}%)") if agree else (lambda r: f"{r['compiled']:.4g}")
+        lines.append(f"| {alloc} | {meth} | {rec} | " + " | ".join(cell(vals[s]) if s in vals else "" for s in settings) + " |")
+    if agree:
+        lines += ["", "Cells: perplexity (next-token top-1 agreement with the dense model)."]
+    lines += ["", "Seconds (wall / CPU) — prune pipeline, then each recovery:", "",
+              "| allocation | method | recovery | setting | prune s | prune CPU s | recovery s | recovery CPU s |",
+              "|---|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['allocation']} | {r['method']} | {r.get('recovery', 'none')} | {r['setting']} | {r['compile_seconds']} | "
+                     f"{r.get('compile_cpu_seconds', '')} | {r.get('recovery_seconds', '')} | {r.get('recovery_cpu_seconds', '')} |")
+    if meta.get("dense_forward_cpu_seconds") is not None:
+        lines += ["", f"One dense forward over the calibration set: {meta['dense_forward_seconds']} s wall, "
+                  f"{meta['dense_forward_cpu_seconds']} CPU s."]
     return "\n".join(lines) + "\n"
 
 
@@ -92,9 +153,10 @@ def table(rows: list[dict], metric: str):
     t.add_column("method")
     for s in settings:
         t.add_column(s, justify="right")
-    for key in dict.fromkeys((r["allocation"], r["method"]) for r in rows):
-        cells = {r["setting"]: r["compiled"] for r in rows if (r["allocation"], r["method"]) == key}
-        t.add_row(*key, *[f"{cells[s]:.4f}" if s in cells else "" for s in settings])
+    t.add_column("recovery")
+    for key in dict.fromkeys((r["allocation"], r["method"], r.get("recovery", "none")) for r in rows):
+        cells = {r["setting"]: r["compiled"] for r in rows if (r["allocation"], r["method"], r.get("recovery", "none")) == key}
+        t.add_row(key[0], key[1], *[f"{cells[s]:.4f}" if s in cells else "" for s in settings], key[2])
     return t
 
 
@@ -107,9 +169,11 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"uniform": ":", "owl": "-", "alphapruning": "--"}
     colors = {"magnitude": "#999933", "wanda": "#4477aa", "sparsegpt": "#cc6677"}
-    for alloc, meth in dict.fromkeys((r["allocation"], r["method"]) for r in rows if r["pattern"] is None):
-        pts = sorted((r["sparsity"], r["compiled"]) for r in rows if r["pattern"] is None and (r["allocation"], r["method"]) == (alloc, meth))
-        ax.plot(*zip(*pts), styles.get(alloc, "-"), color=colors.get(meth), marker="o", ms=3, label=f"{alloc} / {meth}")
+    for alloc, meth, rec in dict.fromkeys((r["allocation"], r["method"], r.get("recovery", "none")) for r in rows if r["pattern"] is None):
+        pts = sorted((r["sparsity"], r["compiled"]) for r in rows if r["pattern"] is None
+                     and (r["allocation"], r["method"], r.get("recovery", "none")) == (alloc, meth, rec))
+        label = f"{alloc} / {meth}" + ("" if rec == "none" else f" + {rec}")
+        ax.plot(*zip(*pts), styles.get(alloc, "-"), color=colors.get(meth), marker="o" if rec == "none" else "^", ms=3, label=label)
     for r in rows:
         if r["pattern"]:
             ax.plot([r["sparsity"]], [r["compiled"]], "s", color=colors.get(r["method"]), ms=7, mfc="none")
@@ -141,35 +205,50 @@ def main() -> None:
     dense = load_and_trace(args.model)
     calib_cfg = CalibrationConfig(samples=args.calib_samples, seqlen=args.calib_seqlen)
     calib = build_calibration(dense, calib_cfg)
-    eval_cfg = EvalConfig(max_texts=args.max_texts, max_tokens=args.max_tokens)
+    eval_cfg = EvalConfig(max_texts=args.max_texts, max_tokens=args.max_tokens, greedy_prompts=args.greedy_prompts)
     reference = Reference.build(dense, args.eval_data, eval_cfg)  # dense embeddings / perplexity, once
+    cost = dense_forward_cpu(dense, calib)
+    recoveries = [r for r in args.recover.split(",") if r]
     deadline = time.time() + args.max_minutes * 60
     rows, todo = [], configs(args)
     if args.resume and args.out.is_file():
         rows = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] == args.model]
-        done = {(r["allocation"], r["method"], r["setting"]) for r in rows}
+        done = {(r["allocation"], r["method"], r["setting"]) for r in rows if r.get("recovery", "none") in recoveries}
         todo = [c for c in todo if (c["allocation"], c["method"], c["setting"]) not in done]
     for i, cfg in enumerate(todo):
         if time.time() > deadline:
             console.print(f"[yellow]time limit: {len(todo) - i} runs not started[/yellow]")
             break
-        row = {"model": args.model, **run_one(dense, calib, cfg, reference)}
-        rows.append(row)
-        console.print(f"{i + 1}/{len(todo)} {cfg['allocation']:>12} {cfg['method']:>9} {cfg['setting']:>4}: "
-                      f"{row['metric']} {row['compiled']:.4f} (measured {row['measured_sparsity']:.3f}, {row['compile_seconds']}s)")
+        for row in run_one(dense, calib, cfg, reference, recoveries):
+            row = {"model": args.model, **row}
+            rows.append(row)
+            agree = f", top-1 {100 * row['top1_agreement']:.1f}%" if "top1_agreement" in row else ""
+            console.print(f"{i + 1}/{len(todo)} {cfg['allocation']:>12} {cfg['method']:>9} {cfg['setting']:>4} {row['recovery']:>22}: "
+                          f"{row['metric']} {row['compiled']:.4f}{agree} (measured {row['measured_sparsity']:.3f}, "
+                          f"prune {row['compile_seconds']}s, recovery {row.get('recovery_seconds', 0)}s)", highlight=False)
+            _write(args, rows, calib, eval_cfg, cost, console, final=False)
     if not rows:
         return
+    _write(args, rows, calib, eval_cfg, cost, console, final=True)
+
+
+def _write(args, rows, calib, eval_cfg, cost, console, final: bool) -> None:
+    """Results so far (after every row, so an interrupted run keeps what it measured)."""
+    import os
+
     order = {(c["allocation"], c["method"], c["setting"]): i for i, c in enumerate(configs(args))}
     rows.sort(key=lambda r: order.get((r["allocation"], r["method"], r["setting"]), len(order)))
     metric = rows[0]["metric"]
-    console.print(table(rows, metric))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"model": args.model, "calibration": calib.manifest(), "eval": vars(eval_cfg), "eval_data": args.eval_data,
-            "dense": rows[0]["dense"], "torch": torch.__version__, "threads": args.threads}
+            "dense": rows[0]["dense"], "torch": torch.__version__, "threads": args.threads, **cost,
+            "load_average": os.getloadavg()}
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     args.out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, metric, args.out.with_suffix(".png"))
-    console.print(f"wrote {args.out}, its .md and .png")
+    if final:
+        console.print(table(rows, metric))
+        plot(rows, metric, args.out.with_suffix(".png"))
+        console.print(f"wrote {args.out}, its .md and .png")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def split_samples(n: int, holdout: float, pass_name: str) -> list[bool]:
 
 
 def _matrix(x: torch.Tensor, width: int) -> torch.Tensor:
-    return x.detach().reshape(-1, width).double()
+    return x.detach().reshape(-1, width).float()
 
 
 def call_block(module: nn.Module, inputs: BlockInputs, group: list[int]) -> Any:
@@ -157,13 +157,16 @@ def _group_grams(ir: ModelIR, sstep: Any, group: list[str], captured: dict[str, 
             if "x" not in current:
                 raise SpecError(f"layer '{head}' was not called by its block's forward")
             per_sample = current["x"].split(1, dim=0) if len(batch) > 1 else [current["x"]]
-            for i, x in zip(batch, per_sample):
-                xs = _matrix(x, width)
-                xd = _matrix(captured[head][i], width)
-                g = held if is_held[i] else fit
-                g.ss += xs.t() @ xs
-                g.sd += xs.t() @ xd
-                g.dd += xd.t() @ xd
+            # one float32 product per split and batch, accumulated in float64
+            for g, flag in ((fit, False), (held, True)):
+                idx = [k for k, i in enumerate(batch) if is_held[i] == flag]
+                if not idx:
+                    continue
+                xs = torch.cat([_matrix(per_sample[k], width) for k in idx])
+                xd = torch.cat([_matrix(captured[head][batch[k]], width) for k in idx])
+                g.ss += (xs.t() @ xs).double()
+                g.sd += (xs.t() @ xd).double()
+                g.dd += (xd.t() @ xd).double()
                 g.tokens += xs.shape[0]
     finally:
         handle.remove()

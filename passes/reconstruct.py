@@ -4,21 +4,26 @@ Per block, in execution order, every pruned layer's kept weights are refit by le
 layer reproduces the dense layer's outputs on dense inputs, from the inputs it receives in the sparse
 model (passes/paired_grams.py, passes/math/reconstruct.py). Exact least squares on a few thousand
 calibration tokens cuts the fit error by a lot and overfits those tokens (published reconstruction
-work reports the same), so it is guarded on held-out calibration samples: ridge dampings are tried
-from the strongest down (`damps`) and the walk *stops when the held-out error rises*; a layer whose
-held-out error no dampening improves keeps its weights. Needs the dense model (the compile driver
+work reports the same), so it is guarded on held-out calibration samples. Default solver `cg`:
+conjugate gradients for all rows at once, warm-started from the pruned weights, checked on the
+held-out split every `check_every` iterations and *stopped when the held-out error rises* (the best
+iterate is kept). Solver `exact`: per-row Cholesky solves with ridge dampings tried from the strongest
+down (`damps`), stopping when the held-out error rises. Either way a layer whose held-out error does
+not improve keeps its weights. Needs the dense model (the compile driver
 provides it) and calibration data; run it after `prune` and before `quantize`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import torch
 
 from compiler.errors import SpecError
 from compiler.ir import ModelIR
 from compiler.pass_infra import Pass, PassContext, PassResult, option
-from passes.math.reconstruct import dense_energy, masked_least_squares, row_errors
+from passes.math.reconstruct import dense_energy, masked_cg, masked_least_squares, row_errors
 from passes.paired_grams import LayerGrams, dense_reference, run_paired, split_samples
 from passes.plan_utils import planned_layers
 
@@ -42,13 +47,18 @@ class Reconstruct(Pass):
     needs_calibration = True
     needs_dense = True
     holdout: float = option(0.25, "share of calibration samples held out to guard against overfitting")
-    damps: tuple[float, ...] = option((0.1, 0.01, 0.001), "ridge dampings tried, strongest first (x mean diag of XᵀX); stop when held-out error rises")
+    solver: Literal["cg", "exact"] = option("cg", "cg: conjugate gradients, early-stopped on held-out error | exact: per-row Cholesky")
+    iters: int = option(40, "cg: most iterations per layer")
+    check_every: int = option(8, "cg: iterations between held-out checks")
+    damps: tuple[float, ...] = option((0.1, 0.01, 0.001), "ridge dampings (x mean diag of XᵀX); exact: tried strongest first, stop when held-out error rises; cg: the last one is used")
 
     def validate(self) -> None:
         if not 0.0 < self.holdout < 1.0:
             raise SpecError(f"reconstruct: holdout must be in (0, 1), got {self.holdout}")
         if not self.damps or any(d <= 0 for d in self.damps):
             raise SpecError(f"reconstruct: damps must be positive numbers, got {self.damps}")
+        if self.iters < 1 or self.check_every < 1:
+            raise SpecError(f"reconstruct: iters and check_every must be >= 1, got {self.iters}, {self.check_every}")
 
     def requires(self, ir: ModelIR) -> None:
         pruned_targets(ir, self.name)
@@ -84,7 +94,16 @@ class Reconstruct(Pass):
         err_f0 = float(row_errors(W, Wd, f.ss, f.sd, f.dd).sum())
         err_h0 = float(row_errors(W, Wd, h.ss, h.sd, h.dd).sum())
         best = (err_h0, None, W, err_f0)
-        for damp in self.damps:
+        extra: dict[str, Any] = {}
+        if self.solver == "cg":
+            h32 = (h.ss.float(), h.sd.float(), h.dd.float())
+            cand, its, curve = masked_cg(W, keep, Wd, f.ss, f.sd, self.damps[-1], self.iters, self.check_every,
+                                         lambda x: row_errors(x, Wd, *h32, dtype=torch.float32).sum())
+            err_h = float(row_errors(cand, Wd, h.ss, h.sd, h.dd).sum())
+            if its and err_h < err_h0:
+                best = (err_h, self.damps[-1], cand, float(row_errors(cand, Wd, f.ss, f.sd, f.dd).sum()))
+            extra = {"iterations": its}
+        for damp in (self.damps if self.solver == "exact" else ()):
             cand, _failed = masked_least_squares(W, keep, Wd, f.ss, f.sd, damp)
             err_h = float(row_errors(cand, Wd, h.ss, h.sd, h.dd).sum())
             if err_h >= best[0]:
@@ -93,7 +112,7 @@ class Reconstruct(Pass):
         err_h1, damp, W1, err_f1 = best
         if damp is not None:
             ir.set_weight(lg.name, W1)
-        return {"damp": damp, "fit_rel_err_before": err_f0 / max(energy_f, 1e-30), "fit_rel_err_after": err_f1 / max(energy_f, 1e-30),
+        return {**extra, "damp": damp, "fit_rel_err_before": err_f0 / max(energy_f, 1e-30), "fit_rel_err_after": err_f1 / max(energy_f, 1e-30),
                 "held_rel_err_before": err_h0 / max(energy_h, 1e-30), "held_rel_err_after": err_h1 / max(energy_h, 1e-30)}
 
 
