@@ -98,7 +98,6 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
     """Compile MODEL (HF directory, hub id, module:factory, or a built-in name; default: minilm) into OUT."""
     from compiler.calibration import CalibrationConfig
     from compiler.compile import CompileOptions, compile_model
-    from compiler.errors import VerificationFailed
 
     _sigterm_as_interrupt()
     search = max_accuracy_drop is not None and sparsity is None and not passes_spec and not recipe
@@ -128,12 +127,13 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
 
         for line in budget_lines(rep["accuracy_budget"]):
             click.echo(f"  {line}")
+    from compiler.cli_runtime import speedup_text
+    from compiler.errors import raise_for_gates
+
     for name, b in rep.get("backends", {}).items():
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
-                   f"speedup {b.get('speedup_vs_dense'):.2f}x, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
-    failed = [n for n, b in rep.get("backends", {}).items() if not b.get("passed", True)]
-    if failed:
-        raise VerificationFailed(f"verification gates missed on: {', '.join(failed)} (see {result.out}/report.md)")
+                   f"speedup {speedup_text(b)}, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
+    raise_for_gates(rep.get("backends", {}), f"see {result.out}/report.md")
 
 
 def _run_with_progress(fn):
@@ -240,11 +240,18 @@ def inspect_cmd(artifact, as_json):
     console.print(passes)
     _print_allocation_candidates(console, m.get("analyses", {}).get("allocation_candidates"))
     if report.get("backends"):
-        bt = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup", "cosine", "max abs diff", "passed")
+        from compiler.cli_runtime import speedup_text
+        from runtimes.measure.machine import MachineRecord, same_machine
+
+        bt = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup [95% CI] verdict", "cosine", "max abs diff", "passed")
         for name, b in report["backends"].items():
-            bt.add_row(name, f"{b['dense_p50_ms']:.2f}", f"{b['compiled_p50_ms']:.2f}", f"{b['speedup_vs_dense']:.2f}",
+            bt.add_row(name, f"{b['dense_p50_ms']:.2f}", f"{b['compiled_p50_ms']:.2f}", speedup_text(b),
                        f"{b['cosine']:.5f}", f"{b['max_abs_diff']:.3g}", str(b["passed"]))
         console.print(bt)
+        for name, b in report["backends"].items():
+            if b.get("machine"):
+                where = "this machine" if same_machine(b["machine"]) else "ANOTHER machine (not comparable here)"
+                console.print(f"{name} measured on {where}: {MachineRecord(**b['machine']).summary()}")
     s = report.get("sparsity", {})
     from compiler.report import headline
 

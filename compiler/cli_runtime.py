@@ -57,7 +57,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tokens, min_speedup, max_accuracy_drop, as_json):
     """Verify ARTIFACT on backends: accuracy and latency vs its dense reference; updates report.json/report.md."""
     from compiler.artifact import REPORT_JSON, REPORT_MD, Artifact
-    from compiler.errors import VerificationFailed
+    from compiler.errors import raise_for_gates
     from compiler.report import render_markdown
     from runtimes.measure.verify import VerifyOptions, verify_backends
 
@@ -75,34 +75,46 @@ def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tok
         click.echo(json.dumps(results, indent=2, default=str))
     else:
         _print_results(results)
-    failed = {n: r["gates"]["failures"] for n, r in results.items() if not r["passed"]}
-    if failed:
-        detail = "; ".join(f"{n}: {', '.join(f)}" for n, f in failed.items())
-        raise VerificationFailed(f"verification gates missed: {detail}")
+    raise_for_gates(results, f"see {art.root}/report.md")
 
 
 def _print_results(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup", "vs fastest dense", "cosine",
+    table = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup [95% CI] verdict", "vs fastest dense", "cosine",
                   "max abs diff", "precision", "sparse kernels", "passed")
     for name, r in results.items():
-        table.add_row(name, f"{r['dense_p50_ms']:.2f}", f"{r['compiled_p50_ms']:.2f}", f"{r['speedup_vs_dense']:.2f}x",
+        table.add_row(name, f"{r['dense_p50_ms']:.2f}", f"{r['compiled_p50_ms']:.2f}", speedup_text(r),
                       f"{r['speedup_vs_fastest_dense']:.2f}x", f"{r['cosine']:.4f}", f"{r['max_abs_diff']:.3g}",
                       str(r.get("precision")), str(r.get("sparse_kernels")), str(r["passed"]))
     console = Console()
     console.print(table)
     any_r = next(iter(results.values()))
     fastest = any_r["fastest_dense"]
-    console.print(f"batch {any_r['batch_size']}, seqlen {any_r['seqlen']}, {any_r['threads']} threads, {any_r['runs']} "
-                  f"interleaved runs; fastest dense: {fastest['backend']} / {fastest['config']} {fastest['p50_ms']:.2f} ms")
+    rounds = (any_r.get("timing") or {}).get("rounds", any_r["runs"])
+    console.print(f"batch {any_r['batch_size']}, seqlen {any_r['seqlen']}, {any_r['threads']} threads, {rounds} "
+                  f"paired interleaved rounds; fastest dense: {fastest['backend']} / {fastest['config']} {fastest['p50_ms']:.2f} ms")
+    if any_r.get("machine"):
+        from runtimes.measure.machine import MachineRecord
+
+        console.print(f"machine: {MachineRecord(**any_r['machine']).summary()}")
     for name, r in results.items():
         if "decode" in r:
             d = r["decode"]
             console.print(f"{name} decode ({d['new_tokens']} greedy tokens, batch 1): dense {d['dense_tokens_per_s']:.1f} tokens/s, "
                           f"compiled {d['compiled_tokens_per_s']:.1f} tokens/s (step p50 {d['compiled_p50_ms']:.2f} ms), "
-                          f"speedup {d['speedup_vs_dense']:.2f}x, same tokens as dense: {d['same_tokens_as_dense']}")
+                          f"speedup {speedup_text(d)}, same tokens as dense: {d['same_tokens_as_dense']}")
+
+
+def speedup_text(r: dict) -> str:
+    """"1.93x [1.85, 2.01] faster" (or the bare ratio for results recorded before intervals existed)."""
+    iv = r.get("speedup_interval")
+    if not iv:
+        return f"{r['speedup_vs_dense']:.2f}x"
+    if iv["verdict"] == "inconclusive" and iv["low"] != iv["low"]:  # NaN: too few rounds
+        return f"{iv['median']:.2f}x inconclusive"
+    return f"{iv['median']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
 
 
 @click.command("bench")

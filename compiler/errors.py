@@ -57,6 +57,25 @@ class VerificationFailed(SparsecError):
     exit_code = 2
 
 
+class MeasurementInconclusive(SparsecError):
+    """A speed gate could not be decided: the machine was too noisy for the speedup interval to be
+    narrow enough (runtimes/measure/speedup.py). Not a pass, not a miss: measure again when quiet."""
+
+    exit_code = 4
+
+
+def raise_for_gates(results: dict, where: str) -> None:
+    """Exit 2 when a gate was missed, 4 when the only failures are inconclusive speed measurements."""
+    failed = {n: r["gates"]["failures"] for n, r in results.items() if not r.get("passed", True)}
+    if not failed:
+        return
+    detail = "; ".join(f"{n}: {', '.join(f)}" for n, f in failed.items())
+    only_inconclusive = all(all(x.startswith("speedup inconclusive") for x in f) for f in failed.values())
+    if only_inconclusive:
+        raise MeasurementInconclusive(f"speed gate undecided (machine too noisy), {where}: {detail}")
+    raise VerificationFailed(f"verification gates missed, {where}: {detail}")
+
+
 class BackendUnavailable(SparsecError):
     """A requested backend is not installed here; the message says how to install it."""
 

@@ -344,6 +344,12 @@ class DeepSparseRunner(Runner):
         self.last_engine_ms = 0.0
         self._kernels: dict[str, Any] | None = None
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the worker process (all its threads): the model runs there, not in this process."""
+        from runtimes.measure.timing import process_cpu_seconds
+
+        return process_cpu_seconds(self._worker.pid)
+
     @property
     def pid(self) -> int:
         return self._worker.pid

@@ -55,7 +55,13 @@ def test_compile_with_backends_reports_verification(minilm_artifact, cache_dir):
             assert key in r, (name, key)
         assert r["passed"] and r["seqlen"] == 32 and r["threads"] == 2
         assert 0.3 < r["cosine"] < 0.999  # 50% pruned: close to, but not equal to, the dense model
-        assert r["latency"]["compiled"]["prefill"]["n"] == 3
+        # at least `runs` paired rounds; more until the interval is tight or the budget is spent
+        assert r["latency"]["compiled"]["prefill"]["n"] >= 3 and r["timing"]["rounds"] >= 3 and r["timing"]["stopped"]
+        iv = r["speedup_interval"]
+        assert iv["verdict"] in ("faster", "not faster", "inconclusive") and r["verdict"] == iv["verdict"]
+        assert iv["low"] <= iv["median"] <= iv["high"] and iv["median"] == r["speedup_vs_dense"]
+        assert r["machine"]["cpu_model"] and r["machine"]["load_after"] is not None
+        assert all(v is not None and v > 0 for v in r["cpu_ms"].values())
         # pruning zeros shrink the compressed file even where the runtime ignores them
         assert r["size"]["compiled"]["compressed_bytes"] < 0.9 * r["size"]["dense fp32"]["compressed_bytes"]
     ort = report["backends"]["onnxruntime"]
@@ -133,12 +139,26 @@ def test_accuracy_metrics_and_gates():
     assert same["cosine"] == pytest.approx(1.0) and same["top1_agreement"] == 1.0 and same["max_abs_diff"] == 0
     noisy = compare_outputs("feature-extraction", ref, ref + rng.standard_normal(ref.shape).astype(np.float32), valid)
     assert 0 < noisy["cosine"] < 1 and noisy["max_abs_diff"] > 0
-    results = {"ort": {"compiled_p50_ms": 5.0, "speedup_vs_dense": 2.0, "cosine": 0.95,
+    from compiler.errors import MeasurementInconclusive, VerificationFailed, raise_for_gates
+    from runtimes.measure.speedup import speedup
+
+    tight = speedup([10.0, 10.1, 9.9, 10.0, 10.2, 9.8], [5.0, 5.05, 4.95, 5.0, 5.1, 4.9]).to_dict()
+    results = {"ort": {"compiled_p50_ms": 5.0, "speedup_vs_dense": 2.0, "cosine": 0.95, "speedup_interval": tight,
                        "dense_configs_p50_ms": {"dense fp32": 10.0, "dense int8": 4.0}}}
     apply_gates(results, VerifyOptions(min_speedup=1.5, max_accuracy_drop=0.01))
     r = results["ort"]
     assert r["speedup_vs_fastest_dense"] == pytest.approx(0.8) and r["fastest_dense"]["config"] == "dense int8"
     assert r["passed"] is False and len(r["gates"]["failures"]) == 1 and "accuracy drop" in r["gates"]["failures"][0]
+    with pytest.raises(VerificationFailed):
+        raise_for_gates(results, "test")
+    # a noisy measurement never passes a speed gate, and alone it exits 4 (inconclusive), not 2
+    noisy = speedup([10, 30, 9, 50, 10, 12], [5, 5, 40, 5, 9, 30]).to_dict()
+    results = {"ort": {**results["ort"], "cosine": 1.0, "speedup_interval": noisy}}
+    apply_gates(results, VerifyOptions(min_speedup=1.0))
+    assert results["ort"]["passed"] is False and results["ort"]["inconclusive"] is True
+    with pytest.raises(MeasurementInconclusive) as err:
+        raise_for_gates(results, "test")
+    assert err.value.exit_code == 4
 
 
 def test_verify_causal_lm_times_prefill_and_decode(cli, cache_dir, tiny_model_dir, tmp_path):

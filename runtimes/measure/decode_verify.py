@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from runtimes.decode.decoders import DecodeOptions, Decoder, open_decoder
-from runtimes.measure.dense import DENSE
-from runtimes.measure.stats import compare_outputs, interleaved_timing, merge_accuracy, percentiles, tokens_per_s
+from runtimes.measure.dense import COMPILED, DENSE
+from runtimes.measure.stats import compare_outputs, merge_accuracy, percentiles
+from runtimes.measure.timing import cpu_clocks, paired_timing, plan_from, summary
 
-DECODE_ROUNDS = 3
+DECODE_ROUNDS = 5  # paired decode rounds: the fewest a speedup interval is computed from (speedup.MIN_ROUNDS)
 
 
 def _rows(feeds: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -45,18 +46,22 @@ def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: s
 
 def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
                    rounds: int) -> dict[str, dict[str, Any]]:
+    """Paired decode rounds. One statistic throughout: each round's median step time per configuration;
+    tokens/s is 1000 / the median of those, and the speedup is the median of per-round ratios (a round
+    with a stall moves both sides' medians alike instead of sinking one rate)."""
     labels = list(decoders)
     steps: dict[str, list[float]] = {label: [] for label in labels}
-    rates: dict[str, list[float]] = {label: [] for label in labels}
+    round_ms: dict[str, list[float]] = {label: [] for label in labels}
     tokens: dict[str, list[int]] = {}
     for r in range(rounds):
         k = r % len(labels)
         for label in labels[k:] + labels[:k]:
             trace = decoders[label].generate(ids, mask, new_tokens)
             steps[label] += trace.step_ms
-            rates[label].append(tokens_per_s(trace))
+            round_ms[label].append(float(np.median(trace.step_ms)) if trace.step_ms else 1e-9)
             tokens[label] = trace.tokens
-    return {label: {**percentiles(steps[label] or [0.0]), "tokens_per_s": float(np.median(rates[label])),
+    return {label: {**percentiles(steps[label] or [0.0]), "tokens_per_s": 1e3 / float(np.median(round_ms[label])),
+                    "rounds_ms": [round(v, 4) for v in round_ms[label]],
                     "new_tokens": new_tokens, "tokens": tokens[label]} for label in labels}
 
 
@@ -69,18 +74,19 @@ def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[st
         for label, path in configs.items():
             decoders[label] = open_decoder(backend, path, lowering, dopts, Path(workdir) / label.replace(" ", "_"))
         accuracy = _accuracy(decoders, DENSE, inputs, lowering["task"])
-        prefill = interleaved_timing({label: (lambda d=d: d.generate(ids, mask, 1)) for label, d in decoders.items()},
-                                     opts.runs, opts.warmup)
-        decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, max(1, min(opts.runs, DECODE_ROUNDS))) \
+        series = paired_timing({label: (lambda d=d: d.generate(ids, mask, 1)) for label, d in decoders.items()},
+                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(decoders))
+        decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, DECODE_ROUNDS) \
             if opts.decode else {}
         for d in decode.values():
             d["same_tokens_as_dense"] = d["tokens"] == decode[DENSE]["tokens"]
         if opts.batch_size > 1 and "causal LMs are timed at batch 1" not in inputs.notes:
             inputs.notes.append("causal LMs are timed at batch 1 (prefill and decode)")
-        return {"configs": {label: {"file": configs[label], "prefill": percentiles(prefill[label]),
+        return {"configs": {label: {"file": configs[label], "prefill": summary(series, label),
                                     **({"accuracy": accuracy[label]} if label in accuracy else {}),
                                     **({"decode": decode[label]} if label in decode else {}),
-                                    "details": decoders[label].details} for label in decoders}}
+                                    "details": decoders[label].details} for label in decoders},
+                "timing": series.to_dict()}
     finally:
         for d in decoders.values():
             d.close()

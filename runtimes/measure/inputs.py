@@ -28,6 +28,11 @@ class VerifyOptions:
     decode: bool = True  # causal LMs: also time greedy decode of `decode_tokens` tokens after `seqlen` tokens
     decode_tokens: int = 32
     cache_dir: str | None = None
+    # paired rounds continue past `runs` until the speedup interval is narrower than `target_width` of its
+    # estimate, or `max_rounds` / `time_budget_s` is spent (runtimes/measure/timing.py)
+    target_width: float = 0.10
+    max_rounds: int = 200
+    time_budget_s: float = 60.0
 
     def __post_init__(self) -> None:
         RunnerOptions(threads=self.threads, batch_size=self.batch_size, seqlen=self.seqlen)  # validates > 0

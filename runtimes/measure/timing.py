@@ -12,6 +12,7 @@ beside wall time shows when a runtime burns cores spinning, or when the machine 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -42,10 +43,37 @@ class TimingSeries:
                 "interval_widths": {k: round(v, 4) for k, v in self.widths.items()}}
 
 
-def _cpu_clock(call: Callable[[], Any]) -> Callable[[], float]:
-    owner = getattr(call, "__self__", None)
-    clock = getattr(owner, "cpu_seconds", None)
-    return clock if callable(clock) else time.process_time
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
+
+
+def summary(series: "TimingSeries", label: str) -> dict[str, Any]:
+    """Percentiles of one configuration's wall times, its median CPU time, and the raw rounds (for pairing)."""
+    from runtimes.measure.stats import percentiles
+
+    cpu = sorted(series.cpu_ms[label])
+    return {**percentiles(series.wall_ms[label]), "cpu_p50_ms": cpu[len(cpu) // 2] if cpu else None,
+            "rounds_ms": [round(v, 4) for v in series.wall_ms[label]]}
+
+
+def plan_from(opts: Any) -> TimingPlan:
+    """The timing plan of verification options (runs = the minimum number of paired rounds)."""
+    return TimingPlan(min_rounds=opts.runs, max_rounds=max(opts.runs, opts.max_rounds), budget_s=opts.time_budget_s,
+                      target_width=opts.target_width, warmup=opts.warmup)
+
+
+def cpu_clocks(owners: dict[str, Any]) -> dict[str, Callable[[], float]]:
+    """label -> the CPU clock of what runs that configuration: its `cpu_seconds()` (a worker process),
+    else this process's CPU time (all threads)."""
+    out = {}
+    for label, owner in owners.items():
+        clock = getattr(owner, "cpu_seconds", None)
+        out[label] = clock if callable(clock) else time.process_time
+    return out
 
 
 def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
@@ -53,7 +81,7 @@ def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
                   cpu_clocks: dict[str, Callable[[], float]] | None = None) -> TimingSeries:
     """Time `calls` in interleaved rounds; `pairs` (baseline, candidate) decide when to stop."""
     names = list(calls)
-    clocks = {n: (cpu_clocks or {}).get(n) or _cpu_clock(calls[n]) for n in names}
+    clocks = {n: (cpu_clocks or {}).get(n) or time.process_time for n in names}
     for name in names:
         for _ in range(plan.warmup):
             calls[name]()

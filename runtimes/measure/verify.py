@@ -34,7 +34,10 @@ from compiler.lowering.files import file_sizes
 from runtimes.base import Runner
 from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
 from runtimes.measure.inputs import InputSet, VerifyOptions, build_inputs
-from runtimes.measure.stats import compare_outputs, interleaved_timing, merge_accuracy, percentiles
+from runtimes.measure.machine import load_average, record_machine
+from runtimes.measure.speedup import SpeedupEstimate, gate_passes, speedup
+from runtimes.measure.stats import compare_outputs, merge_accuracy
+from runtimes.measure.timing import cpu_clocks, paired_timing, plan_from, summary
 
 __all__ = ["VerifyOptions", "verify_backends", "measure_backend", "apply_gates", "COMPILED", "DENSE"]
 
@@ -61,12 +64,13 @@ def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, 
             ref = runners[DENSE].infer(feeds)[first]
             for label in accuracy:
                 accuracy[label].append(compare_outputs(task, ref, runners[label].infer(feeds)[first], valid))
-        prefill = interleaved_timing({label: (lambda r=r: r.infer(inputs.timing)) for label, r in runners.items()},
-                                     opts.runs, opts.warmup)
+        series = paired_timing({label: (lambda r=r: r.infer(inputs.timing)) for label, r in runners.items()},
+                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(runners))
         result: dict[str, Any] = {
-            "configs": {label: {"file": configs[label], "prefill": percentiles(prefill[label]),
+            "configs": {label: {"file": configs[label], "prefill": summary(series, label),
                                 **({"accuracy": merge_accuracy(accuracy[label])} if label in accuracy else {}),
                                 "details": getattr(runners[label], "details", {})} for label in runners},
+            "timing": series.to_dict(),
         }
         return result
     finally:
@@ -99,10 +103,16 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
     comp = cfgs[COMPILED]
     acc = comp["accuracy"]
     dense_configs = {label: c[regime]["p50_ms"] for label, c in cfgs.items() if label != COMPILED}
+    est = paired_speedup(cfgs[DENSE][regime], comp[regime])
     out = {
         "dense_p50_ms": dense_p50,
         "compiled_p50_ms": comp[regime]["p50_ms"],
-        "speedup_vs_dense": dense_p50 / comp[regime]["p50_ms"],
+        # the median of per-round ratios (paired rounds), with its 95 % interval and verdict
+        "speedup_vs_dense": est.median,
+        "speedup_interval": est.to_dict(),
+        "verdict": est.verdict,
+        "cpu_ms": {label: c[regime].get("cpu_p50_ms") for label, c in cfgs.items()},
+        "timing": measured.get("timing"),
         "max_abs_diff": acc["max_abs_diff"],
         "cosine": acc["cosine"],
         "accuracy": acc,
@@ -128,13 +138,19 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
         if label not in (COMPILED, DENSE) and "accuracy" in c:
             out.setdefault("dense_int8_accuracy", {})[label] = c["accuracy"]
     if "decode" in comp:
+        dest = paired_speedup(cfgs[DENSE]["decode"], comp["decode"])
         out["decode"] = {"dense_p50_ms": cfgs[DENSE]["decode"]["p50_ms"], "compiled_p50_ms": comp["decode"]["p50_ms"],
-                         "speedup_vs_dense": cfgs[DENSE]["decode"]["p50_ms"] / comp["decode"]["p50_ms"],
+                         "speedup_vs_dense": dest.median, "speedup_interval": dest.to_dict(), "verdict": dest.verdict,
                          "dense_tokens_per_s": cfgs[DENSE]["decode"]["tokens_per_s"],
                          "compiled_tokens_per_s": comp["decode"]["tokens_per_s"], "new_tokens": comp["decode"]["new_tokens"],
                          "same_tokens_as_dense": comp["decode"]["same_tokens_as_dense"],
                          "dense_configs_p50_ms": {label: c["decode"]["p50_ms"] for label, c in cfgs.items() if label != COMPILED}}
     return out
+
+
+def paired_speedup(dense: dict[str, Any], compiled: dict[str, Any]) -> SpeedupEstimate:
+    """dense time / compiled time over the paired rounds both timings recorded."""
+    return speedup(dense["rounds_ms"], compiled["rounds_ms"], load=load_average())
 
 
 def apply_gates(results: dict[str, dict[str, Any]], opts: VerifyOptions) -> None:
@@ -148,8 +164,14 @@ def apply_gates(results: dict[str, dict[str, Any]], opts: VerifyOptions) -> None
         r["fastest_dense"] = fastest
         r["speedup_vs_fastest_dense"] = fastest["p50_ms"] / r["compiled_p50_ms"]
         failures = []
-        if opts.min_speedup is not None and r["speedup_vs_dense"] < opts.min_speedup:
-            failures.append(f"speedup {r['speedup_vs_dense']:.3f}x < min {opts.min_speedup}")
+        r["inconclusive"] = False
+        if opts.min_speedup is not None:
+            est = SpeedupEstimate(**r["speedup_interval"])
+            if est.verdict == "inconclusive":
+                r["inconclusive"] = True
+                failures.append(f"speedup inconclusive ({est.reason}): no speed gate passes on it")
+            elif not gate_passes(est, opts.min_speedup):
+                failures.append(f"speedup {est.median:.3f}x [{est.low:.3f}, {est.high:.3f}] < min {opts.min_speedup}")
         drop = 1.0 - r["cosine"]
         if opts.max_accuracy_drop is not None and drop > opts.max_accuracy_drop:
             failures.append(f"accuracy drop {drop:.4f} > max {opts.max_accuracy_drop}")
@@ -172,6 +194,7 @@ def verify_backends(root: Path, manifest: dict[str, Any], backends: tuple[str, .
     check_backends_available(registry, backends)
     dense_root = dense_reference(manifest, options, backends, registry)
     inputs = build_inputs(root, lowering, opts)
+    machine = record_machine(threads=opts.threads)
     size_cache: dict[Path, dict[str, int]] = {}
     results: dict[str, dict[str, Any]] = {}
     work = Path(tempfile.mkdtemp(prefix="sparsec-verify-"))
@@ -186,6 +209,9 @@ def verify_backends(root: Path, manifest: dict[str, Any], backends: tuple[str, .
                 results[name]["licence"] = backend.licence_notice
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    machine.finish()
+    for r in results.values():
+        r["machine"] = machine.to_dict()
     apply_gates(results, opts)
     plot_latency(results, root / "plots" / "latency.png")
     return results
