@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
-from repo_paths import RESULTS, repo_relative
+# OpenMP's default ~300k-iteration spin after each parallel region steals the shared cores the next
+# op needs (compiler/__init__.py sets the same); libgomp reads it when torch loads, so set it first.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from repo_paths import RESULTS, repo_relative  # noqa: E402
 
 SHAPES = "1536x576,576x1536,5632x2048,2048x5632,11008x4096,4096x11008"
 
@@ -205,7 +210,7 @@ def gemm_sweep(shape: str, ms: list[int], rounds: int, cold_bytes: float) -> lis
 def markdown(result: dict) -> str:
     lines = [f"# sparsec kernels — {result['machine']['cpu_model']}, {result['threads']} threads, ISA {result['isa']}", "",
              f"Command: `{result['command']}`  ", f"uptime before: `{result['uptime_before']}`  ",
-             f"uptime after: `{result['uptime_after']}`  ",
+             f"uptime after: `{result['uptime_after']}`  ", f"GOMP_SPINCOUNT={result.get('gomp_spincount')}  ",
              f"Streaming-read probe (runtimes/measure/membw.py, 2 threads): {result['probe_gbps_before']} GB/s before, "
              f"{result['probe_gbps_after']} GB/s after (best of 7 passes over 512 MiB).", "",
              "Median of the interleaved rounds, and the fastest round (`min`: the least disturbed one when",
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     machine = record_machine(args.threads)
     result = {"command": "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "threads": args.threads, "isa": kops.isa(), "uptime_before": uptime(), "machine": None, "groups": []}
+              "threads": args.threads, "isa": kops.isa(), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+              "uptime_before": uptime(), "machine": None, "groups": []}
     probe_before = measure_read_bandwidth(512, threads=args.threads).best_gbps
     result["probe_gbps_before"] = round(probe_before, 2)
     print(f"{result['uptime_before']}\nprobe {probe_before:.1f} GB/s, ISA {result['isa']}", flush=True)

@@ -19,13 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
-from repo_paths import RESULTS, ROOT, repo_relative
+# OpenMP's default ~300k-iteration spin after each parallel region steals the shared cores the next
+# op needs (compiler/__init__.py sets the same); libgomp reads it when torch loads, so set it first.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from repo_paths import RESULTS, ROOT, repo_relative  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
               f"packed {r['packed_weight_bytes']}  same tokens: {r['same_greedy_tokens_as_torch_fp32']}")
     result = {"command": "python benchmarks/kernels_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "sparsity": args.sparsity, "new_tokens": args.tokens, "runs": args.runs,
-              "threads": args.threads, "isa": kops.isa(), "uptime_before": before, "uptime_after": uptime(),
+              "threads": args.threads, "isa": kops.isa(), "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+              "uptime_before": before, "uptime_after": uptime(),
               "fp32_linear_bytes_per_token": dense_bytes, "rows": rows, "machine": machine.finish().to_dict()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
