@@ -19,6 +19,8 @@ from typing import Any
 from compiler.errors import SparsecError
 from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
 from runtimes.measure.inputs import VerifyOptions, build_inputs
+from runtimes.measure.machine import load_average, record_machine
+from runtimes.measure.speedup import speedup
 from runtimes.measure.verify import measure_backend
 
 
@@ -53,6 +55,7 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
     check_backends_available(registry, backends)
     dense_root = dense_reference(manifest, options, backends, registry)
     rows: list[dict[str, Any]] = []
+    machine = record_machine(threads=None)
     accuracy: dict[tuple[str, str], dict[str, Any]] = {}
     work = Path(tempfile.mkdtemp(prefix="sparsec-bench-"))
     try:
@@ -65,11 +68,14 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
                                    accuracy_batches=base.accuracy_batches if (name, COMPILED) not in accuracy else 1)
                     inputs = build_inputs(root, lowering, opts)
                     measured = measure_backend(backend, configs, lowering, inputs, opts, work / f"{name}-{bs}-{th}")
+                    dense_rounds = measured["configs"][DENSE]["prefill"]
                     for label, c in measured["configs"].items():
                         if "accuracy" in c and (name, label) not in accuracy:
                             accuracy[(name, label)] = c["accuracy"]
+                        vs_dense = speedup(dense_rounds["rounds_ms"], c["prefill"]["rounds_ms"], load=load_average())
                         rows.append({"backend": name, "config": label, "batch_size": bs, "threads": th,
-                                     "seqlen": inputs.seqlen, **c["prefill"],
+                                     "seqlen": inputs.seqlen, **c["prefill"], "speedup_vs_dense": vs_dense.to_dict(),
+                                     "timing": measured.get("timing"),
                                      **({"decode": c["decode"]} if "decode" in c else {}),
                                      "precision": c["details"].get("precision"),
                                      "sparse_kernels": c["details"].get("sparse_kernels")})
@@ -84,6 +90,6 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
     ok = [r for r in rows if r["meets_accuracy"]]
     fastest = min(ok, key=lambda r: r["ms_per_sequence"]) if ok else None
     batch1 = [r for r in ok if r["batch_size"] == 1]
-    return {"rows": rows, "max_accuracy_drop": max_accuracy_drop, "fastest": fastest,
+    return {"rows": rows, "max_accuracy_drop": max_accuracy_drop, "fastest": fastest, "machine": machine.finish().to_dict(),
             "lowest_latency_batch1": min(batch1, key=lambda r: r["p50_ms"]) if batch1 else None,
             "runs": base.runs, "seqlen": rows[0]["seqlen"] if rows else base.seqlen}

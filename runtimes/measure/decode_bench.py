@@ -26,6 +26,7 @@ from runtimes.decode.decoders import DecodeOptions, open_decoder
 from runtimes.decode.traffic import kv_bytes_per_token, weight_traffic
 from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
 from runtimes.measure.inputs import VerifyOptions, build_inputs, max_positions
+from runtimes.measure.machine import record_machine
 from runtimes.measure.membw import measure_read_bandwidth
 from runtimes.measure.stats import tokens_per_s
 
@@ -113,6 +114,7 @@ def bench_decode(root: Path, manifest: dict[str, Any], backends: tuple[str, ...]
     check_backends_available(registry, backends)
     dense_root = dense_reference(manifest, options, backends, registry)
     ids, mask = decode_prompt(root, lowering, opts)
+    machine = record_machine(threads=opts.threads)
     bandwidth = measure_read_bandwidth(threads=opts.threads)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="sparsec-decode-"))
@@ -132,7 +134,8 @@ def bench_decode(root: Path, manifest: dict[str, Any], backends: tuple[str, ...]
     best = max(rows, key=lambda r: r["tokens_per_s"], default=None)
     for row in rows:
         row["speedup_vs_fastest_dense"] = row["tokens_per_s"] / fastest_dense["tokens_per_s"] if fastest_dense else None
-    return {"membw": bandwidth.to_dict(), "prompt_len": int(ids.shape[1]), "new_tokens": opts.new_tokens,
+    return {"machine": machine.finish().to_dict(), "membw": bandwidth.to_dict(), "prompt_len": int(ids.shape[1]),
+            "new_tokens": opts.new_tokens,
             "threads": opts.threads, "rows": rows,
             "fastest_dense": _brief(fastest_dense), "fastest": _brief(best)}
 

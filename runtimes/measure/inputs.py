@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,11 @@ class VerifyOptions:
     decode_tokens: int = 32
     cache_dir: str | None = None
     # paired rounds continue past `runs` until the speedup interval is narrower than `target_width` of its
-    # estimate, or `max_rounds` / `time_budget_s` is spent (runtimes/measure/timing.py)
+    # estimate, or `max_rounds` / `time_budget_s` is spent (runtimes/measure/timing.py);
+    # $SPARSEC_TIME_BUDGET_S sets the default budget (the test suite bounds it: Makefile `test`)
     target_width: float = 0.10
     max_rounds: int = 200
-    time_budget_s: float = 60.0
+    time_budget_s: float = field(default_factory=lambda: float(os.environ.get("SPARSEC_TIME_BUDGET_S", "30")))
 
     def __post_init__(self) -> None:
         RunnerOptions(threads=self.threads, batch_size=self.batch_size, seqlen=self.seqlen)  # validates > 0
