@@ -36,7 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
@@ -50,10 +50,12 @@ from compiler.stats import first_tensor, input_matrix
 from compiler.trace import call_model
 from passes.math.candidates import (
     FAMILIES,
+    MAX_EDGE_ROUNDS,
     OWL_PAPER,
     GroupCandidate,
     allocation_key,
     best_index,
+    edge_extension,
     finalist_count,
     finalists,
     fit_to_target,
@@ -65,6 +67,7 @@ from passes.math.candidates import (
     row_cosines,
     row_ranks,
     screen_size,
+    standard_error,
     token_kl,
 )
 from passes.math.masks import nm_mask, parse_pattern
@@ -335,14 +338,39 @@ def auto_allocation(settings: AutoSettings, ir: ModelIR, names: list[str], ctx: 
     for c in final:
         c.score = float(torch.cat(values[c.name]).mean())
     win = final[best_index([c.score for c in final])]
+    # the optimum may lie past the grid: while the winner has the grid's largest λ, try larger ones
+    grid_top, extended = max(settings.grid_lam, default=0.0), []
+    for _ in range(MAX_EDGE_ROUNDS):
+        new_lams = edge_extension(grid_top, win.family, win.params.get("lam"))
+        if not new_lams:
+            break
+        family = "depth" if win.family.startswith("depth") else win.family
+        more = [c for c in _build_candidates(replace(settings, grid_lam=new_lams, families=(family,)), ir, names, stats, ctx, diagnostics)
+                if c.family == win.family and c.params.get("lam") in new_lams
+                and all(c.params.get(k) == v for k, v in win.params.items() if k != "lam")]
+        for c in more:
+            values[c.name] = [candidate_values(ir, ref, keep_of(c)) for ref in refs]
+            c.score = float(torch.cat(values[c.name]).mean())
+        candidates += more
+        final += more
+        extended += list(new_lams)
+        grid_top = max(new_lams)
+        win = final[best_index([c.score for c in final])]
+    spread = {c.name: standard_error(torch.cat(values[c.name])) for c in final}
+    runner_up = max((c.score for c in final if c is not win and c.score is not None), default=None)
     uniform = candidates[0]
     t_total = time.perf_counter() - started
     seconds = {"statistics": t_stats, "reference": t_ref, "candidates": t_total - t_stats - t_ref, "total": t_total}
     records = [_candidate_record(c, ir) for c in candidates]
     metric = _metric_name(refs[0])
     _store_analyses(ir, settings, stats, records, win, metric, (len(stats_part), len(held), n_screen), seconds)
+    ir.analyses["allocation_candidates"].update({"grid_extended": extended, "winner_se": spread[win.name]})
     if settings.prune_method == "sparsegpt":
         diagnostics.append("auto: sparsegpt candidates are ranked with Wanda masks (a proxy: SparseGPT also updates weights)")
+    if extended:
+        diagnostics.append(f"auto: the winner sat at the edge of the λ grid, so λ = {', '.join(f'{v:g}' for v in extended)} was also tried")
+    margin = "" if runner_up is None else f", margin over the runner-up {win.score - runner_up:.3g}"
+    diagnostics.append(f"auto: score standard error of the winner {spread[win.name]:.3g}{margin}")
     diagnostics.append(f"auto: {win.name} wins ({metric} {win.score:.5g} vs uniform {uniform.score:.5g}) among "
                        f"{len(final)} finalists of {len(distinct)} distinct candidates, {t_total:.1f}s")
     info = {
@@ -353,6 +381,9 @@ def auto_allocation(settings: AutoSettings, ir: ModelIR, names: list[str], ctx: 
         "auto_seconds_detail": {k: round(v, 3) for k, v in seconds.items()},
         "candidates": records,
         "clamped_groups": win.clamped, "group_sparsity": _block_sparsity(ir, win.ratios),
+        "grid_extended": extended, "winner_se": spread[win.name],
+        "margin_over_runner_up": None if runner_up is None else win.score - runner_up,
+        "score_se": spread,
     }
     return dict(win.ratios), info
 

@@ -66,7 +66,8 @@ def test_group_candidates_all_keep_the_weighted_mean_and_uniform_comes_first():
 
 
 def test_racing_screens_a_quarter_and_always_keeps_uniform():
-    assert [screen_size(n) for n in (1, 3, 4, 8, 10)] == [0, 0, 1, 2, 2]
+    # screening only from 16 held-out samples on, on at least 4 (2-sample screening misranked on SmolLM2)
+    assert [screen_size(n) for n in (1, 3, 4, 8, 10, 16, 40)] == [0, 0, 0, 0, 0, 4, 10]
     assert [finalist_count(n) for n in (3, 16, 25)] == [4, 4, 7]
     assert finalists([0.1, 0.5, 0.3, 0.9, 0.2], 2) == [0, 1, 3]  # uniform (index 0) always goes on
     assert finalists([0.9, 0.5, 0.5, 0.1], 2) == [0, 1]  # ties: the earlier candidate
@@ -148,11 +149,9 @@ def test_auto_protects_the_block_with_strong_outliers(tmp_path, tiny_tokenizer):
     cands = {c["name"]: c for c in auto["candidates"]}
     winner = cands[auto["winner"]]
     assert auto["fidelity"] == "-kl" and auto["holdout_samples"] == 4 and auto["stats_samples"] == 12
-    # racing: all 10 candidates screened on 1 held-out sample, the best 4 and uniform finish on the other 3
-    assert auto["screen_samples"] == 1 and all(c["screen_score"] is not None for c in cands.values())
-    finalists = [c for c in cands.values() if not c["screened_out"]]
-    assert len(finalists) == 5 and cands["uniform"] in finalists and winner in finalists
-    assert all((c["score"] is None) == c["screened_out"] for c in cands.values())
+    # 4 held-out samples are too few to screen on a part of them: every candidate sees all 4
+    assert auto["screen_samples"] == 0 and all(c.get("screen_score") is None for c in cands.values())
+    assert all(c["score"] is not None for c in cands.values() if not c.get("duplicate_of"))
     assert winner["name"] != "uniform" and winner["score"] > cands["uniform"]["score"]
     blocks = winner["block_sparsity"]
     assert min(blocks, key=blocks.get) == "2" and blocks["2"] < 0.6
@@ -174,7 +173,9 @@ def test_auto_on_minilm_is_at_least_uniform_on_held_out_data(minilm_dir):
     run = Pipeline.from_spec(spec, Registry.default()).run(ir, ctx)
     auto = run.ir.analyses["allocation_candidates"]
     scores = {c["name"]: c["score"] for c in auto["candidates"]}
-    assert len(scores) == 8 and "owl(lam=0.08,m=5)" in scores and "depth-down(lam=0.05)" in scores
+    # 8 grid candidates, plus 2 more λ when the winner sits at the grid's edge
+    assert len(scores) == 8 + len(auto.get("grid_extended", []))
+    assert "owl(lam=0.08,m=5)" in scores and "depth-down(lam=0.05)" in scores
     assert auto["fidelity"] == "cosine" and scores[auto["winner"]] >= scores["uniform"]
     assert all(torch.equal(ir.weight(n), dense[n]) for n in ir.layers)  # a decision pass: weights untouched
     assert 0.0 < scores["uniform"] < 1.0

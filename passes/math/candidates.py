@@ -111,14 +111,35 @@ def gram_alpha(weight: torch.Tensor) -> float:
 
 # -- racing: screen every candidate on a few held-out samples, finish the best on the rest ------------
 SCREEN_SHARE = 0.25  # of the held-out samples, seen by every candidate
-MIN_HELD_TO_SCREEN = 4  # fewer held-out samples: every candidate sees them all
+MIN_HELD_TO_SCREEN = 16  # fewer held-out samples: every candidate sees them all (screening on 2 samples misranked)
+MIN_SCREEN = 4  # screening samples at least
 FINALIST_SHARE = 0.25  # of the distinct candidates go on (at least MIN_FINALISTS), plus uniform
 MIN_FINALISTS = 4
 
 
+EDGE_FACTORS = (1.5, 2.0)  # how far auto extends λ past the grid when the winner sits at its edge
+MAX_LAM = 0.5
+MAX_EDGE_ROUNDS = 2
+
+
+def edge_extension(grid_top: float, winner_family: str, winner_lam: float | None) -> tuple[float, ...]:
+    """New λ values to try when the winner's λ is the largest of the grid (the optimum may lie outside
+    it): `grid_top` × EDGE_FACTORS, below MAX_LAM. Empty when the winner is inside the grid or uniform."""
+    if winner_family == "uniform" or winner_lam is None or grid_top <= 0 or winner_lam < grid_top - 1e-12:
+        return ()
+    return tuple(v for v in (round(grid_top * f, 6) for f in EDGE_FACTORS) if grid_top < v < MAX_LAM)
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of a mean score over held-out rows (samples or tokens): the score spread that
+    says whether two candidates' scores differ by more than noise."""
+    n = values.numel()
+    return float(values.float().std() / n ** 0.5) if n > 1 else float("nan")
+
+
 def screen_size(held: int) -> int:
     """Held-out samples in the screening round (0 = no screening: score everyone on everything)."""
-    return max(1, round(held * SCREEN_SHARE)) if held >= MIN_HELD_TO_SCREEN else 0
+    return max(MIN_SCREEN, round(held * SCREEN_SHARE)) if held >= MIN_HELD_TO_SCREEN else 0
 
 
 def finalist_count(candidates: int) -> int:
