@@ -334,12 +334,14 @@ at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, cons
   return out;
 }
 
-// M > kDensifyM: each worker densifies 64-row tiles into a cache-resident buffer (vector expansion,
+// M > kDensifyM: each worker densifies row tiles (~4 MiB) into a cache-resident buffer (vector expansion,
 // the ISA's densify kernel) and runs torch's GEMM on it: the compute-bound regime, where MKL's sgemm
 // beats expand + FMA per token; no dense copy of the whole W ever exists.
 at::Tensor tiled_dense_gemm_f32(const KernelTable& kt, const SparseF32& w, const at::Tensor& x2) {
-  constexpr int64_t TR = 64;
   const int64_t n = w.n, k = w.k, kp = w.kc * 64;
+  // ~4 MiB tiles: 64-row tiles left MKL with narrow GEMMs (11008x4096, M = 64, one thread: 180 ms vs
+  // 128 ms dense); 256 rows at K = 4096 measured 79 ms vs 76 ms dense (docs/kernels.md).
+  const int64_t TR = std::max<int64_t>(kTile, std::min<int64_t>(512, (1 << 20) / kp / kTile * kTile));
   auto xf = x2.to(at::kFloat).contiguous();
   auto y = at::empty({xf.size(0), n}, xf.options());
   // InferenceMode is thread-local: the pool's threads must run torch ops in the caller's mode, or
