@@ -135,6 +135,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
         from runtimes.registry_helpers import check_backends_available
 
         check_backends_available(registry, backends)
+        _check_quant_forms(pipeline, backends, registry)
     writer = ArtifactWriter(opts.out, opts.force)
     writer.check_destination()  # fail before the (slow) model load
 
@@ -213,6 +214,20 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
         (root / REPORT_MD).write_text(render_markdown(report, manifest), encoding="utf-8")
         out = writer.commit(manifest)
     return CompileResult(out, manifest, report)
+
+
+def _check_quant_forms(pipeline: Pipeline, backends: tuple[str, ...], registry: Registry) -> None:
+    """A weight-only scheme (int4) on a backend that declares no form for it is refused before the model
+    loads: that backend would otherwise run the fp32 graph while the report says int4."""
+    from compiler.lowering.quant import backends_without_form
+
+    for p in pipeline.passes:
+        scheme = getattr(p, "scheme", None) if p.name == "quantize" else None
+        missing = backends_without_form(scheme, backends, registry) if scheme else []
+        if missing:
+            runs = [b for b in registry.backends if registry.get_backend(b).quant_form(scheme, True)]
+            raise SpecError(f"--quantize {scheme} is not supported by backend {', '.join(missing)} "
+                            f"(it runs on: {', '.join(sorted(runs))})")
 
 
 def _budget_config(opts: CompileOptions):

@@ -3,7 +3,9 @@
 It writes `plan[layer].quant = scheme` for the layers it selects; the decision is materialised at
 lowering, per backend, in the form that backend runs fast (compiler/lowering/quant.py):
 `int8-dynamic` → MatMulInteger for onnxruntime; `int8` (static, calibrated on the artifact's
-calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepSparse.
+calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepSparse; `int4`
+(weight-only, 4-bit blocks of 64, activations float, nothing calibrated) → MatMulNBits for onnxruntime
+and OpenVINO (NNCF weight compression); the backends without an int4 form refuse it at compile.
 
 Layers inside the model's blocks are selected by default; layers outside them (LM heads, poolers,
 classifier heads) stay fp32 unless `include_outside_blocks=true` — an int8 LM head costs much more
@@ -28,7 +30,8 @@ from compiler.pass_infra import Pass, PassContext, PassResult, option
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from passes.plan_utils import compile_patterns, require_prunable_layers
 
-Scheme = Literal["int8", "int8-dynamic"]
+Scheme = Literal["int8", "int8-dynamic", "int4"]
+SCHEMES = ("int8", "int8-dynamic", "int4")
 
 
 def select_layers(ir: ModelIR, include_outside_blocks: bool, exclude: tuple[str, ...]) -> list[str]:
@@ -40,11 +43,13 @@ def select_layers(ir: ModelIR, include_outside_blocks: bool, exclude: tuple[str,
 
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Plan int8 quantization (static calibrated or dynamic) of the prunable layers."""
+    """Plan int8 (static calibrated or dynamic) or int4 weight-only quantization of the prunable layers."""
 
     name = "quantize"
-    description = "Plan int8 quantization per layer (materialised per backend at lowering)"
-    scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); int8-dynamic: activations quantized at run time (MatMulInteger)")
+    description = "Plan int8/int4 quantization per layer (materialised per backend at lowering)"
+    scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); "
+                            "int8-dynamic: activations quantized at run time (MatMulInteger); "
+                            "int4: weight-only 4-bit blocks (MatMulNBits; onnxruntime and openvino only)")
     include_outside_blocks: bool = option(False, "also quantize layers outside the blocks (LM head, pooler, classifier)")
     exclude: tuple[str, ...] = option((), "regular expressions of layer names to keep fp32")
     max_activation_ratio: float = option(STATIC_MAX_ACTIVATION_RATIO, "int8 (static): keep layers fp32 whose input max|x|/rms exceeds this (0 = off)")
@@ -54,8 +59,8 @@ class Quantize(Pass):
         return self.scheme == "int8" and self.max_activation_ratio > 0
 
     def validate(self) -> None:
-        if self.scheme not in ("int8", "int8-dynamic"):
-            raise SpecError(f"quantize: scheme must be int8 or int8-dynamic, got '{self.scheme}'")
+        if self.scheme not in SCHEMES:
+            raise SpecError(f"quantize: scheme must be one of {', '.join(SCHEMES)}, got '{self.scheme}'")
         compile_patterns(self.exclude, "quantize: exclude")
         if self.max_activation_ratio < 0:
             raise SpecError(f"quantize: max_activation_ratio must be >= 0, got {self.max_activation_ratio}")

@@ -14,7 +14,7 @@ its tests (docs/architecture.md, "adding a backend"). What the rest of sparsec a
 - `decoder()`: its own decoder for causal LMs, or None for the in-process decoders of runtimes/decode/
   over its runner (verify --decode, bench --decode and serve's completions all go through it);
 - `distributions`: what `sparsec package` pins for it, () when it cannot be packaged;
-- `dense_alternatives`: the dense int8 forms verification times beside dense fp32 on it;
+- `dense_alternatives`: the dense int8/int4 forms verification times beside dense fp32 on it;
 - `lower()`: the lowered form it runs, when it owns one (default: the ONNX lowering's file for it).
 """
 
@@ -81,13 +81,13 @@ class Backend:
     # False: the runner runs only the (batch_size, seqlen) of its options, on the graph prepare() wrote
     # (callers such as the server prepare into a directory of their own and pad to that shape).
     dynamic_shapes: ClassVar[bool] = True
-    # quantization scheme ("int8" | "int8-dynamic") -> the int8 variant it runs (compiler/lowering/quant.py VARIANTS)
+    # quantization scheme ("int8" | "int8-dynamic" | "int4") -> the variant it runs (compiler/lowering/quant.py VARIANTS)
     quant_forms: ClassVar[Mapping[str, str]] = {}
     # write its int8 variants even when it is not among the compile's --backend (serve it later without re-lowering)
     lowered_by_default: ClassVar[bool] = False
     # pip distributions `sparsec package` pins for it (besides sparsec's own); () = cannot be packaged
     distributions: ClassVar[tuple[str, ...]] = ()
-    # dense int8 forms timed beside dense fp32 on this backend: variant -> scheme applied to every block layer
+    # dense int8/int4 forms timed beside dense fp32 on this backend: variant -> scheme applied to every block layer
     dense_alternatives: ClassVar[Mapping[str, str]] = {}
     # the dense reference keeps the source model's Hugging Face directory (`model/`) for this backend: it
     # runs models rather than graphs (the sparsec backend)

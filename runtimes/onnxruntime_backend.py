@@ -2,7 +2,8 @@
 
 ORT's CPU kernels are dense: sparsity in an fp32 or int8 graph changes nothing but the compressed
 size, and verification reports it so (`sparse_kernels: false`). Its fast dense path is int8 —
-MatMulInteger from `quantize_dynamic` (`int8-dynamic`) or QDQ (`int8-qdq`), see compiler/lowering/quant.py.
+MatMulInteger from `quantize_dynamic` (`int8-dynamic`) or QDQ (`int8-qdq`), see compiler/lowering/quant.py;
+int4 weight-only runs as MatMulNBits (`int4-matmulnbits`, compiler/lowering/int4.py).
 Sessions run sequentially with `intra_op_num_threads = threads` and one inter-op thread.
 """
 
@@ -39,11 +40,12 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     device = "cpu"
     install_hint = "pip install onnxruntime"
-    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-dynamic"}
+    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-dynamic", "int4": "int4-matmulnbits"}
     lowered_by_default = True
     distributions = ("onnxruntime",)
-    # the fastest dense form known on onnxruntime (DESIGN §5): MatMulInteger on every block layer
-    dense_alternatives = {"int8-dynamic": "int8-dynamic"}
+    # the fastest dense int8 form known on onnxruntime (DESIGN §5): MatMulInteger on every block layer;
+    # and int4 weight-only (MatMulNBits), what a CPU LLM user picks first (issue 13)
+    dense_alternatives = {"int8-dynamic": "int8-dynamic", "int4-matmulnbits": "int4"}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

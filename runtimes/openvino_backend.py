@@ -4,6 +4,8 @@
   bf16; the runner records the precision the compiled model reports (`INFERENCE_PRECISION_HINT`) and
   the runtime precision of its FullyConnected layers. `precision="f32"` in the options forces fp32.
 - int8: QDQ graphs (`int8-qdq`, or NNCF's `int8-openvino`) run on OpenVINO's int8 kernels.
+- int4: NNCF weight compression (`int4-openvino`: MatMulNBits, which OpenVINO reads as u4 weight
+  constants and runs on its compressed-weight FullyConnected kernels); `int4-matmulnbits` without NNCF.
 - Sparsity: `CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE` lets the CPU plugin store int8 weights packed
   (only non-zeros) and decompress them in the kernel. OpenVINO does not report which layers it
   packed, so `sparse_kernels` is computed from the plugin's own rule (source: intel_cpu
@@ -100,17 +102,20 @@ class OpenVinoBackend(Backend):
     device = "cpu"
     install_hint = "pip install 'sparsec[openvino]'  (openvino, nncf)"
     # int8-qdq runs on its int8 AMX kernels (never MatMulInteger: fp32 kernels there, 4x slower)
-    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-qdq"}
+    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-qdq", "int4": "int4-matmulnbits"}
     lowered_by_default = True
     distributions = ("openvino",)
+    # int4 weight-only by OpenVINO's own tool (NNCF, in the `openvino` extra), timed beside dense fp32
+    dense_alternatives = {"int4-openvino": "int4"}
 
     @classmethod
     def quant_form(cls, scheme: str, requested: bool) -> str | None:
-        """OpenVINO's own int8 tool (NNCF) when OpenVINO is requested and NNCF is installed, else QDQ."""
+        """OpenVINO's own tool (NNCF) when OpenVINO is requested and NNCF is installed (int8: quantization,
+        int4: weight compression), else QDQ int8 / onnxruntime's MatMulNBits int4."""
         import importlib.util
 
         if scheme in cls.quant_forms and requested and importlib.util.find_spec("nncf") is not None:
-            return "int8-openvino"
+            return "int4-openvino" if scheme == "int4" else "int8-openvino"
         return super().quant_form(scheme, requested)
 
     @classmethod

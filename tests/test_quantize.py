@@ -45,7 +45,7 @@ def test_quantize_spec_round_trip():
     pipe = Pipeline.from_spec("quantize{scheme=int8-dynamic,exclude=lm_head;pooler,max_activation_ratio=30.0}", reg)
     assert Pipeline.from_spec(pipe.spec(), reg).spec() == pipe.spec()
     with pytest.raises(Exception, match="scheme"):
-        Pipeline.from_spec("quantize{scheme=int4}", reg)
+        Pipeline.from_spec("quantize{scheme=int3}", reg)
 
 
 def test_static_int8_keeps_activation_outlier_layers_fp32(minilm_dir):

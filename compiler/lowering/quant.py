@@ -1,6 +1,6 @@
 """int8 variants of a lowered graph, each in the form its backend runs fast.
 
-The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic"`); here the decision
+The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic" | "int4"`); here the decision
 is materialised with onnxruntime's quantization tools, restricted to the MatMul nodes of the planned
 layers (found by module scope, `compiler.lowering.rules.layer_nodes`):
 
@@ -11,7 +11,11 @@ layers (found by module scope, `compiler.lowering.rules.layer_nodes`):
 | `int8-qoperator` | QLinearMatMul (QOperator)     | deepsparse                | MinMax      |
 | `int8-qdq-sym`   | QDQ, S8 act (zero point 0) / S8 weights | tensorrt        | MinMax      |
 | `int8-openvino`  | QDQ by NNCF (TRANSFORMER preset, SmoothQuant) | openvino    | NNCF        |
+| `int4-matmulnbits` | MatMulNBits, int4 weights only (compiler/lowering/int4.py) | onnxruntime | none |
+| `int4-openvino`  | MatMulNBits by NNCF `compress_weights` (INT4_ASYM, group 64) | openvino | none    |
 
+Scheme `int4` (weight-only) gives onnxruntime `int4-matmulnbits` and OpenVINO `int4-openvino`
+(compiler/lowering/int4.py says which settings and why); no other backend runs it.
 Scheme `int8` (static) gives onnxruntime `int8-qdq`; `int8-dynamic` gives onnxruntime `int8-dynamic`.
 OpenVINO gets `int8-openvino` when it is requested and NNCF is installed (OpenVINO's own int8 tool:
 on MiniLM it keeps embedding cosine 0.994 vs fp32 with every layer int8, where onnxruntime's MinMax
@@ -52,7 +56,10 @@ from compiler.lowering.format import LoweringError, load_onnx
 from compiler.lowering.rules import graph_rules, layer_nodes
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 
-SCHEMES = ("int8", "int8-dynamic")
+SCHEMES = ("int8", "int8-dynamic", "int4")
+# weight-only schemes: no backend runs them without a declared form, so a compile that requests one on
+# such a backend is refused up front (`backends_without_form`) instead of silently running fp32 there
+WEIGHT_ONLY_SCHEMES = ("int4",)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class VariantKind:
     symmetric_activations: bool = False
     per_channel: bool = True  # weight scales per output channel (else one per tensor)
     tool: str = "onnxruntime.quantization"
+    weight_bits: int = 8  # 4: weight-only MatMulNBits (compiler/lowering/int4.py), activations float
 
 
 # The int8 forms lowering can write. Which backend runs which is declared by the backend itself
@@ -73,6 +81,10 @@ VARIANTS = {
     "int8-qoperator": VariantKind("int8-qoperator", "QOperator", calibrated=True, per_channel=False),
     "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", calibrated=True, symmetric_activations=True),
     "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", calibrated=True, tool="nncf"),
+    "int4-matmulnbits": VariantKind("int4-matmulnbits", "MatMulNBits", calibrated=False, weight_bits=4,
+                                    tool="onnxruntime.quantization.matmul_nbits_quantizer"),
+    "int4-openvino": VariantKind("int4-openvino", "MatMulNBits (NNCF compress_weights)", calibrated=False,
+                                 weight_bits=4, tool="nncf"),
 }
 
 
@@ -109,6 +121,15 @@ def variants_for_scheme(scheme: str, backends: tuple[str, ...] = (), registry: A
                                 f"(known: {', '.join(VARIANTS)})")
         out.setdefault(form, []).append(name)
     return {v: tuple(out[v]) for v in VARIANTS if v in out}  # a fixed order: the manifest does not depend on the registry's
+
+
+def backends_without_form(scheme: str, backends: tuple[str, ...], registry: Any) -> list[str]:
+    """Requested backends that declare no form for a weight-only scheme (they would run the fp32 graph):
+    the compile driver refuses them before loading the model. int8 schemes are not checked: a backend
+    may run int8 from its own lowering (`Backend.lower`) without declaring an ONNX variant."""
+    if scheme not in WEIGHT_ONLY_SCHEMES:
+        return []
+    return [b for b in backends if registry.get_backend(b).quant_form(scheme, True) is None]
 
 
 def planned_scheme(ir: ModelIR) -> str | None:
@@ -210,6 +231,7 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
     if not mapping:
         raise LoweringError(f"none of the {len(layers)} layers planned for {scheme} maps to a MatMul node of the graph")
     fp32_nodes = [node for layer, (node, _) in layer_nodes(model, [n for n in ir.layers if n not in set(layers)]).items()]
+    node_outputs = {n.name: n.output[0] for n in model.graph.node}
     external = (src.parent / "model.onnx.data").exists()
     feeds, cal_info, static_mapping = [], {}, mapping
     if any(VARIANTS[v].calibrated for v in wanted):
@@ -228,6 +250,10 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
             out = root / "onnx" / name / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
             used = static_mapping if kind.calibrated and kind.tool != "nncf" else mapping
+            if kind.weight_bits == 4:
+                entries[name] = _write_int4(ir, kind, prepared, out, used, node_outputs, scheme, runs_on, len(layers), gemms,
+                                            external)
+                continue
             if kind.tool == "nncf":
                 _quantize_nncf(prepared, out, fp32_nodes, feeds, external)
             else:
@@ -249,6 +275,36 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return entries
+
+
+def _write_int4(ir: ModelIR, kind: VariantKind, src: Path, out: Path, mapping: dict[str, tuple[str, str]],
+               node_outputs: dict[str, str], scheme: str, runs_on: tuple[str, ...], planned: int, gemms: int,
+               external: bool) -> dict[str, Any]:
+    """Write one int4 weight-only variant and its manifest entry; every planned layer must have become
+    a MatMulNBits node (checked: a layer left float would make the variant's figures lie)."""
+    from compiler.lowering.int4 import compress_matmulnbits, compress_nncf, int4_nodes, int4_zeros, weights_label
+
+    nodes = [node for node, _ in mapping.values()]
+    (compress_nncf if kind.tool == "nncf" else compress_matmulnbits)(src, out, nodes, external)
+    qmodel = load_onnx(out)
+    failed = [c for c in graph_rules(qmodel) if not c["ok"]]
+    if failed:
+        raise LoweringError(f"variant '{kind.name}' breaks rule '{failed[0]['rule']}': {failed[0]['detail']}")
+    outputs = {layer: node_outputs[node] for layer, (node, _) in mapping.items()}
+    done = int4_nodes(qmodel, outputs)
+    left = sorted(set(outputs) - set(done))
+    if left:
+        raise LoweringError(f"variant '{kind.name}': {len(left)} planned layers did not become MatMulNBits "
+                            f"(first: {left[0]}); int4 needs each weight's input dim to allow its blocks")
+    extra = sum(n.op_type == "MatMulNBits" for n in qmodel.graph.node) - len(done)
+    if extra:
+        raise LoweringError(f"variant '{kind.name}': {extra} layers outside the plan became int4 (the plan keeps them float)")
+    return {
+        "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
+        "weights": weights_label(), "tool": kind.tool, "activations": "float (weight-only)",
+        "layers_quantized": len(done), "layers_planned": planned, "gemm_rewritten": gemms,
+        "layers_fp32_activation_outliers": [], "calibration": None, "zeros": int4_zeros(ir, qmodel, outputs),
+    }
 
 
 def _quantize(kind: VariantKind, src: Path, out: Path, nodes: list[str], feeds: list[dict[str, np.ndarray]],

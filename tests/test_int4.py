@@ -1,0 +1,191 @@
+"""int4 weight-only quantization (issue 13): `--quantize int4` on onnxruntime (MatMulNBits) and OpenVINO
+(NNCF weight compression), and dense int4 timed beside dense fp32 / int8 by verify and bench --decode.
+
+Accuracy bound: each int4 variant is compared with the artifact's own fp32 graph (same pruned weights,
+so only the int4 rounding differs). Measured on this tiny Llama (50 %, 2 blocks, hidden 64) with the
+feeds below: logits cosine 0.9965 on both onnxruntime (MatMulNBits) and OpenVINO (NNCF, f32). Zero points
+in the wrong layout — how NNCF 3.4 writes them, which OpenVINO misreads; repaired by `pack_zero_points`
+— gave 0.953, so the bound 0.98 fails that and passes the correct files with margin. (The issue's
+suggested 0.9 would let that bug through.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from compiler.artifact import Artifact
+from compiler.lowering.files import MODEL_FILE
+from compiler.lowering.int4 import INT4_BLOCK, int4_nodes, pack_zero_points, unpack_int4
+from compiler.lowering.quant import backends_without_form, variants_for_scheme
+from compiler.lowering.rules import layer_nodes
+from compiler.registry import Registry
+from runtimes.measure.stats import compare_outputs
+
+COMPILE = ("--sparsity", "0.5", "--allocation", "uniform", "--calib-samples", "2", "--calib-seqlen", "16",
+           "--runs", "2", "--seqlen", "16")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dense-cache-int4")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSEC_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(cache_dir, tiny_model_dir, tmp_path_factory):
+    pytest.importorskip("openvino", reason="openvino is not installed")
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install 'sparsec[openvino]')")
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    out = tmp_path_factory.mktemp("int4") / "llama-int4"
+    result = CliRunner().invoke(main, ["compile", str(tiny_model_dir("llama")), "-o", str(out), *COMPILE,
+                                       "--quantize", "int4", "--backend", "onnxruntime,openvino"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _planned(manifest) -> set[str]:
+    return {n for n, p in manifest["plan"].items() if p.get("quant") == "int4"}
+
+
+def _feeds(path):
+    graph = onnx.load(str(path), load_external_data=False).graph
+    ids = np.random.default_rng(0).integers(3, 400, (1, 16)).astype(np.int64)
+    feeds = {}
+    for i in graph.input:
+        if i.name == "input_ids":
+            feeds[i.name] = ids
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones_like(ids)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(16, dtype=np.int64)[None]
+        else:  # an empty past: [batch, heads, 0, head_dim]
+            dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            feeds[i.name] = np.zeros([1, dims[1], 0, dims[3]], np.float32)
+    return feeds
+
+
+def _outputs(model_file, feeds, ref_file):
+    outputs = {}
+    for name, path in (("int4", model_file), ("fp32", ref_file)):
+        outputs[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    return outputs
+
+
+def test_int4_variants_per_backend():
+    reg = Registry.default(kinds=("backend",))
+    assert variants_for_scheme("int4", ("onnxruntime", "openvino"), reg) == {
+        "int4-matmulnbits": ("onnxruntime",), "int4-openvino": ("openvino",)}
+    # OpenVINO not requested: it is still written for (lowered by default), in onnxruntime's form
+    assert variants_for_scheme("int4", ("onnxruntime",), reg) == {"int4-matmulnbits": ("onnxruntime", "openvino")}
+    assert backends_without_form("int4", ("onnxruntime", "deepsparse", "tensorrt", "sparsec"), reg) == [
+        "deepsparse", "tensorrt", "sparsec"]
+    assert backends_without_form("int8", ("sparsec",), reg) == []  # int8 forms are not checked this way
+
+
+def test_int4_on_a_backend_without_int4_is_one_line_error(cli, tiny_model_dir, tmp_path):
+    out = tmp_path / "bad"
+    r = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int4", "--backend", "sparsec")
+    assert r.exit_code != 0
+    lines = [line for line in r.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "int4" in lines[0] and "sparsec" in lines[0], r.output
+    assert "onnxruntime" in lines[0] and not out.exists()
+
+
+def test_onnxruntime_graph_has_matmulnbits_for_every_planned_layer(int4_artifact):
+    manifest = Artifact.load(int4_artifact).manifest
+    variant = manifest["lowering"]["variants"]["int4-matmulnbits"]
+    assert variant["backends"] == ["onnxruntime"] and manifest["lowering"]["backend_files"]["onnxruntime"] == variant["file"]
+    planned = _planned(manifest)
+    assert planned and "lm_head" not in planned and variant["layers_quantized"] == len(planned)
+    fp32 = onnx.load(str(int4_artifact / MODEL_FILE))
+    outputs = {layer: next(n.output[0] for n in fp32.graph.node if n.name == node)
+               for layer, (node, _) in layer_nodes(fp32, planned).items()}
+    q = onnx.load(str(int4_artifact / variant["file"]))
+    nodes = int4_nodes(q, outputs)
+    assert set(nodes) == planned
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in next(iter(nodes.values())).attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == INT4_BLOCK
+    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(planned)  # lm_head stays a float MatMul
+    # pruned zeros stay exact zeros (code == the block's zero point)
+    assert variant["zeros"]["preserved"] and variant["zeros"]["int4_zeros"] >= variant["zeros"]["torch_zeros"] > 0
+    feeds = _feeds(int4_artifact / MODEL_FILE)
+    out = _outputs(int4_artifact / variant["file"], feeds, int4_artifact / MODEL_FILE)
+    assert compare_outputs("text-generation", out["fp32"], out["int4"], np.ones((1, 16), bool))["cosine"] > 0.98
+
+
+def test_openvino_variant_runs_compressed_u4_weights(int4_artifact):
+    import openvino as ov
+
+    from runtimes.base import RunnerOptions
+    from runtimes.openvino_backend import OpenVinoBackend
+
+    manifest = Artifact.load(int4_artifact).manifest
+    variant = manifest["lowering"]["variants"]["int4-openvino"]
+    assert variant["backends"] == ["openvino"] and variant["tool"] == "nncf"
+    assert variant["layers_quantized"] == len(_planned(manifest)) and variant["zeros"]["preserved"]
+    path = int4_artifact / variant["file"]
+    consts = [op for op in ov.Core().read_model(str(path)).get_ordered_ops() if op.get_type_name() == "Constant"]
+    assert sum(str(op.get_element_type()) in ("<Type: 'uint4_t'>", "<Type: 'int4_t'>") for op in consts) >= len(_planned(manifest))
+    feeds = _feeds(int4_artifact / MODEL_FILE)
+    backend = OpenVinoBackend()
+    with backend.runner(path, RunnerOptions(threads=2, batch_size=1, seqlen=16), precision="f32") as runner:
+        assert any(k.endswith(":u4") or k.endswith(":i4") for k in runner.details["fully_connected"]), runner.details
+        got = runner.infer(feeds)["logits"]
+    ref = ort.InferenceSession(str(int4_artifact / MODEL_FILE), providers=["CPUExecutionProvider"]).run(["logits"], feeds)[0]
+    assert compare_outputs("text-generation", ref, got, np.ones((1, 16), bool))["cosine"] > 0.98
+
+
+def test_pack_zero_points_packs_two_per_byte():
+    from onnx import helper, numpy_helper
+
+    zp = np.array([[1, 2, 3], [4, 5, 6]], np.uint8)  # N=2 rows, 3 blocks, one point per byte (NNCF's layout)
+    node = helper.make_node("MatMulNBits", ["a", "b", "s", "zp"], ["y"], domain="com.microsoft", K=3 * INT4_BLOCK, N=2,
+                            bits=4, block_size=INT4_BLOCK)
+    codes = np.zeros((2, 3, INT4_BLOCK // 2), np.uint8)
+    graph = helper.make_graph([node], "g", [], [], [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(zp, "zp")])
+    model = helper.make_model(graph)
+    assert pack_zero_points(model) == 1
+    packed = numpy_helper.to_array(model.graph.initializer[1])
+    assert packed.tolist() == [[0x21, 0x03], [0x54, 0x06]]
+    q, zero = unpack_int4(model, node)
+    assert q.shape == zero.shape == (2, 3 * INT4_BLOCK) and zero[:, ::INT4_BLOCK].tolist() == zp.tolist()
+    assert pack_zero_points(model) == 0  # already packed
+
+
+def test_verify_reports_dense_int4_beside_dense_fp32(int4_artifact):
+    report = Artifact.load(int4_artifact).report["backends"]
+    assert report["onnxruntime"]["files"]["compiled"] == "onnx/int4-matmulnbits/model.onnx"
+    assert report["openvino"]["files"]["compiled"] == "onnx/int4-openvino/model.onnx"
+    for backend, label in (("onnxruntime", "dense int4-matmulnbits"), ("openvino", "dense int4-openvino")):
+        r = report[backend]
+        assert label in r["dense_configs_p50_ms"] and "dense fp32" in r["dense_configs_p50_ms"]
+        assert label in r["decode"]["dense_configs_p50_ms"]
+        assert r["dense_int8_accuracy"][label]["cosine"] > 0.98  # dense int4 vs dense fp32, same backend
+    assert "dense int8-dynamic" in report["onnxruntime"]["dense_configs_p50_ms"]  # int4 beside int8, not instead
+
+
+def test_int8_artifact_gets_the_dense_int4_alternative(cli, cache_dir, tiny_model_dir, tmp_path):
+    """An int8 plan is timed against dense int4 too (the question: is sparsity worth it, or is int4 the better buy)."""
+    out = tmp_path / "llama-int8"
+    r = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int8-dynamic", "--backend", "onnxruntime")
+    assert r.exit_code == 0, r.output
+    ort_report = Artifact.load(out).report["backends"]["onnxruntime"]
+    assert {"dense int8-dynamic", "dense int4-matmulnbits"} <= set(ort_report["decode"]["dense_configs_p50_ms"])
+    bench = tmp_path / "decode.json"
+    res = cli("bench", out, "--decode", "--backend", "onnxruntime", "--threads", "2", "--seqlen", "16", "--tokens", "4",
+              "--out", bench)
+    assert res.exit_code == 0, res.output
+    rows = {row["config"]: row for row in json.loads(bench.read_text())["decode"][0]["rows"]}
+    assert {"compiled", "dense fp32", "dense int4-matmulnbits"} <= set(rows)
+    # int4 blocks read fewer weight bytes than the compiled int8 ones (LM head fp32 in both)
+    assert rows["dense int4-matmulnbits"]["weight_bytes_per_token"] < rows["compiled"]["weight_bytes_per_token"]
