@@ -4,9 +4,10 @@
 // control (int8) or a vpermps index + keep mask (fp32) built once in init_tables(). int8 products use
 // sign-extended int16 activations and vpmaddwd (exact; the u8 x s8 vpmaddubsw would saturate).
 // Everything here has internal linkage (see common.h for why).
-#include <immintrin.h>
-
 #include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
@@ -209,3 +210,9 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 namespace sparsec {
 KernelTable avx2_kernels() { return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2}; }
 }  // namespace sparsec
+
+#else  // not x86: the table is never selected (cpu_has is false); keep the symbol for the linker
+namespace sparsec {
+KernelTable avx2_kernels() { return portable_kernels(); }
+}  // namespace sparsec
+#endif

@@ -5,9 +5,10 @@
 // popcount to advance the row's pointer. Several rows share each activation load (R rows per pass)
 // and several tokens share each expanded chunk (T tokens, the small-M GEMM), so the expansion is paid
 // once per chunk per T tokens. Everything here has internal linkage (see common.h for why).
-#include <immintrin.h>
-
 #include "common.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,avx512dq,popcnt,bmi,bmi2,fma,avx2")
@@ -212,3 +213,9 @@ KernelTable avx512_kernels() {
   return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512};
 }
 }  // namespace sparsec
+
+#else  // not x86: the table is never selected (cpu_has is false); keep the symbol for the linker
+namespace sparsec {
+KernelTable avx512_kernels() { return portable_kernels(); }
+}  // namespace sparsec
+#endif

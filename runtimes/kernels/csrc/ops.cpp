@@ -24,14 +24,18 @@ constexpr int64_t kRowBlock = 16;
 constexpr int64_t kDensifyM = 16;
 
 bool cpu_has(const std::string& isa) {
-  __builtin_cpu_init();
   if (isa == "portable") return true;
+#if !(defined(__x86_64__) || defined(__i386__))
+  return false;  // only the portable kernels exist off x86
+#else
+  __builtin_cpu_init();
   if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
            __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512dq");
   return false;
+#endif
 }
 
 KernelTable table_for(const std::string& isa) {
