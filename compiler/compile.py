@@ -134,8 +134,8 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     if backends:
         from runtimes.registry_helpers import check_backends_available
 
+        _check_quant_forms(pipeline, backends, registry)  # first: a declaration, true whether installed or not
         check_backends_available(registry, backends)
-        _check_quant_forms(pipeline, backends, registry)
     writer = ArtifactWriter(opts.out, opts.force)
     writer.check_destination()  # fail before the (slow) model load
 

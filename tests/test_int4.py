@@ -94,11 +94,12 @@ def test_int4_variants_per_backend():
 
 def test_int4_on_a_backend_without_int4_is_one_line_error(cli, tiny_model_dir, tmp_path):
     out = tmp_path / "bad"
-    r = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int4", "--backend", "sparsec")
-    assert r.exit_code != 0
-    lines = [line for line in r.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "int4" in lines[0] and "sparsec" in lines[0], r.output
-    assert "onnxruntime" in lines[0] and not out.exists()
+    for backend in ("deepsparse", "onnxruntime,sparsec"):  # refused whether the backend is installed or not
+        r = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int4", "--backend", backend)
+        assert r.exit_code != 0
+        lines = [line for line in r.output.strip().splitlines() if line.strip() and not line.startswith("licence (")]
+        assert len(lines) == 1 and lines[0].startswith("error:") and "int4" in lines[0], r.output
+        assert backend.split(",")[-1] in lines[0] and "it runs on: onnxruntime, openvino" in lines[0] and not out.exists()
 
 
 def test_onnxruntime_graph_has_matmulnbits_for_every_planned_layer(int4_artifact):
