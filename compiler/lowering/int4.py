@@ -8,7 +8,8 @@
 
 Settings, one for both tools so their accuracy compares like with like (and with openvino-genai's
 int4 reference, `optimum-cli --weight-format int4 --group-size 64`, benchmarks/ovgenai_reference.py):
-- block (group) size 64: divides every hidden size we meet (576 = 9 x 64 for SmolLM2, where 128 does
+- block (group) size 64 (NNCF: a smaller power of two where 64 does not divide the input dim; onnxruntime
+  pads the last block): divides every hidden size we meet (576 = 9 x 64 for SmolLM2, where 128 does
   not), and costs 0.5 + 4/64 = 0.5625 bytes per weight with fp32 scales (+ 1/128 for zero points);
 - asymmetric (a zero point per block): uses all 16 levels on skewed blocks; a pruned zero still
   dequantizes to exactly 0 (the zero point is an integer), which `int4_zeros` checks;
@@ -86,13 +87,23 @@ def compress_nncf(src: Path, out: Path, nodes: list[str], external: bool) -> Non
         nncf_logger.setLevel(logging.ERROR)  # restored below: NNCF logs INFO tables and draws progress bars
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             compressed = nncf.compress_weights(model, mode=mode, group_size=INT4_BLOCK, ratio=1.0, all_layers=True,
-                                               ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
+                                               ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                                               advanced_parameters=_adjust_group_size())
     except Exception as exc:  # noqa: BLE001 - NNCF raises anything
         raise LoweringError(f"NNCF weight compression to 'int4-openvino' failed: {type(exc).__name__}: {exc}") from exc
     finally:
         nncf_logger.setLevel(level)
     pack_zero_points(compressed)
     save_onnx(compressed, out, external=external or None)
+
+
+def _adjust_group_size() -> Any:
+    """A weight whose input dim 64 does not divide gets the largest power-of-two group (>= 16, the
+    smallest MatMulNBits block) that does, instead of NNCF's error (K = 96 -> 32); onnxruntime's
+    quantizer pads the last block instead. A dim no such group divides fails the every-layer check."""
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    return AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST, min_adjusted_group_size=16)
 
 
 def pack_zero_points(model: Any) -> int:
