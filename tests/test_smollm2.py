@@ -80,12 +80,13 @@ def test_short_eval_of_two_pruned_blocks(smollm2_gguf):
     from compiler.trace import load_and_trace
 
     ir = load_and_trace(str(smollm2_gguf))
-    ref = Reference.build(ir.clone(), "eval", EvalConfig(seqlen=128, stride=128, max_tokens=256))
+    ref = Reference.build(ir.clone(), "eval", EvalConfig(seqlen=128, stride=128, max_tokens=256, greedy_prompts=2, greedy_tokens=4))
     assert 5 < ref.dense_ppl.value < 60
     calib = build_calibration(ir, CalibrationConfig(samples=2, seqlen=32))
     run = Pipeline.from_spec(TWO_BLOCKS, Registry.default()).run(ir, PassContext(calibration=calib))
     result = ref.compare(run.ir)
     assert result["ratio"] > 1.0 and result["ratio"] < 1.5
+    assert 0.5 < result["top1_agreement"] < 1.0 and result["greedy_prompts"] == 2
 
 
 def test_bad_gguf_inputs(tmp_path):
