@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 
 import torch
+from sparsity_helpers import load_ir, run_spec
 
 from passes.math.candidates import edge_extension, screen_size, standard_error
-from sparsity_helpers import load_ir, run_spec
 
 
 def test_edge_extension_only_at_the_top_of_the_grid():
