@@ -70,6 +70,16 @@ class Runner:
         self.close()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid`, all its threads (Linux /proc): what a runner whose
+    model runs in a worker process reports as its `cpu_seconds()`."""
+    import os
+
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
 class Backend:
     """A runtime that can build and run a lowered model. Subclasses set `name` and implement `available`
     and `runner`; the capability attributes below default to "a plain ONNX runtime with dynamic shapes"."""

@@ -35,7 +35,7 @@ import numpy as np
 from compiler.errors import SparsecError
 from compiler.lowering.format import MAX_IR_VERSION, OPSET
 from compiler.registry import register_backend
-from runtimes.base import Backend, Runner, RunnerOptions
+from runtimes.base import Backend, Runner, RunnerOptions, process_cpu_seconds
 from runtimes.deepsparse_worker import encode_message, read_message
 from runtimes.venvs import DEEPSPARSE, venv_dir, venv_python, venv_status, worker_env
 
@@ -346,8 +346,6 @@ class DeepSparseRunner(Runner):
 
     def cpu_seconds(self) -> float:
         """CPU time of the worker process (all its threads): the model runs there, not in this process."""
-        from runtimes.measure.timing import process_cpu_seconds
-
         return process_cpu_seconds(self._worker.pid)
 
     @property

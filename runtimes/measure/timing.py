@@ -12,7 +12,6 @@ beside wall time shows when a runtime burns cores spinning, or when the machine 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,14 +40,6 @@ class TimingSeries:
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "seconds": round(self.seconds, 3), "stopped": self.stopped,
                 "interval_widths": {k: round(v, 4) for k, v in self.widths.items()}}
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads (Linux /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
 
 
 def summary(series: "TimingSeries", label: str) -> dict[str, Any]:
