@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compiler.ir import state_dict_sha256
+
 CACHE_VERSION = 1
 
 
@@ -89,15 +91,6 @@ def retrieval_overlap(dense_nn: torch.Tensor, compiled_emb: torch.Tensor, k: int
 
 
 # -- the dense side, cached -------------------------------------------------------------------------
-def weights_digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        t = tensor.detach().cpu().contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -105,7 +98,7 @@ def cache_dir() -> Path:
 
 
 def cache_key(module: nn.Module, data: str, settings: dict[str, Any]) -> str:
-    spec = json.dumps({"v": CACHE_VERSION, "weights": weights_digest(module), "data": data, **settings}, sort_keys=True, default=str)
+    spec = json.dumps({"v": CACHE_VERSION, "weights": state_dict_sha256(module), "data": data, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(spec.encode()).hexdigest()[:24]
 
 
