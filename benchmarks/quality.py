@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -76,8 +77,9 @@ def _timed_run(spec: str, ir, ctx):
     return run, round(time.perf_counter() - wall, 2), round(time.process_time() - cpu, 2)
 
 
-def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> list[dict]:
-    """Prune once, then evaluate the pruned model and each recovery variant applied to a copy of it."""
+def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> Iterator[dict]:
+    """Prune once, then evaluate the pruned model and each recovery variant applied to a copy of it
+    (one row at a time, so the caller can save each as soon as it is measured)."""
     from compiler.compile import shorthand_spec
     from compiler.pass_infra import PassContext
 
@@ -85,7 +87,6 @@ def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> list[d
     ctx = PassContext(calibration=calib, extras={"dense": dense})
     run, seconds, cpu = _timed_run(spec, dense.clone(), ctx)
     pruned = run.ir
-    rows = []
     for rec in recoveries:
         base = {**cfg, "recovery": rec, "spec": spec, "compile_seconds": seconds, "compile_cpu_seconds": cpu,
                 "pass_seconds": {r.name: round(r.seconds, 2) for r in run.records}}
@@ -99,8 +100,7 @@ def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> list[d
                      "recovery_cpu_seconds": rcpu,
                      "recovery_metrics": {r.name: {k: v for k, v in r.metrics.items() if not isinstance(v, (dict, list))}
                                           for r in rrun.records}}
-        rows.append({**base, **extra, "measured_sparsity": round(_measured(model), 4), **reference.compare(model)})
-    return rows
+        yield {**base, **extra, "measured_sparsity": round(_measured(model), 4), **reference.compare(model)}
 
 
 def dense_forward_cpu(dense, calib) -> dict:
