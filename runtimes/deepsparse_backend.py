@@ -194,7 +194,7 @@ class WorkerProcess:
     """One worker process with deadline-bound, length-prefixed request/response exchanges."""
 
     def __init__(self, python: Path, timeout_s: float, script: Path = WORKER):
-        """`script`: the worker program (runtimes/decode/worker_deepsparse.py extends the default one)."""
+        """`script`: the worker program (runtimes/decode/deepsparse_loop_server.py extends the default one)."""
         self._stderr = tempfile.TemporaryFile(prefix="sparsec-deepsparse-", suffix=".log")
         self.proc = subprocess.Popen(
             [str(python), "-I", str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -181,7 +181,7 @@ class Worker:
 
 def main(worker: "Worker | None" = None) -> int:
     """Serve requests until `close` or EOF; `worker.ops()` names the ops (extended by subclasses,
-    e.g. runtimes/decode/worker_deepsparse.py)."""
+    e.g. runtimes/decode/deepsparse_loop_server.py)."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # its import otherwise phones home
     read_exact = _stream_reader(os.fdopen(os.dup(0), "rb", buffering=0))
     proto_out = os.fdopen(os.dup(1), "wb")

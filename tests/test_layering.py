@@ -91,7 +91,7 @@ def graph():
     mods = project_modules()
     edges: dict[str, list[tuple[str, str, int]]] = {}
     for module, path in mods.items():
-        if path.name == "worker_deepsparse.py":  # runs in the DeepSparse venv; imports its siblings by file
+        if path.name == "deepsparse_loop_server.py":  # runs in the DeepSparse venv; imports its siblings by file
             edges[module] = []
             continue
         edges[module] = [(t, n, line) for t, n, line in imports_of(module, path, mods)

@@ -8,7 +8,7 @@ runs best (the one generation loop and the caches are in runtimes/decode/loop.py
 - DeepSparse: fixed-shape graphs (runtimes/decode/static_graph.py) — a prefill graph (prompt_len tokens
   after a 1-slot dummy past) and a decode graph (1 token after `prompt_len + new_tokens − 1` past
   slots), masks for the valid slots — compiled in the DeepSparse worker process, which also runs the
-  loop (runtimes/decode/worker_deepsparse.py): the cache never crosses the pipe.
+  loop (runtimes/decode/deepsparse_loop_server.py): the cache never crosses the pipe.
 
 `Decoder.generate(ids, mask, new_tokens)` → `DecodeTrace` (greedy, batch 1: tokens, prefill ms,
 per-step ms, peak RSS while decoding, of the process that holds the weights) for verify/bench;

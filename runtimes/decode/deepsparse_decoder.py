@@ -1,5 +1,5 @@
 """DeepSparse decoder: fixed-shape prefill/decode graphs compiled and run in the DeepSparse worker
-(runtimes/decode/worker_deepsparse.py), which also runs the generation loop, so one `generate` is one
+(runtimes/decode/deepsparse_loop_server.py), which also runs the generation loop, so one `generate` is one
 request. RSS figures are the worker's: it is the process that holds the weights.
 
 Opened by `DeepSparseBackend.decoder` (its declared decoder); what it needs from the backend (graph
@@ -19,7 +19,7 @@ from runtimes.decode.loop import DecodeTrace, GenResult
 from runtimes.decode.traffic import weight_traffic
 from runtimes.deepsparse_worker import graph_precision
 
-WORKER = Path(__file__).with_name("worker_deepsparse.py")
+WORKER = Path(__file__).with_name("deepsparse_loop_server.py")
 
 
 def _graph_facts(path: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The one generation loop of a causal-LM graph with a KV cache, and its two cache strategies.
 
 Stdlib + numpy only: this module is also imported inside the DeepSparse virtualenv by
-`runtimes/decode/worker_deepsparse.py`, so the engine and the loop live in one process and the cache
+`runtimes/decode/deepsparse_loop_server.py`, so the engine and the loop live in one process and the cache
 never crosses a pipe. The graph follows optimum's naming (`input_ids`, `attention_mask`,
 `position_ids`, `past_key_values.{i}.key/value` → `logits`, `present.{i}.key/value`).
 
