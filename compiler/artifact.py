@@ -74,15 +74,22 @@ class ArtifactWriter:
         self.committed = False
 
     def check_destination(self) -> None:
+        """Refuse OUT before any work: it exists (without force), or nothing can be created where it goes
+        (under a file, a read-only or virtual filesystem). The probe really creates and removes a
+        directory in the nearest existing ancestor: permission bits say nothing when running as root."""
         if self.out.exists() and not self.force:
             raise ArtifactError(f"output '{self.out}' already exists: pass --force to replace it")
         if self.out.exists() and not self.out.is_dir():
             raise ArtifactError(f"output '{self.out}' exists and is not a directory")
+        check_writable_location(self.out)
 
     def __enter__(self) -> "ArtifactWriter":
         self.check_destination()
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.root = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        except OSError as exc:
+            raise write_error(self.out, exc) from exc
         return self
 
     def commit(self, manifest: dict[str, Any]) -> Path:
@@ -106,6 +113,33 @@ class ArtifactWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed and self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
+        if exc is not None and is_io_error(exc):
+            raise write_error(self.out, exc) from exc
+
+
+def is_io_error(exc: BaseException) -> bool:
+    """An OSError (disk full, file too large, permission, read-only filesystem) or safetensors' own
+    wrapper of one (its Rust writer raises `SafetensorError`, not OSError)."""
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
+def write_error(out: Path, exc: BaseException) -> ArtifactError:
+    detail = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return ArtifactError(f"cannot write artifact '{out}': {detail}; nothing was written")
+
+
+def check_writable_location(out: Path) -> None:
+    """Raise ArtifactError unless a directory can be created where `out` goes (probed, then removed)."""
+    out = Path(os.path.abspath(out))
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArtifactError(f"output '{out}' is under '{ancestor}', which is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise ArtifactError(f"output '{out}' cannot be written: {exc.strerror or exc} in '{ancestor}'") from None
 
 
 @dataclass
