@@ -154,19 +154,43 @@ class OpenVinoBackend(Backend):
 
     def runner(self, model_path: Path, options: RunnerOptions, precision: str | None = None,
                sparse_rate: float = SPARSE_RATE) -> OpenVinoRunner:
+        compiled, details, names = self._compile(Path(model_path), options, precision, sparse_rate, stateful=False)
+        return OpenVinoRunner(compiled, details, names)
+
+    def stateful_runner(self, model_path: Path, options: RunnerOptions, precision: str | None = None,
+                        sparse_rate: float = SPARSE_RATE) -> "OpenVinoStatefulRunner":
+        """A causal LM with its KV cache kept inside the infer request (OpenVINO's `make_stateful`: each
+        `past_key_values.*` input becomes a ReadValue, its `present.*` output an Assign) — the form
+        openvino-genai runs: no cache crosses the Python boundary per token."""
+        compiled, details, names = self._compile(Path(model_path), options, precision, sparse_rate, stateful=True)
+        return OpenVinoStatefulRunner(compiled, {**details, "stateful": True}, names)
+
+    def decoder(self, model_path: Path, lowering: dict[str, Any], options: Any, workdir: Path) -> Any:
+        """Causal LMs decode on the stateful model (runtimes/decode/openvino_stateful.py) unless a cache
+        form was asked for explicitly (`cache="dynamic"|"static"`: the generic in-process decoders)."""
+        if getattr(options, "cache", "auto") not in ("auto", "stateful"):
+            return None
+        from runtimes.decode.openvino_stateful import StatefulDecoder
+
+        return StatefulDecoder(self, Path(model_path), lowering, options)
+
+    def _compile(self, model_path: Path, options: RunnerOptions, precision: str | None, sparse_rate: float,
+                 stateful: bool) -> tuple[Any, dict[str, Any], set[str]]:
         import openvino as ov
 
         from compiler.lowering.rules import explain_rejection
 
-        model_path = Path(model_path)
         core = ov.Core()
         config: dict[str, Any] = {"INFERENCE_NUM_THREADS": options.threads, "NUM_STREAMS": 1,
                                   "PERFORMANCE_HINT": "LATENCY", "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE": sparse_rate}
         if precision:
             config["INFERENCE_PRECISION_HINT"] = precision
         source = self._sources.get(model_path, model_path)
+        names = onnx_io_names(source)
         try:
             model = core.read_model(str(model_path))
+            if stateful:
+                make_stateful(model, names)
             static = all(i.get_partial_shape().is_static for i in model.inputs)
             compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with multi-line text
@@ -185,7 +209,59 @@ class OpenVinoBackend(Backend):
             "int8_weights": sparse["int8_weights"],
             "amx": amx,
         }
-        return OpenVinoRunner(compiled, details, onnx_io_names(source))
+        return compiled, details, names
+
+
+def make_stateful(model: Any, graph_names: set[str]) -> int:
+    """Turn each `past_key_values.X` input / `present.X` output pair of a causal LM into one state
+    variable (in place); returns the number of pairs. The states start empty: `OpenVinoStatefulRunner.reset`
+    sizes them for a batch before each prefill."""
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    outputs = {port_name(o, graph_names): o.get_any_name() for o in model.outputs}
+    pairs = {}
+    for port in model.inputs:
+        name = port_name(port, graph_names)
+        if name.startswith("past_key_values."):
+            present = outputs.get("present." + name[len("past_key_values."):])
+            if present is None:
+                raise RuntimeError(f"input {name} has no matching present.* output to make the cache stateful")
+            pairs[port.get_any_name()] = present
+    apply_make_stateful_transformation(model, pairs)
+    return len(pairs)
+
+
+class OpenVinoStatefulRunner(Runner):
+    """One infer request of a stateful causal LM: `reset(batch)` empties the cache for a new batch,
+    `keep(rows)` drops finished rows from it, `infer` feeds input_ids / attention_mask (past + new) /
+    position_ids and returns the logits; the cache grows inside the request."""
+
+    def __init__(self, compiled: Any, details: dict[str, Any], graph_names: set[str]):
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.input_names = tuple(port_name(i, graph_names) for i in compiled.inputs)
+        self.logits = next(o for o in compiled.outputs if port_name(o, graph_names) == "logits")
+        self.details = details
+
+    def reset(self, batch: int) -> None:
+        import openvino as ov
+
+        for state in self.request.query_state():
+            shape = list(state.state.shape)
+            shape[0], shape[2] = batch, 0  # (batch, kv_heads, seq, head_dim)
+            state.state = ov.Tensor(np.zeros(shape, dtype=state.state.data.dtype))
+
+    def keep(self, rows: list[int]) -> None:
+        import openvino as ov
+
+        for state in self.request.query_state():
+            data = state.state.data
+            if len(rows) != data.shape[0]:
+                state.state = ov.Tensor(np.ascontiguousarray(data[rows]))
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        result = self.request.infer({i: feeds[n] for i, n in enumerate(self.input_names)})
+        return {"logits": np.asarray(result[self.logits])}
 
 
 def _fc_precisions(compiled: Any) -> dict[str, int]:

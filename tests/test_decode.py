@@ -125,9 +125,38 @@ def test_deepsparse_decode_matches_torch(llama_artifact, reference, tmp_path):
 
 
 def test_openvino_decode_matches_torch(llama_artifact, reference, tmp_path):
-    trace, _, details = _generate(_backend("openvino"), llama_artifact, "onnx/model.onnx", tmp_path)
+    """OpenVINO decodes on the stateful model by default (the cache inside the infer request); the same
+    tokens as torch, and the same logits as the graph with the cache as inputs/outputs."""
+    backend = _backend("openvino")
+    trace, logits, details = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "s")
     assert trace.tokens == reference
-    assert details["cache"] == "dynamic"
+    assert details["cache"] == "stateful" and details["stateful"] is True
+    dyn, dyn_logits, dyn_details = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "d", cache="dynamic")
+    assert dyn.tokens == reference and dyn_details["cache"] == "dynamic"
+    np.testing.assert_allclose(logits, dyn_logits, rtol=0, atol=2e-2 * float(np.abs(dyn_logits).max()))
+
+
+def test_openvino_stateful_batch_drops_finished_rows(llama_artifact, tmp_path):
+    """A batch of prompts of different lengths and budgets on one stateful request: each row's tokens
+    equal its own batch-1 run (rows that finish early are dropped from the states)."""
+    from runtimes.decode.decoders import DecodeOptions, open_decoder
+    from runtimes.decode.loop import GenRequest, SamplingParams
+
+    backend = _backend("openvino")
+    lowering = _manifest(llama_artifact)["lowering"]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(6, 500, size=n).tolist() for n in (5, 11, 8)]
+    budgets = (3, 9, 6)
+    with closing(open_decoder(backend, llama_artifact / "onnx/model.onnx", lowering,
+                              DecodeOptions(prompt_len=32, new_tokens=NEW, threads=1), tmp_path)) as dec:
+        assert dec.cache == "stateful" and dec.batched
+        alone = []
+        for p, b in zip(prompts, budgets):
+            ids = np.asarray([p])
+            alone.append(list(dec.generate(ids, np.ones_like(ids), b).tokens))
+        batch = dec.complete([GenRequest(p, SamplingParams(max_tokens=b)) for p, b in zip(prompts, budgets)],
+                             pad_id=0, eos_ids=())
+    assert [list(r.tokens) for r in batch] == alone
 
 
 def test_weight_traffic_counts_zeros_and_int8(llama_artifact):

@@ -48,7 +48,7 @@ from runtimes.decode.loop import (
 )
 from runtimes.decode.static_graph import static_kv_graph
 
-CACHES = ("auto", "dynamic", "static")
+CACHES = ("auto", "dynamic", "static", "stateful")  # stateful: backends that keep the cache in the runtime (OpenVINO)
 PREFILLS = ("engine", "tokens")
 
 
@@ -261,6 +261,8 @@ def torch_greedy(model_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from compiler.cache_api import cache_kwargs, output_cache
+
     if threads:
         torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
@@ -279,7 +281,7 @@ def torch_greedy(model_dir: Path, ids: np.ndarray, mask: np.ndarray, new_tokens:
                 return tokens
             mask_t = torch.cat([mask_t, torch.ones((1, 1), dtype=torch.long)], dim=1)
             out = model(input_ids=torch.tensor([[token]]), attention_mask=mask_t, position_ids=torch.tensor([[position]]),
-                        past_key_values=out.past_key_values, use_cache=True)
+                        use_cache=True, **cache_kwargs(model, output_cache(out)))
             position += 1
 
 
