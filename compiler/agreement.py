@@ -40,21 +40,19 @@ def prompts_from_ids(ids: torch.Tensor, count: int, length: int) -> list[torch.T
 
 def greedy_continuation(module: nn.Module, prompt: torch.Tensor, tokens: int) -> torch.Tensor:
     """Greedy decoding with the KV cache: the `tokens` ids the model picks after `prompt` (1-D)."""
-    import inspect
+    from compiler.cache_api import cache_kwargs, output_cache
 
     out: list[int] = []
-    # transformers >= 5.2x renames the decoder's `past_key_values` argument to `cache`
-    cache_arg = "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
     with torch.no_grad():
         res = module(input_ids=prompt.unsqueeze(0), use_cache=True)
-        past = res.past_key_values
+        past = output_cache(res)
         nxt = int(res.logits[0, -1].argmax())
         for _ in range(tokens):
             out.append(nxt)
             if len(out) == tokens:
                 break
-            res = module(input_ids=torch.tensor([[nxt]]), use_cache=True, **{cache_arg: past})
-            past = res.past_key_values
+            res = module(input_ids=torch.tensor([[nxt]]), use_cache=True, **cache_kwargs(module, past))
+            past = output_cache(res)
             nxt = int(res.logits[0, -1].argmax())
     return torch.tensor(out, dtype=torch.long)
 

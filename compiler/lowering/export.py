@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compiler.cache_api import cache_kwargs, output_cache
 from compiler.ir import ModelIR
 from compiler.lowering.format import OPSET, LoweringError, load_onnx
 
@@ -168,9 +169,9 @@ class _CausalLMWrapper(nn.Module):
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **cache_kwargs(self.model, cache))
         flat = []
-        for layer in out.past_key_values.layers:
+        for layer in output_cache(out).layers:
             flat += [layer.keys, layer.values]
         return (out.logits, *flat)
 
@@ -179,7 +180,7 @@ def kv_spec(module: nn.Module) -> KVSpec:
     """Read the KV layout from one real forward pass (no architecture names involved)."""
     with torch.no_grad():
         out = module(input_ids=torch.tensor([[1, 2]]), use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = output_cache(out)
     layers = getattr(cache, "layers", None)
     if not layers or getattr(layers[0], "keys", None) is None:
         raise LoweringError(f"causal LM {type(module).__name__} returns no per-layer KV cache "

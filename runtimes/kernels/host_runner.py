@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from compiler.cache_api import cache_kwargs
 from runtimes.base import Runner, RunnerOptions
 from runtimes.decode.decoders import Decoder
 from runtimes.decode.loop import generate, positions_from_mask, rss_bytes
@@ -161,7 +162,7 @@ class HostCache:
         positions = positions_from_mask(self.mask, self.new_ids.shape[1])
         with torch.inference_mode():
             out = self.model(input_ids=torch.from_numpy(self.new_ids), attention_mask=torch.from_numpy(self.mask),
-                             position_ids=torch.from_numpy(positions), past_key_values=self.past, use_cache=True,
+                             position_ids=torch.from_numpy(positions), use_cache=True, **cache_kwargs(self.model, self.past),
                              logits_to_keep=1)
         return out.logits[:, -1, :].float().numpy()
 
