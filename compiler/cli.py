@@ -282,6 +282,7 @@ from compiler.cli_backends import install_cmd  # noqa: E402
 from compiler.cli_eval import eval_cmd  # noqa: E402
 from compiler.cli_runtime import bench_cmd, verify_cmd  # noqa: E402
 from compiler.cli_serve import package_cmd, serve_cmd  # noqa: E402
+from compiler.cli_sweep import sweep_cmd  # noqa: E402
 
 main.add_command(eval_cmd)
 main.add_command(serve_cmd)
@@ -289,6 +290,7 @@ main.add_command(package_cmd)
 backends_cmd.add_command(install_cmd)
 main.add_command(verify_cmd)
 main.add_command(bench_cmd)
+main.add_command(sweep_cmd)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ RUNTIME_CORE = {"runtimes", "runtimes.base", "runtimes.registry_helpers", "runti
 def layer_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] == "compiler":
-        if module == "compiler.compile" or (len(parts) == 2 and parts[1].startswith("cli")):
+        if module == "compiler.compile" or (len(parts) == 2 and parts[1].startswith("cli")) or parts[1:2] == ["sweep"]:
             return "driver"
         return "lowering" if len(parts) > 1 and parts[1] == "lowering" else "core"
     if parts[0] == "passes":
