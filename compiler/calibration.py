@@ -234,10 +234,18 @@ def build_calibration(ir: Any, cfg: CalibrationConfig) -> CalibrationSet:
     seqlen = effective_seqlen(cfg.seqlen, ir.config)
     notes = [] if seqlen == cfg.seqlen else [f"seqlen capped from {cfg.seqlen} to {seqlen}"]
     if ir.tokenizer is None:
-        provided = getattr(ir, "calibration_inputs", None) or [ir.example_inputs]
-        samples = [dict(s) for s in provided][: cfg.samples]
-        notes.append("model has no tokenizer: calibrating on the factory's example inputs")
-        source = "example_inputs"
+        if cfg.source not in UNTOKENIZED_SOURCES:
+            raise CalibrationError(no_tokenizer_message(cfg.source, ir.source))
+        if ir.model_type == "module":
+            provided = getattr(ir, "calibration_inputs", None) or [ir.example_inputs]
+            samples = [dict(s) for s in provided][: cfg.samples]
+            notes.append("model has no tokenizer: calibrating on the factory's example inputs")
+            source = "example_inputs"
+        else:
+            samples = random_token_samples(ir.config, cfg.samples, seqlen, cfg.seed)
+            notes.append(f"model has no tokenizer: calibrating on {cfg.samples}x{seqlen} seeded random token ids "
+                         "(a weak proxy for text: pass --tokenizer NAME_OR_DIR for real statistics)")
+            source = RANDOM_TOKENS
     else:
         if cfg.source == "self":
             if ir.model_type != "causal-lm":
@@ -254,6 +262,43 @@ def build_calibration(ir: Any, cfg: CalibrationConfig) -> CalibrationSet:
             digest.update(k.encode())
             digest.update(s[k].detach().cpu().contiguous().numpy().tobytes())
     return CalibrationSet(samples, source, seqlen, cfg.seed, digest.hexdigest(), notes)
+
+
+RANDOM_TOKENS = "random-tokens"
+# Sources a model without tokenizer can calibrate on: the default, and the names recorded in a manifest for it.
+UNTOKENIZED_SOURCES = ("default", "example_inputs", RANDOM_TOKENS)
+# Files that make a Hugging Face directory carry its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "merges.txt")
+
+
+def no_tokenizer_message(source: str, model: str) -> str:
+    return (f"calibration data '{source}' is text, but model '{model}' has no tokenizer to turn it into tokens: "
+            "pass --tokenizer NAME_OR_DIR (the model's tokenizer directory or hub id)")
+
+
+def random_token_samples(config: Any, samples: int, seqlen: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """Seeded random token ids over the vocabulary (above its lowest ids, where special tokens sit)."""
+    vocab = int(getattr(config, "vocab_size", 0) or 100)
+    gen = torch.Generator().manual_seed(seed)
+    low = min(16, vocab - 1)
+    out = []
+    for _ in range(samples):
+        ids = torch.randint(low, vocab, (1, seqlen), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def check_text_calibration(model: str, source: str, tokenizer: str | None) -> None:
+    """Before the model loads: text calibration (`--calib FILE`, `self`, ...) on a local Hugging Face
+    directory that has no tokenizer files, and no `--tokenizer`, is refused (it used to be ignored)."""
+    if tokenizer or source in UNTOKENIZED_SOURCES:
+        return
+    path = Path(model)
+    if not (path.is_dir() and (path / "config.json").is_file()) or any(path.glob("*.gguf")):
+        return  # built-ins, GGUF, hub ids and factories: checked once loaded
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise CalibrationError(no_tokenizer_message(source, model))
 
 
 def config_dict(cfg: CalibrationConfig) -> dict[str, Any]:

@@ -71,6 +71,7 @@ def _positive(ctx, param, value):
 @click.option("--passes", "passes_spec", help='Pipeline spec, e.g. "outlier-analysis{m=5},prune{method=wanda}".')
 @click.option("--plugin", "plugins", multiple=True, help="Plugin file or module defining passes/backends (repeatable).")
 @click.option("--calib", default="default", show_default=True, help="Calibration data: default | self | FILE.txt | FILE.jsonl | DIR.")
+@click.option("--tokenizer", help="Tokenizer directory or hub id, for a model directory without tokenizer files.")
 @click.option("--calib-samples", type=int, default=32, show_default=True, callback=_positive)
 @click.option("--calib-seqlen", type=int, default=128, show_default=True, callback=_positive, help="Tokens per sample (capped by the model).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -93,7 +94,7 @@ def _positive(ctx, param, value):
               "a backend gate, exit 2 when 1 - cosine exceeds this.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR (structure, plan, analyses) after each pass here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, calib_seqlen, seed, sparsity,
+def compile_cmd(model, out, recipe, passes_spec, plugins, calib, tokenizer, calib_samples, calib_seqlen, seed, sparsity,
                 allocation, method, pattern, quantize, recover, backends, eval_data, batch_size, seqlen, threads, runs,
                 min_speedup, max_accuracy_drop, dump_ir, force):
     """Compile MODEL (HF directory, hub id, module:factory, or a built-in name; default: minilm) into OUT."""
@@ -101,11 +102,12 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
     from compiler.compile import CompileOptions, compile_model
 
     _sigterm_as_interrupt()
+    tokenizer = _checked_tokenizer(model, calib, tokenizer)
     search = max_accuracy_drop is not None and sparsity is None and not passes_spec and not recipe
     opts = CompileOptions(
         model=model, out=out, passes=passes_spec, recipe=recipe, plugins=tuple(plugins),
         calib=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed),
-        force=force, dump_ir=dump_ir, seed=seed,
+        force=force, dump_ir=dump_ir, seed=seed, tokenizer=tokenizer,
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()) if backends else (),
         shorthand={"sparsity": sparsity, "allocation": allocation, "method": method, "pattern": pattern, "quantize": quantize,
                    "recover": recover},
@@ -123,6 +125,9 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
     from compiler.report import headline
 
     click.echo(f"wrote {result.out}: {headline(rep['sparsity'])} in {rep.get('compile_seconds', 0):.1f}s")
+    for note in (result.manifest.get("calibration") or {}).get("notes", []):
+        if "no tokenizer" in note:
+            click.secho(f"note: {note}", fg="yellow", err=True)
     if rep.get("accuracy_budget"):
         from compiler.report import budget_lines
 
@@ -135,6 +140,20 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, calib_samples, 
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
                    f"speedup {speedup_text(b)}, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
     raise_for_gates(rep.get("backends", {}), f"see {result.out}/report.md")
+
+
+def _checked_tokenizer(model: str, calib: str, tokenizer: str | None) -> str | None:
+    """Before any work: `--tokenizer` loads and tokenizes, and text calibration has a tokenizer to use.
+    A tokenizer directory is recorded by absolute path (the dense reference is rebuilt from the manifest)."""
+    from compiler.calibration import check_text_calibration
+
+    check_text_calibration(model, calib, tokenizer)
+    if not tokenizer:
+        return None
+    from compiler.trace import load_tokenizer
+
+    load_tokenizer(tokenizer)
+    return str(Path(tokenizer).resolve()) if Path(tokenizer).is_dir() else tokenizer
 
 
 def _run_with_progress(fn):

@@ -68,6 +68,7 @@ class CompileOptions:
     shorthand: dict[str, Any] = field(default_factory=dict)
     eval_data: str | None = None
     verify: dict[str, Any] = field(default_factory=dict)  # batch_size, seqlen, threads, runs, gates
+    tokenizer: str | None = None  # --tokenizer: for a model directory without one of its own
     seed: int = 0
     max_accuracy_drop: float | None = None  # without a sparsity: search the highest one within this budget
 
@@ -146,6 +147,12 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     needs_dense = any(getattr(p, "needs_dense", False) for p in pipeline.passes)
     dense = ir.clone() if (opts.eval_data or backends or needs_dense or budget) else None
     torch.manual_seed(opts.seed)
+    if opts.tokenizer:  # --tokenizer (the CLI validated it before the model loaded)
+        from compiler.trace import load_tokenizer
+
+        ir.tokenizer = load_tokenizer(opts.tokenizer, ir.config)
+        if dense is not None:
+            dense.tokenizer = ir.tokenizer
 
     calib_holder: dict[str, CalibrationSet] = {}
 
@@ -179,7 +186,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
             "tool": {"name": "sparsec", "version": __version__, "python": platform.python_version(),
                      "torch": torch.__version__},
             "source": {"model": opts.model, "resolved": str(ir.source_dir) if ir.source_dir else opts.model,
-                       "model_type": ir.model_type, "sha256": source_hash,
+                       "model_type": ir.model_type, "sha256": source_hash, "tokenizer": opts.tokenizer,
                        "architectures": list(getattr(ir.config, "architectures", None) or [])},
             "pipeline": pipeline.spec(),
             "calibration": calib_holder["set"].manifest() if calib_holder else {**vars(calib_cfg), "used": False},

@@ -74,9 +74,10 @@ def resolve_model_path(model: str) -> str:
     return model
 
 
-def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, tokenizer: str | None = None) -> LoadedModel:
     """Load MODEL: built-in name, local HF dir, a `.gguf` file (or a directory holding one),
-    `pkg.module:factory` / `file.py:factory`, or hub id."""
+    `pkg.module:factory` / `file.py:factory`, or hub id. `tokenizer`: a tokenizer name or directory
+    used instead of the model's own (for a bare `save_pretrained` of the model, which has none)."""
     target = resolve_model_path(model)
     path = Path(target)
     if path.suffix.lower() == ".gguf" or (path.is_dir() and not (path / "config.json").is_file()):
@@ -84,19 +85,19 @@ def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32) -> Loade
 
         gguf = find_gguf(path) if path.exists() else None
         if gguf is not None:
-            return _load_hf(str(cached_hf_dir(gguf)), torch_dtype, local=True)
+            return _load_hf(str(cached_hf_dir(gguf)), torch_dtype, local=True, tokenizer=tokenizer)
         if path.suffix.lower() == ".gguf":
             raise ModelLoadError(f"GGUF file '{model}' does not exist")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"'{model}' is a directory without config.json or a .gguf file: not a model directory")
-        return _load_hf(str(path), torch_dtype, local=True)
+        return _load_hf(str(path), torch_dtype, local=True, tokenizer=tokenizer)
     if ":" in target and not path.exists():
         return _load_factory(target)
     if path.exists():
         raise ModelLoadError(f"'{model}' is a file, not a model: pass a Hugging Face model directory, a hub id or module:factory")
     if HUB_ID.match(target):
-        return _load_hf(target, torch_dtype, local=False)
+        return _load_hf(target, torch_dtype, local=False, tokenizer=tokenizer)
     raise ModelLoadError(f"model '{model}' not found: no such directory, and not a hub id or module:factory")
 
 
@@ -120,14 +121,8 @@ def _is_decoder_type(config: Any) -> bool:
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in {"bert", "roberta", "electra"}
 
 
-def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool) -> LoadedModel:
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
+def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool, tokenizer: str | None = None) -> LoadedModel:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kwargs = {"local_files_only": True} if local else {}
     try:
@@ -136,29 +131,75 @@ def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool) -> Loa
         where = "local directory" if local else "the hub (is it reachable? set HF_HUB_OFFLINE=1 for local use)"
         raise ModelLoadError(f"cannot load model config of '{name_or_path}' from {where}: {exc}") from exc
     task = _hf_task(config)
+    explicit = load_tokenizer(tokenizer, config) if tokenizer else None  # before the (slow) weights
     auto = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}.get(task, AutoModel)
     try:
         module = auto.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load model weights of '{name_or_path}': {exc}") from exc
     module.eval()
-    tokenizer = None
+    tok = explicit if explicit is not None else _own_tokenizer(name_or_path, kwargs)
+    example = _hf_example_inputs(config, tok)
+    return LoadedModel(module, task, config, tok, example, Path(name_or_path) if local else None)
+
+
+TRACE_TEXT = "sparsec traces this model to find its structure."
+DUMMY_TRACE_TOKENS = 16
+
+
+def _own_tokenizer(name_or_path: str, kwargs: dict[str, Any]) -> Any:
+    """The model's own tokenizer, or None. transformers 5 builds an *empty* tokenizer (no vocabulary: every
+    text becomes zero tokens) for OPT, GPT-2 or Qwen2 directories without tokenizer files; that counts as none."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except Exception:  # noqa: BLE001 - a model without tokenizer is still compilable
-        tokenizer = None
-    if tokenizer is not None and tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    example = _hf_example_inputs(config, tokenizer)
-    return LoadedModel(module, task, config, tokenizer, example, Path(name_or_path) if local else None)
+        return None
+    return _with_pad(tok) if usable_tokenizer(tok) else None
+
+
+def usable_tokenizer(tok: Any) -> bool:
+    """Whether `tok` turns text into at least one token (an empty-vocabulary tokenizer does not)."""
+    try:
+        return len(tok(TRACE_TEXT, add_special_tokens=False)["input_ids"]) > 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _with_pad(tok: Any) -> Any:
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def load_tokenizer(name_or_dir: str, config: Any = None) -> Any:
+    """`--tokenizer NAME_OR_DIR`: a tokenizer directory or hub id; a one-line error when it cannot be
+    loaded, tokenizes nothing, or has ids beyond the model's embedding table."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_dir).is_dir()
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_dir, **({"local_files_only": True} if local else {}))
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load tokenizer '{name_or_dir}': {type(exc).__name__}: {exc}") from exc
+    if not usable_tokenizer(tok):
+        raise ModelLoadError(f"tokenizer '{name_or_dir}' has no vocabulary: it turns text into no tokens")
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tok) > vocab:
+        raise ModelLoadError(f"tokenizer '{name_or_dir}' has {len(tok)} tokens, more than the model's vocab_size {vocab}: "
+                             "it is not this model's tokenizer")
+    return _with_pad(tok)
 
 
 def _hf_example_inputs(config: Any, tokenizer: Any) -> dict[str, torch.Tensor]:
     if tokenizer is not None:
-        enc = tokenizer("sparsec traces this model to find its structure.", return_tensors="pt")
+        enc = tokenizer(TRACE_TEXT, return_tensors="pt")
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    # No tokenizer: seeded token ids of a sentence's length, away from the low ids where special tokens sit.
     vocab = int(getattr(config, "vocab_size", 100) or 100)
-    ids = (torch.arange(8) % vocab).unsqueeze(0)
+    low = min(16, vocab - 1)
+    ids = torch.randint(low, vocab, (1, DUMMY_TRACE_TOKENS), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -298,8 +339,8 @@ def _find_block_container(module: nn.Module, prunable: dict[str, nn.Module]) -> 
     return best[1], best[2]
 
 
-def load_and_trace(model: str) -> ModelIR:
-    loaded = load_model(model)
+def load_and_trace(model: str, tokenizer: str | None = None) -> ModelIR:
+    loaded = load_model(model, tokenizer=tokenizer)
     ir = trace(loaded, source=model)
     ir.source_dir = loaded.source_path
     return ir

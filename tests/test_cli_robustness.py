@@ -55,3 +55,66 @@ def test_write_failure_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: cannot write artifact"), res.stderr
     assert "too large" in lines[0].lower()
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+# -- 2. a model directory without tokenizer files ------------------------------------------------
+@pytest.fixture(scope="session")
+def bare_model_dir(tmp_path_factory):
+    """bare_model_dir("opt") -> a tiny model saved by `save_pretrained` alone: no tokenizer files."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from compiler.tiny_models import tiny_config
+
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=512))
+            cache[arch] = tmp_path_factory.mktemp(f"bare-{arch}")
+            model.save_pretrained(cache[arch])
+        return cache[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("arch", ["opt", "gpt2", "qwen2"])
+def test_bare_model_compiles_on_random_tokens_and_says_so(cli, bare_model_dir, tmp_path, arch):
+    out = tmp_path / "art"
+    r = cli("compile", bare_model_dir(arch), "-o", out, "--sparsity", "0.5", "--allocation", "uniform", "--calib-samples", "2",
+            "--calib-seqlen", "16")
+    assert r.exit_code == 0, r.output
+    assert "no tokenizer" in r.output  # the note reaches the user, not only the manifest
+    from compiler.artifact import Artifact
+
+    cal = Artifact.load(out).manifest["calibration"]
+    assert cal["source"] == "random-tokens" and cal["samples"] == 2 and cal["seqlen"] == 16
+    assert Artifact.load(out).report["sparsity"]["overall_measured"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_text_calibration_without_tokenizer_is_refused_before_loading(cli, bare_model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("some text to calibrate on\n\nmore text")
+    line = _one_line_error(cli("compile", bare_model_dir("opt"), "-o", tmp_path / "o", "--calib", calib))
+    assert "--tokenizer" in line and "no tokenizer" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_option_calibrates_on_text(cli, bare_model_dir, tiny_model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n\n".join(f"paragraph {i}: sparsec reads this text to calibrate the model." for i in range(40)))
+    out = tmp_path / "art"
+    r = cli("compile", bare_model_dir("gpt2"), "-o", out, "--tokenizer", tiny_model_dir("gpt2"), "--calib", calib,
+            "--sparsity", "0.5", "--allocation", "uniform", "--calib-samples", "2", "--calib-seqlen", "16")
+    assert r.exit_code == 0, r.output
+    from compiler.artifact import Artifact
+
+    m = Artifact.load(out).manifest
+    assert m["calibration"]["source"] == str(calib) and m["source"]["tokenizer"] == str(tiny_model_dir("gpt2").resolve())
+    assert (out / "model" / "tokenizer.json").is_file()  # the artifact now carries it
+
+
+def test_bad_tokenizer_is_one_line(cli, bare_model_dir, tmp_path):
+    line = _one_line_error(cli("compile", bare_model_dir("opt"), "-o", tmp_path / "o", "--tokenizer", tmp_path / "nothing"))
+    assert "tokenizer" in line

@@ -186,7 +186,7 @@ def dense_reference(manifest: dict[str, Any], options: dict[str, Any] | None, ba
         return target
     from compiler.trace import load_and_trace
 
-    dense_ir = load_and_trace(source.get("resolved") or source.get("model"))
+    dense_ir = load_and_trace(source.get("resolved") or source.get("model"), tokenizer=source.get("tokenizer"))
     actual = state_dict_sha256(dense_ir.module)
     if actual != sha:
         raise SparsecError(f"the source model '{source.get('resolved')}' changed since compile (sha256 {actual[:12]} "
