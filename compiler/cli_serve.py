@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from compiler.cli_ray import replica_options, serve_replicas, wants_ray
+
 
 @click.command("serve")
 @click.argument("artifact", type=click.Path(path_type=Path))
@@ -29,8 +31,10 @@ import click
               help="Seconds in-flight requests get after SIGTERM.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
+@replica_options
 def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_body_kb,
-              api_key, model_name, plugins, graceful_timeout, access_log, log_level):
+              api_key, model_name, plugins, graceful_timeout, access_log, log_level,
+              **ray_options):
     """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings and /v1/completions, /v1/infer)."""
     from runtimes.serve.app import ServeConfig, check_bindable, serve
     from runtimes.serve.model import open_artifact
@@ -48,6 +52,8 @@ def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, s
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.secho(f"warning: listening on {host} without an API key (set SPARSEC_API_KEY)", fg="yellow", err=True)
     click.echo(f"serving {artifact} ({target.task}, backend {backend}) on http://{host}:{port}", err=True)
+    if wants_ray(ray_options):  # --replicas & co: the same app on Ray Serve (runtimes/serve/ray_deploy.py)
+        return serve_replicas(config, ray_options)
     serve(config, target)
 
 
