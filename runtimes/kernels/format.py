@@ -6,9 +6,11 @@ chunk (masks[(tile, chunk, row)], values in (tile, chunk, row, column) order), s
 sequential stream for the hardware prefetcher; `tile_ptr` holds where each tile's values start, so
 tiles are independent (threads split tiles). The values are int8 with one fp32 scale per output
 channel plus the row sums of the int8 weights (the +128 compensation of the u8 x s8 VNNI product),
-or plain fp32. A dense int8 kind (row-major, zero-padded to 64 columns) is the same-family dense
-baseline and the LM head's fast path. Bytes per weight at sparsity s: int8 (1 - s) + 1/8, fp32
-4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum per row and 8 of tile_ptr per 4 rows.
+or 4-bit codes (two per byte) of the odd levels -15..15 with one fp16 scale per (row, 64-column chunk),
+or plain fp32. Dense int8 / dense int4 kinds (row-major, zero-padded to 64 columns) are the
+same-family dense baselines and the LM head's fast path. Bytes per weight at sparsity s: int8
+(1 - s) + 1/8, int4 (1 - s)/2 + 1/8 + 1/32, fp32 4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum
+(int8) or 4 of comp (int4) per row and 8 of tile_ptr per 4 rows.
 
 On disk (`save_packed` / `load_packed`): one safetensors file of exactly these arrays (keys
 `<layer>.<field>`) whose metadata lists each layer's kind and shape. Loading reads the packed arrays
@@ -24,15 +26,21 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8"]
-KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8")
+Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4"]
+KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4")
+DENSE_KINDS = ("dense-int8", "dense-int4")
 FORMAT = "sparsec-packed-v1"
 CHUNK = 64
 TILE = 4  # rows per interleaved tile (csrc/common.h kTile)
-PAD = {"sparse-int8": 64, "sparse-fp32": 16}  # values read 64 bytes (int8) / 16 floats past each chunk start
+# values read 64 bytes (int8) / 16 floats (fp32) / 32 bytes of codes (int4) past each chunk start
+PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32}
 FIELDS = {"sparse-int8": ("masks", "tile_ptr", "values", "scales", "rowsum"),
           "sparse-fp32": ("masks", "tile_ptr", "values"),
-          "dense-int8": ("q", "scales", "rowsum")}
+          "dense-int8": ("q", "scales", "rowsum"),
+          "sparse-int4": ("masks", "tile_ptr", "values", "scales", "comp"),
+          "dense-int4": ("q", "scales", "comp")}
+I4_LEVEL = 15  # int4 codes u in [0, 15] mean the odd levels 2u - 15 (csrc/common.h)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 @dataclass
@@ -56,8 +64,10 @@ class PackedLinear:
 
     @property
     def nnz(self) -> int:
-        if self.kind == "dense-int8":
+        if self.kind in DENSE_KINDS:
             return self.out_features * self.in_features
+        if self.kind == "sparse-int4":  # tile_ptr counts bytes of codes here
+            return int(_POPCOUNT[self.tensors["masks"].view(torch.uint8).to(torch.int64)].sum())
         return int(self.tensors["tile_ptr"][-1])
 
     @property
@@ -82,7 +92,12 @@ class PackedLinear:
         if missing:
             raise ValueError(f"packed {self.kind} layer lacks {missing}")
         n, kc = self.out_features, self.chunks
-        shapes = {"masks": self.tiles * kc * TILE, "tile_ptr": self.tiles + 1, "scales": n, "rowsum": n, "q": n * kc * CHUNK}
+        shapes = {"masks": self.tiles * kc * TILE, "tile_ptr": self.tiles + 1, "scales": n, "rowsum": n, "comp": n,
+                  "q": n * kc * CHUNK}
+        if self.kind == "sparse-int4":
+            shapes.update(scales=self.tiles * kc * TILE)
+        elif self.kind == "dense-int4":
+            shapes.update(scales=n * kc, q=n * kc * CHUNK // 2)
         for name, size in shapes.items():
             if name in self.tensors and self.tensors[name].numel() != size:
                 raise ValueError(f"packed {self.kind} layer: {name} has {self.tensors[name].numel()} elements, expected {size}")
@@ -95,6 +110,67 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
     q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales.contiguous()
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-64 symmetric mid-rise int4 of [n, k] (padded to 64 columns): codes u uint8 [n, kp] in
+    [0, 15] meaning W ~= s * (2u - 15), and fp16 scales s [n, kc] = max|W| over the group / 15. No
+    level is 0 (a pruned zero is the mask's job); the codes are computed with the fp16-rounded scale,
+    so the kernels' dequantization is exactly s16 * (2u - 15)."""
+    w = _pad_columns(weight.detach().to(torch.float32))
+    n, kp = w.shape
+    g = w.view(n, kp // CHUNK, CHUNK)
+    scales = (g.abs().amax(dim=2) / I4_LEVEL).to(torch.float16)
+    s32 = scales.to(torch.float32)
+    safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
+    u = torch.round((g / safe[:, :, None] + I4_LEVEL) / 2).clamp_(0, I4_LEVEL).to(torch.uint8)
+    return u.view(n, kp), scales
+
+
+def int4_levels(u: torch.Tensor) -> torch.Tensor:
+    """Codes -> the integer levels 2u - 15 (int32)."""
+    return 2 * u.to(torch.int32) - I4_LEVEL
+
+
+def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
+    """Pairs of codes -> bytes, code 2j in the low nibble of byte j (u has an even length)."""
+    return (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
+
+
+def _pack_int4(weight: torch.Tensor, kind: str, b: torch.Tensor | None) -> PackedLinear:
+    n, k = weight.shape
+    u, scales = quantize_int4(weight)
+    kc = u.shape[1] // CHUNK
+    levels = int4_levels(u).view(n, kc, CHUNK)
+    if kind == "dense-int4":
+        comp = 128.0 * (scales.to(torch.float64) * levels.sum(dim=2).to(torch.float64)).sum(dim=1)
+        tensors = {"q": _pack_nibbles(u.reshape(-1)), "scales": scales.reshape(-1).contiguous(),
+                   "comp": comp.to(torch.float32)}
+        return PackedLinear(kind, n, k, tensors, b)
+    nonzero_rows = _pad_columns(weight.detach() != 0).view(n, kc, CHUNK)
+    comp = 128.0 * (scales.to(torch.float64) * (levels * nonzero_rows).sum(dim=2).to(torch.float64)).sum(dim=1)
+    tiled_u = _tiled(u)                                   # [tiles, kc, TILE, 64]
+    nonzero = _tiled(_pad_columns(weight.detach() != 0))  # padded rows / columns: empty
+    tiles = tiled_u.shape[0]
+    counts = nonzero.sum(dim=3).reshape(-1)               # per (tile, chunk, row)
+    group_bytes = (counts + 1) // 2
+    offsets = torch.zeros_like(group_bytes)
+    offsets[1:] = torch.cumsum(group_bytes, 0)[:-1]
+    flat_nz = nonzero.reshape(-1, CHUNK)
+    rank = torch.cumsum(flat_nz.to(torch.int64), dim=1) - 1
+    nibble = (2 * offsets[:, None] + rank)[flat_nz]
+    total = int(group_bytes.sum())
+    nibbles = torch.zeros(2 * total, dtype=torch.uint8)
+    nibbles[nibble] = tiled_u.reshape(-1, CHUNK)[flat_nz]
+    values = torch.cat([_pack_nibbles(nibbles), torch.zeros(PAD[kind], dtype=torch.uint8)])
+    tile_ptr = torch.zeros(tiles + 1, dtype=torch.int64)
+    tile_ptr[1:] = torch.cumsum(group_bytes.view(tiles, -1).sum(dim=1), 0)
+    scales_t = torch.zeros(tiles * TILE, kc, dtype=torch.float16)
+    scales_t[:n] = scales
+    scales_t = scales_t.view(tiles, TILE, kc).permute(0, 2, 1).reshape(-1).contiguous()  # (tile, chunk, row)
+    tensors = {"masks": _masks(nonzero), "tile_ptr": tile_ptr, "values": values, "scales": scales_t,
+               "comp": comp.to(torch.float32)}
+    return PackedLinear(kind, n, k, tensors, b)
 
 
 def _tiled(w: torch.Tensor) -> torch.Tensor:
@@ -135,6 +211,8 @@ def pack_linear(weight: torch.Tensor, kind: str, bias: torch.Tensor | None = Non
         raise ValueError(f"pack_linear needs a 2-D weight, got shape {tuple(weight.shape)}")
     n, k = weight.shape
     b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    if kind in ("sparse-int4", "dense-int4"):
+        return _pack_int4(weight, kind, b)
     if kind == "dense-int8":
         q, scales = quantize_int8(weight)
         qp = _pad_columns(q)
@@ -162,6 +240,9 @@ def unpack_dense(p: PackedLinear) -> torch.Tensor:
     if p.kind == "dense-int8":
         q = p.tensors["q"].view(n, kc * CHUNK)[:, :k].to(torch.float32)
         return q * p.tensors["scales"][:, None]
+    if p.kind in ("dense-int4", "sparse-int4"):
+        levels, scales = int4_dense_levels(p)
+        return (levels[:, :k].to(torch.float32) * scales.repeat_interleave(CHUNK, dim=1)[:, :k]).contiguous()
     tiles = p.tiles
     bits = (p.tensors["masks"].view(tiles, kc, TILE, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1
     nonzero = bits.bool()
@@ -171,6 +252,28 @@ def unpack_dense(p: PackedLinear) -> torch.Tensor:
     if p.kind == "sparse-int8":
         dense = dense * p.tensors["scales"][:, None]
     return dense.contiguous()
+
+
+def int4_dense_levels(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(levels int32 [n, kp] with 0 where the mask is empty, fp32 scales [n, kc]) of an int4 layer: the
+    integers the kernels multiply (tests compare their accumulations exactly)."""
+    n, kc = p.out_features, p.chunks
+    b = p.tensors["values"] if p.kind == "sparse-int4" else p.tensors["q"]
+    u = torch.stack([b & 0x0F, b >> 4], dim=1).reshape(-1)
+    if p.kind == "dense-int4":
+        return int4_levels(u).view(n, kc * CHUNK), p.tensors["scales"].to(torch.float32).view(n, kc)
+    tiles = p.tiles
+    nonzero = ((p.tensors["masks"].view(tiles, kc, TILE, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1).bool()
+    counts = nonzero.sum(dim=3).reshape(-1)
+    offsets = torch.zeros_like(counts)
+    offsets[1:] = torch.cumsum((counts + 1) // 2, 0)[:-1]
+    flat = nonzero.reshape(-1, CHUNK)
+    rank = torch.cumsum(flat.to(torch.int64), dim=1) - 1
+    levels = torch.zeros(flat.shape, dtype=torch.int32)
+    levels[flat] = int4_levels(u[(2 * offsets[:, None] + rank)[flat]])
+    dense = levels.view(tiles, kc, TILE, CHUNK).permute(0, 2, 1, 3).reshape(tiles * TILE, kc * CHUNK)[:n]
+    scales = p.tensors["scales"].to(torch.float32).view(tiles, kc, TILE).permute(0, 2, 1).reshape(tiles * TILE, kc)[:n]
+    return dense.contiguous(), scales.contiguous()
 
 
 def save_packed(layers: dict[str, PackedLinear], path: str | Path, extra_meta: dict | None = None) -> Path:

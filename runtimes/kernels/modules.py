@@ -10,9 +10,10 @@ from runtimes.kernels.ops import ops
 
 
 class PackedLinearModule(nn.Module):
-    """y = x W^T + b with W held packed (sparse int8 / sparse fp32 / dense int8) as buffers.
+    """y = x W^T + b with W held packed (sparse / dense int8, sparse / dense int4, sparse fp32) as buffers.
 
-    int8 kinds quantize each token's activations dynamically (symmetric, per token) inside the op.
+    int8 and int4 kinds quantize each token's activations dynamically (symmetric int8, per token) inside
+    the op.
     Inputs of other dtypes are computed in fp32 and cast back.
     """
 
@@ -38,6 +39,10 @@ class PackedLinearModule(nn.Module):
             y = o.sparse_linear_i8(x, self.masks, self.tile_ptr, self.values, self.scales, self.rowsum, self.bias, n)
         elif self.kind == "sparse-fp32":
             y = o.sparse_linear_f32(x, self.masks, self.tile_ptr, self.values, self.bias, n)
+        elif self.kind == "sparse-int4":
+            y = o.sparse_linear_i4(x, self.masks, self.tile_ptr, self.values, self.scales, self.comp, self.bias, n)
+        elif self.kind == "dense-int4":
+            y = o.dense_linear_i4(x, self.q, self.scales, self.comp, self.bias, n)
         else:
             y = o.dense_linear_i8(x, self.q, self.scales, self.rowsum, self.bias, n)
         return y if dtype == torch.float32 else y.to(dtype)

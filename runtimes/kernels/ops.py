@@ -52,6 +52,9 @@ def _register_fakes() -> None:
         lambda x, masks, tile_ptr, values, scales, rowsum, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::dense_linear_i8")(lambda x, q, scales, rowsum, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::sparse_linear_f32")(lambda x, masks, tile_ptr, values, bias, n: out_like(x, n))
+    torch.library.register_fake("sparsec::sparse_linear_i4")(
+        lambda x, masks, tile_ptr, values, scales, comp, bias, n: out_like(x, n))
+    torch.library.register_fake("sparsec::dense_linear_i4")(lambda x, q, scales, comp, bias, n: out_like(x, n))
 
 
 def ops():

@@ -17,6 +17,18 @@
 //   scales    fp32 [N]          int8 only: W[n, k] = scales[n] * q[n, k]
 //   rowsum    int32 [N]         int8 only: sum_k q[n, k]  (the +128 compensation of u8 x s8 VNNI)
 // Dense int8 (the same-family baseline): q int8 [N * kp] with kp = 64 * kc (zero padded), scales, rowsum.
+//
+// int4 (sparse-int4 / dense-int4): each stored weight is a 4-bit code u in [0, 15] meaning the odd level
+// c = 2u - 15 in {-15, -13, .., 15}; W[n, k] = s[n, chunk] * c, one fp16 scale per (row, 64-column chunk)
+// (group 64 = one mask chunk). No level is zero: zeros are the mask's job (dense-int4 quantizes every
+// weight, docs/kernels.md says why this symmetric mid-rise code). Codes are packed two per byte, code
+// 2j in the low nibble of byte j, 2j+1 in the high one; each (row, chunk) starts on a byte, so a chunk
+// of p non-zeros takes (p + 1) / 2 bytes.
+//   sparse-int4: masks, tile_ptr (in bytes) as above; values uint8 [bytes + 32 padding] in (tile, chunk,
+//                row) order; scales fp16 [tiles * kc * 4] in the same (tile, chunk, row) order
+//   dense-int4:  q uint8 [N * kc * 32] row-major (zero codes = level -15 in the padding columns, whose
+//                activations are 0); scales fp16 [N * kc]
+//   both:        comp fp32 [N] = 128 * sum_chunks s[n, c] * sum_k c_k (the +128 term of u8 x s8 VNNI)
 #pragma once
 #include <cstdint>
 
@@ -47,6 +59,26 @@ struct DenseI8 {
   int64_t n, k, kc;
 };
 
+struct SparseI4 {
+  const uint64_t* masks;
+  const int64_t* tile_ptr;
+  const uint8_t* values;
+  const uint16_t* scales;  // fp16
+  const float* comp;
+  int64_t n, k, kc;
+  int64_t pf;
+};
+
+struct DenseI4 {
+  const uint8_t* q;        // [n * kc * 32]
+  const uint16_t* scales;  // fp16 [n * kc]
+  const float* comp;
+  int64_t n, k, kc;
+};
+
+// Chunks per row the int4 kernels take (their per-tile fp32 scale buffer lives on the stack): K <= 65536.
+constexpr int64_t kMaxI4Chunks = 1024;
+
 // Activations for the int8 kernels: m tokens, each quantized to int8 and stored twice so every ISA
 // finds its preferred form: xu = xq + 128 as uint8 (VNNI u8 x s8), xs = xq as int16 (AVX2 madd).
 // Both are padded with zeros of their form (128 / 0) to kp = 64 * kc columns.
@@ -68,6 +100,10 @@ struct ActF32 {
 typedef void (*SparseI8Fn)(const SparseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
 typedef void (*SparseF32Fn)(const SparseF32&, const ActF32&, int64_t n0, int64_t n1, float* y);
 typedef void (*DenseI8Fn)(const DenseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
+// int4 kernels write sum_chunks s[n, c] * sum_k xq[t, k] * c[n, k] (fp32, the activation scale not applied)
+// to acc[t * n_total + n]; with unit scales that is the exact integer dot product (tests).
+typedef void (*SparseI4Fn)(const SparseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);
+typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);
 // Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight written dense into buf [r1 - r0, kc * 64]
 // (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
 typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
@@ -78,6 +114,8 @@ struct KernelTable {
   SparseF32Fn sparse_f32;
   DenseI8Fn dense_i8;
   DensifyF32Fn densify_f32;
+  SparseI4Fn sparse_i4;
+  DenseI4Fn dense_i4;
 };
 
 KernelTable portable_kernels();
@@ -91,5 +129,7 @@ extern uint64_t expand8_idx[256];
 extern int32_t expand8_perm[256][8];
 extern int32_t expand8_keep[256][8];
 void init_tables();
+// IEEE half -> float for the baseline code (the AVX2 / AVX-512 kernels convert with F16C / AVX-512F).
+float half_to_float(uint16_t h);
 
 }  // namespace sparsec

@@ -10,7 +10,7 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
+#pragma GCC target("avx2,fma,f16c,popcnt,bmi,bmi2")
 
 namespace sparsec {
 namespace {
@@ -74,6 +74,122 @@ __attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const Act
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n] = hsum_epi32(s[r][u]);
   }
+}
+
+// 32 bytes of packed int4 codes -> 64 int8 odd levels 2u - 15 stored to out[0..63], in order.
+__attribute__((always_inline)) inline void i4_levels(const uint8_t* p, int8_t* out) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // per 128-bit lane
+  const __m256i fifteen = _mm256_set1_epi8(15);
+  const __m256i c0 = _mm256_permute2x128_si256(a, b, 0x20), c1 = _mm256_permute2x128_si256(a, b, 0x31);
+  _mm256_storeu_si256((__m256i*)out, _mm256_sub_epi8(_mm256_add_epi8(c0, c0), fifteen));
+  _mm256_storeu_si256((__m256i*)(out + 32), _mm256_sub_epi8(_mm256_add_epi8(c1, c1), fifteen));
+}
+
+__attribute__((always_inline)) inline void scales_f32(const uint16_t* h, int64_t count, float* buf) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(h + i))));
+  for (; i < count; ++i) {
+    const __m128i one = _mm_cvtsi32_si128(h[i]);
+    buf[i] = _mm_cvtss_f32(_mm_cvtph_ps(one));
+  }
+}
+
+// Sparse int4, one tile of 4 rows x T tokens: codes unpacked to a 64-byte buffer, then the int8
+// table-driven expansion (expand16_i8) and vpmaddwd per 16 columns; fp32 += cvt(dot) * group scale.
+template <int T>
+__attribute__((always_inline)) inline void si4_tile(const SparseI4& w, const ActI8& a, int64_t tile, int64_t t,
+                                                   float* acc) {
+  __m256 s[kTile][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTile; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
+  float sc[kTile * kMaxI4Chunks];
+  scales_f32(w.scales + tile * w.kc * kTile, w.kc * kTile, sc);
+  alignas(32) int8_t lv[64 + 16];
+  const uint8_t* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
+  const int16_t* x = a.xs + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
+      i4_levels(p, lv);
+      p += (_mm_popcnt_u64(m) + 1) >> 1;
+      const int8_t* lp = lv;
+      __m256i d[T];
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) d[u] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int g = 0; g < 4; ++g) {
+        const __m256i wv = expand16_i8(lp, (unsigned)(m >> (16 * g)) & 0xffffu);
+#pragma GCC unroll 8
+        for (int u = 0; u < T; ++u) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + c * 64 + 16 * g));
+          d[u] = _mm256_add_epi32(d[u], _mm256_madd_epi16(wv, xv));
+        }
+      }
+      const __m256 sv = _mm256_set1_ps(sc[c * kTile + r]);
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) s[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[u]), sv, s[r][u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n] = hsum_ps(s[r][u]);
+  }
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void di4_tile(const DenseI4& w, const ActI8& a, int64_t n, int64_t t,
+                                                   float* acc) {
+  __m256 s[R][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
+  float sc[4 * kMaxI4Chunks];
+  scales_f32(w.scales + n * w.kc, R * w.kc, sc);
+  alignas(32) int8_t lv[R][64];
+  const int16_t* x = a.xs + t * a.kp;
+  const uint8_t* q = w.q + n * w.kc * 32;
+  for (int64_t c = 0; c < w.kc; ++c) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) i4_levels(q + (r * w.kc + c) * 32, lv[r]);
+    __m256i d[R][T];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) d[r][u] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; ++g) {
+      __m256i wv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) wv[r] = _mm256_cvtepi8_epi16(_mm_load_si128((const __m128i*)(lv[r] + 16 * g)));
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x + u * a.kp + c * 64 + 16 * g));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) d[r][u] = _mm256_add_epi32(d[r][u], _mm256_madd_epi16(wv[r], xv));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m256 sv = _mm256_set1_ps(sc[r * w.kc + c]);
+#pragma GCC unroll 8
+      for (int u = 0; u < T; ++u) s[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[r][u]), sv, s[r][u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_ps(s[r][u]);
 }
 
 template <int R, int T>
@@ -180,6 +296,8 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 SPARSEC_SPARSE_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx2, di8_tile, DenseI8, ActI8, int32_t)
+SPARSEC_SPARSE_DRIVER(sparse_i4_avx2, si4_tile, SparseI4, ActI8, float)
+SPARSEC_DRIVER(dense_i4_avx2, di4_tile, DenseI4, ActI8, float)
 
 void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
   const int64_t kp = w.kc * 64;
@@ -208,7 +326,9 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 #pragma GCC pop_options
 
 namespace sparsec {
-KernelTable avx2_kernels() { return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2}; }
+KernelTable avx2_kernels() {
+  return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, sparse_i4_avx2, dense_i4_avx2};
+}
 }  // namespace sparsec
 
 #else  // not x86: the table is never selected (cpu_has is false); keep the symbol for the linker

@@ -62,6 +62,102 @@ __attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const Act
   }
 }
 
+// 32 bytes of packed int4 codes (2 per byte, low nibble first) -> 64 int8 odd levels 2u - 15, in order.
+// Zero-extend bytes to words, then (w << 1 | w << 5) & 0x1e1e puts 2 * low nibble in the even byte and
+// 2 * high nibble in the odd byte of each word (one vpternlogd), minus 15.
+__attribute__((always_inline)) inline __m512i i4_levels(const uint8_t* p) {
+  const __m512i wz = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  const __m512i two_u = _mm512_ternarylogic_epi32(_mm512_slli_epi16(wz, 1), _mm512_slli_epi16(wz, 5),
+                                                  _mm512_set1_epi16(0x1e1e), 0xa8);
+  return _mm512_sub_epi8(two_u, _mm512_set1_epi8(15));
+}
+
+// fp16 scales -> fp32 into buf (count values; the tail read is masked, so nothing past the array is read).
+__attribute__((always_inline)) inline void scales_f32(const uint16_t* h, int64_t count, float* buf) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(buf + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(h + i))));
+  if (i < count) {
+    const __mmask16 k = (__mmask16)((1u << (count - i)) - 1);
+    _mm512_mask_storeu_ps(buf + i, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + i)));
+  }
+}
+
+// One tile of 4 rows x T tokens of sparse int4: per (row, chunk) unpack the codes, vpexpandb them under
+// the mask, one vpdpbusd per token into a fresh int32 vector, then fp32 += cvt(dot) * group scale.
+template <int T>
+__attribute__((always_inline)) inline void si4_tile(const SparseI4& w, const ActI8& a, int64_t tile, int64_t t,
+                                                   float* acc) {
+  __m512 s[kTile][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTile; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
+  float sc[kTile * kMaxI4Chunks];
+  scales_f32(w.scales + tile * w.kc * kTile, w.kc * kTile, sc);
+  const uint8_t* p = w.values + w.tile_ptr[tile];
+  const uint64_t* mk = w.masks + tile * w.kc * kTile;
+  const uint8_t* x = a.xu + t * a.kp;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    _mm_prefetch((const char*)(p + w.pf), _MM_HINT_T0);
+    if ((c & 1) == 0) _mm_prefetch((const char*)(mk + c * kTile) + w.pf, _MM_HINT_T0);
+    __m512i wv[kTile];
+#pragma GCC unroll 8
+    for (int r = 0; r < kTile; ++r) {
+      const uint64_t m = mk[c * kTile + r];
+      wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, i4_levels(p));
+      p += (_mm_popcnt_u64(m) + 1) >> 1;
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));
+#pragma GCC unroll 8
+      for (int r = 0; r < kTile; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[r]);
+        s[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[c * kTile + r]), s[r][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kTile; ++r) {
+    const int64_t n = tile * kTile + r;
+    if (n >= w.n) break;
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n] = _mm512_reduce_add_ps(s[r][u]) - w.comp[n];
+  }
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void di4_tile(const DenseI4& w, const ActI8& a, int64_t n, int64_t t,
+                                                   float* acc) {
+  __m512 s[R][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
+  float sc[4 * kMaxI4Chunks];
+  scales_f32(w.scales + n * w.kc, R * w.kc, sc);
+  const uint8_t* x = a.xu + t * a.kp;
+  const uint8_t* q = w.q + n * w.kc * 32;
+  for (int64_t c = 0; c < w.kc; ++c) {
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = i4_levels(q + (r * w.kc + c) * 32);
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xv, wv[r]);
+        s[r][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(sc[r * w.kc + c]), s[r][u]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = _mm512_reduce_add_ps(s[r][u]) - w.comp[n + r];
+}
+
 template <int R, int T>
 __attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI8& a, int64_t n, int64_t t,
                                                    int32_t* acc) {
@@ -181,6 +277,8 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 SPARSEC_SPARSE_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
+SPARSEC_SPARSE_DRIVER(sparse_i4_avx512, si4_tile, SparseI4, ActI8, float)
+SPARSEC_DRIVER(dense_i4_avx512, di4_tile, DenseI4, ActI8, float)
 
 void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
   const int64_t kp = w.kc * 64;
@@ -210,7 +308,8 @@ void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) 
 namespace sparsec {
 // Compiled for the baseline ISA: callable (and called) on every CPU; only the kernels need AVX-512.
 KernelTable avx512_kernels() {
-  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512};
+  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512,
+                     sparse_i4_avx512, dense_i4_avx512};
 }
 }  // namespace sparsec
 

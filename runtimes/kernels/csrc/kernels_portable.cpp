@@ -31,7 +31,78 @@ void init_tables() {
   }
 }
 
+float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do {
+      ++e;
+      man <<= 1;
+    } while ((man & 0x400u) == 0);
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
 namespace {
+
+// The odd level of code j of a packed int4 stream: c = 2u - 15.
+inline int32_t i4_code(const uint8_t* v, int64_t j) {
+  const int u = (j & 1) ? (v[j >> 1] >> 4) : (v[j >> 1] & 0x0f);
+  return 2 * u - 15;
+}
+
+void sparse_i4_portable(const SparseI4& w, const ActI8& a, int64_t n0, int64_t n1, float* acc) {
+  for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
+    for (int64_t t = 0; t < a.m; ++t) {
+      const int16_t* x = a.xs + t * a.kp;
+      const uint8_t* v = w.values + w.tile_ptr[tile];
+      float s[kTile] = {0.f, 0.f, 0.f, 0.f};
+      for (int64_t c = 0; c < w.kc; ++c) {
+        const int16_t* xc = x + c * 64;
+        for (int r = 0; r < kTile; ++r) {
+          const int64_t idx = (tile * w.kc + c) * kTile + r;
+          uint64_t m = w.masks[idx];
+          int32_t d = 0;
+          int64_t j = 0;
+          while (m) {
+            d += (int32_t)xc[__builtin_ctzll(m)] * i4_code(v, j++);
+            m &= m - 1;
+          }
+          v += (j + 1) >> 1;
+          s[r] += (float)d * half_to_float(w.scales[idx]);
+        }
+      }
+      for (int r = 0; r < kTile; ++r)
+        if (tile * kTile + r < w.n) acc[t * w.n + tile * kTile + r] = s[r];
+    }
+  }
+}
+
+void dense_i4_portable(const DenseI4& w, const ActI8& a, int64_t n0, int64_t n1, float* acc) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t t = 0; t < a.m; ++t) {
+      const int16_t* x = a.xs + t * a.kp;
+      float s = 0.f;
+      for (int64_t c = 0; c < w.kc; ++c) {
+        const uint8_t* q = w.q + (n * w.kc + c) * 32;
+        int32_t d = 0;
+        for (int64_t j = 0; j < 64; ++j) d += (int32_t)x[c * 64 + j] * i4_code(q, j);
+        s += (float)d * half_to_float(w.scales[n * w.kc + c]);
+      }
+      acc[t * w.n + n] = s;
+    }
+  }
+}
 
 void sparse_i8_portable(const SparseI8& w, const ActI8& a, int64_t n0, int64_t n1, int32_t* acc) {
   for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
@@ -112,7 +183,8 @@ void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf
 }  // namespace
 
 KernelTable portable_kernels() {
-  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable};
+  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable,
+                     sparse_i4_portable, dense_i4_portable};
 }
 
 }  // namespace sparsec

@@ -29,7 +29,8 @@ bool cpu_has(const std::string& isa) {
   return false;  // only the portable kernels exist off x86
 #else
   __builtin_cpu_init();
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (isa == "avx512")
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
@@ -313,6 +314,113 @@ at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::T
                    [&](const ActI8& act, int64_t n0, int64_t n1, int32_t* acc) { kt.dense_i8(w, act, n0, n1, acc); });
 }
 
+// ---- int4 ---------------------------------------------------------------------------------------
+
+int64_t check_i4(const at::Tensor& scales, const at::Tensor& comp, int64_t scale_count, int64_t n, int64_t kc) {
+  TORCH_CHECK(kc <= kMaxI4Chunks, "error: int4 kernels take in_features <= ", kMaxI4Chunks * 64, ", got ", kc * 64);
+  check_vec(scales, scale_count, at::kHalf, "scales (fp16, one per row and 64-column chunk)");
+  check_vec(comp, n, at::kFloat, "comp");
+  return kc;
+}
+
+SparseI4 sparse_i4_args(const at::Tensor& masks, const at::Tensor& tile_ptr, const at::Tensor& values,
+                        const at::Tensor& scales, const at::Tensor& comp, int64_t n, int64_t k) {
+  TORCH_CHECK(n > 0, "error: out_features must be > 0");
+  const int64_t kc = (k + 63) / 64, tiles = (n + kTile - 1) / kTile;
+  TORCH_CHECK(masks.scalar_type() == at::kLong && masks.is_contiguous() && masks.numel() == tiles * kc * kTile,
+              "error: masks must be contiguous int64 [", tiles, " x ", kc, " x ", kTile, "], got ", masks.sizes());
+  TORCH_CHECK(tile_ptr.scalar_type() == at::kLong && tile_ptr.is_contiguous() && tile_ptr.numel() == tiles + 1,
+              "error: tile_ptr must be contiguous int64 [", tiles + 1, "]");
+  TORCH_CHECK(values.scalar_type() == at::kByte && values.is_contiguous(), "error: values must be contiguous uint8");
+  const int64_t bytes = tile_ptr.data_ptr<int64_t>()[tiles];
+  TORCH_CHECK(values.numel() >= bytes + 32, "error: values must hold the packed codes + 32 padding bytes (",
+              values.numel(), " < ", bytes + 32, ")");
+  check_i4(scales, comp, tiles * kc * kTile, n, kc);
+  return SparseI4{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<uint8_t>(),
+                  (const uint16_t*)scales.data_ptr<at::Half>(), comp.data_ptr<float>(), n, k, kc, prefetch_bytes()};
+}
+
+DenseI4 dense_i4_args(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp, int64_t n, int64_t k) {
+  TORCH_CHECK(n > 0, "error: out_features must be > 0");
+  const int64_t kc = (k + 63) / 64;
+  check_vec(q, n * kc * 32, at::kByte, "q (uint8, two codes per byte, padded to 64 columns)");
+  check_i4(scales, comp, n * kc, n, kc);
+  return DenseI4{q.data_ptr<uint8_t>(), (const uint16_t*)scales.data_ptr<at::Half>(), comp.data_ptr<float>(), n, k, kc};
+}
+
+// Test ops: already-quantized int8 activations in, sum_chunks s * dot out (fp32; exact with unit scales).
+template <class W, class Run>
+at::Tensor i4_acc(const at::Tensor& xq, const W& w, const Run& run) {
+  TORCH_CHECK(xq.dim() == 2 && xq.size(1) == w.k, "error: xq must be [tokens, in_features]");
+  const auto& kt = kernels();
+  I8Acts a = widen_rows(kt, xq, w.kc * 64);
+  ActI8 act{a.xu, a.xs, xq.size(0), w.kc * 64};
+  at::Tensor acc = at::empty({xq.size(0), w.n}, xq.options().dtype(at::kFloat));
+  float* out = acc.template data_ptr<float>();
+  over_rows(w.n, [&](int64_t n0, int64_t n1) { run(kt, act, n0, n1, out); });
+  return acc;
+}
+
+at::Tensor sparse_i4_acc(const at::Tensor& xq, const at::Tensor& masks, const at::Tensor& tile_ptr,
+                         const at::Tensor& values, const at::Tensor& scales, const at::Tensor& comp, int64_t n) {
+  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, comp, n, xq.size(-1));
+  return i4_acc(xq, w, [&](const KernelTable& kt, const ActI8& act, int64_t n0, int64_t n1, float* out) {
+    kt.sparse_i4(w, act, n0, n1, out);
+  });
+}
+
+at::Tensor dense_i4_acc(const at::Tensor& xq, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp,
+                        int64_t n) {
+  const DenseI4 w = dense_i4_args(q, scales, comp, n, xq.size(-1));
+  return i4_acc(xq, w, [&](const KernelTable& kt, const ActI8& act, int64_t n0, int64_t n1, float* out) {
+    kt.dense_i4(w, act, n0, n1, out);
+  });
+}
+
+thread_local std::vector<float> t_facc;
+
+// y[t, n] = acc[t, n] * sx[t] + bias[n]: the group scales are applied inside the int4 kernels.
+template <class RunRows>
+at::Tensor i4_linear(const KernelTable& kt, const at::Tensor& x, int64_t k, int64_t kc,
+                     const c10::optional<at::Tensor>& bias, int64_t n, const RunRows& run) {
+  if (bias) check_vec(*bias, n, at::kFloat, "bias");
+  auto x2 = x.reshape({-1, k});
+  const int64_t m = x2.size(0);
+  I8Acts a = quantize_rows(kt, x2, kc * 64);
+  ActI8 act{a.xu, a.xs, m, kc * 64};
+  t_facc.resize((size_t)(m * n));
+  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  float* accp = t_facc.data();
+  float* yp = y.data_ptr<float>();
+  const float* sx = a.scale.data();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  over_rows(n, [&](int64_t n0, int64_t n1) {
+    run(act, n0, n1, accp);
+    for (int64_t t = 0; t < m; ++t)
+      for (int64_t j = n0; j < n1; ++j) yp[t * n + j] = accp[t * n + j] * sx[t] + (bp ? bp[j] : 0.f);
+  }, n * kc * m);
+  return epilogue_shape(x, y, n);
+}
+
+at::Tensor sparse_linear_i4(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
+                            const at::Tensor& values, const at::Tensor& scales, const at::Tensor& comp,
+                            const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1);
+  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, comp, n, k);
+  const auto& kt = kernels();
+  return i4_linear(kt, x, k, w.kc, bias, n,
+                   [&](const ActI8& act, int64_t n0, int64_t n1, float* acc) { kt.sparse_i4(w, act, n0, n1, acc); });
+}
+
+at::Tensor dense_linear_i4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp,
+                           const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1);
+  const DenseI4 w = dense_i4_args(q, scales, comp, n, k);
+  const auto& kt = kernels();
+  return i4_linear(kt, x, k, w.kc, bias, n,
+                   [&](const ActI8& act, int64_t n0, int64_t n1, float* acc) { kt.dense_i4(w, act, n0, n1, acc); });
+}
+
 // ---- fp32 ---------------------------------------------------------------------------------------
 
 // The dense [n, k] matrix of a packed fp32 weight (tests and debugging; the GEMM path densifies tiles).
@@ -411,6 +519,12 @@ TORCH_LIBRARY(sparsec, m) {
   m.def("dense_linear_i8(Tensor x, Tensor q, Tensor scales, Tensor rowsum, Tensor? bias, int n) -> Tensor");
   m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
   m.def("densify_f32(Tensor masks, Tensor tile_ptr, Tensor values, int n, int k) -> Tensor");
+  m.def("sparse_i4_acc(Tensor xq, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor comp, int n) "
+        "-> Tensor");
+  m.def("dense_i4_acc(Tensor xq, Tensor q, Tensor scales, Tensor comp, int n) -> Tensor");
+  m.def("sparse_linear_i4(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor comp, "
+        "Tensor? bias, int n) -> Tensor");
+  m.def("dense_linear_i4(Tensor x, Tensor q, Tensor scales, Tensor comp, Tensor? bias, int n) -> Tensor");
   m.def("noop(Tensor x) -> Tensor");
 }
 
@@ -421,5 +535,9 @@ TORCH_LIBRARY_IMPL(sparsec, CPU, m) {
   m.impl("dense_linear_i8", &sparsec::dense_linear_i8);
   m.impl("sparse_linear_f32", &sparsec::sparse_linear_f32);
   m.impl("densify_f32", &sparsec::densify_f32);
+  m.impl("sparse_i4_acc", &sparsec::sparse_i4_acc);
+  m.impl("dense_i4_acc", &sparsec::dense_i4_acc);
+  m.impl("sparse_linear_i4", &sparsec::sparse_linear_i4);
+  m.impl("dense_linear_i4", &sparsec::dense_linear_i4);
   m.impl("noop", &sparsec::noop);
 }
