@@ -6,7 +6,9 @@ each block k yields a `BlockStep`. A pass may collect per-layer input statistics
 outputs with its *current* (possibly pruned) weights and feeds them to block k+1, as the Wanda and
 SparseGPT reference code does. Only one block's activations (samples x seqlen x hidden) are held;
 the per-sample keyword arguments (attention masks, rotary embeddings) are captured once and reused.
-Blocks are touched only through `ir.block_module(block)`, so they could be streamed from disk.
+Blocks are touched only through `ir.block_module(block)`, so they can be streamed from disk: with a
+StreamedIR (compiler/streaming) the block of each step is loaded when reached and evicted (written
+back if changed) when the next one is.
 """
 
 from __future__ import annotations
@@ -129,7 +131,8 @@ class BlockRunner:
         self.samples = samples
         self.progress = progress or (lambda what, done, total: None)
         self.what = what
-        self.max_batch_tokens = DEFAULT_MAX_TOKENS  # samples per block call (compiler/block_batching.py)
+        # tokens per block call (compiler/block_batching.py); a streamed IR under --max-memory sets fewer
+        self.max_batch_tokens = getattr(ir, "batch_tokens", None) or DEFAULT_MAX_TOKENS
         self.groups: list[list[int]] | None = None  # set by check_batching; None = one call per sample
 
     def capture_first_inputs(self) -> BlockInputs:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from compiler.cli_stream import max_memory_bytes, stream_options
 from compiler.errors import SparsecError
 from compiler.spec import DEFAULT_SPARSITY
 
@@ -94,9 +95,10 @@ def _positive(ctx, param, value):
               "a backend gate, exit 2 when 1 - cosine exceeds this.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR (structure, plan, analyses) after each pass here.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@stream_options
 def compile_cmd(model, out, recipe, passes_spec, plugins, calib, tokenizer, calib_samples, calib_seqlen, seed, sparsity,
                 allocation, method, pattern, quantize, recover, backends, eval_data, batch_size, seqlen, threads, runs,
-                min_speedup, max_accuracy_drop, dump_ir, force):
+                min_speedup, max_accuracy_drop, dump_ir, force, stream, max_memory):
     """Compile MODEL (HF directory, hub id, module:factory, or a built-in name; default: minilm) into OUT."""
     from compiler.calibration import CalibrationConfig
     from compiler.compile import CompileOptions, compile_model
@@ -112,7 +114,7 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, tokenizer, cali
         shorthand={"sparsity": sparsity, "allocation": allocation, "method": method, "pattern": pattern, "quantize": quantize,
                    "recover": recover},
         max_accuracy_drop=max_accuracy_drop if search else None,
-        eval_data=eval_data,
+        eval_data=eval_data, stream=stream, max_memory=max_memory_bytes(max_memory),
         verify={"batch_size": batch_size, "seqlen": seqlen, "threads": threads, "runs": runs,
                 "min_speedup": min_speedup, "max_accuracy_drop": None if search else max_accuracy_drop},
     )

@@ -7,6 +7,8 @@ import json
 
 import click
 
+from compiler.cli_stream import stream_options
+
 
 @click.command("eval")
 @click.argument("model_or_artifact")
@@ -20,13 +22,17 @@ import click
 @click.option("--greedy-tokens", type=int, default=32, show_default=True, help="LMs: tokens decoded per prompt.")
 @click.option("--knn", type=int, default=10, show_default=True, help="Encoders: neighbours compared per text (retrieval overlap).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def eval_cmd(model_or_artifact, data, reference, seqlen, stride, max_tokens, max_texts, greedy_prompts, greedy_tokens, knn, as_json):
+@stream_options
+def eval_cmd(model_or_artifact, data, reference, seqlen, stride, max_tokens, max_texts, greedy_prompts, greedy_tokens, knn, as_json,
+             stream, max_memory):
     """Evaluate MODEL_OR_ARTIFACT on held-out text (against its dense reference when there is one)."""
+    from compiler.cli_stream import max_memory_bytes
     from compiler.evaluate import EvalConfig, evaluate_models, resolve_target
 
     cfg = EvalConfig(seqlen=seqlen, stride=stride, max_tokens=max_tokens, max_texts=max_texts,
                      greedy_prompts=greedy_prompts, greedy_tokens=greedy_tokens, knn=knn)
-    result = evaluate_models(resolve_target(model_or_artifact, reference), data, cfg)
+    result = evaluate_models(resolve_target(model_or_artifact, reference), data, cfg, stream=stream,
+                             max_memory=max_memory_bytes(max_memory))
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

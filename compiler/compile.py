@@ -22,7 +22,8 @@ from compiler.pipeline import Pipeline, PipelineRun, Recipe
 from compiler.registry import Registry
 from compiler.report import build_report, plot_plan, render_markdown
 from compiler.spec import DEFAULT_SPARSITY
-from compiler.trace import DEFAULT_MODEL, load_and_trace
+from compiler.streaming.streamed_ir import is_streamed
+from compiler.trace import DEFAULT_MODEL
 
 DEFAULT_ALLOCATION = "auto"  # scores uniform/OWL/AlphaPruning/... on held-out calibration data
 DEFAULT_METHOD = "wanda"
@@ -71,6 +72,8 @@ class CompileOptions:
     tokenizer: str | None = None  # --tokenizer: for a model directory without one of its own
     seed: int = 0
     max_accuracy_drop: float | None = None  # without a sparsity: search the highest one within this budget
+    stream: bool | None = None  # stream blocks from disk (None: when the model would not fit; docs/streaming.md)
+    max_memory: int | None = None  # bytes the compile may keep resident (mode choice, chunks per block call)
 
 
 @dataclass
@@ -93,9 +96,17 @@ def resolve_pipeline(opts: CompileOptions, registry: Registry) -> tuple[Pipeline
     return Pipeline.from_spec(shorthand_spec(**opts.shorthand), registry), {}
 
 
-def save_model(ir: ModelIR, directory: Path) -> None:
-    """The transformed model as a loadable Hugging Face directory, or safetensors for plain modules."""
+def save_model(ir: ModelIR, directory: Path) -> dict[str, Any] | None:
+    """The transformed model as a loadable Hugging Face directory, or safetensors for plain modules.
+    A streamed model is written shard by shard; its streaming record (mode, memory, I/O) is returned."""
     directory.mkdir(parents=True, exist_ok=True)
+    if is_streamed(ir):
+        from compiler.streaming.report import streaming_record
+        from compiler.streaming.shard_writer import write_streamed_model
+
+        written = write_streamed_model(ir, directory)
+        _copy_sentence_transformers_files(ir.source_dir, directory)
+        return streaming_record(ir, written)
     if hasattr(ir.module, "save_pretrained"):
         ir.module.save_pretrained(directory, safe_serialization=True)
         if ir.tokenizer is not None:
@@ -106,6 +117,7 @@ def save_model(ir: ModelIR, directory: Path) -> None:
 
         state = {k: v.detach().contiguous() for k, v in ir.module.state_dict().items()}
         save_file(state, str(directory / "model.safetensors"))
+    return None
 
 
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling")
@@ -141,11 +153,36 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
     writer.check_destination()  # fail before the (slow) model load
 
     started = time.perf_counter()
-    ir = load_and_trace(opts.model)
-    source_hash = state_dict_sha256(ir.module)
     # recovery passes (reconstruct, prune-grow, finetune) read the dense model: ctx.extras["dense"]
     needs_dense = any(getattr(p, "needs_dense", False) for p in pipeline.passes)
-    dense = ir.clone() if (opts.eval_data or backends or needs_dense or budget) else None
+    keep_dense = bool(opts.eval_data or backends or needs_dense or budget)
+    ir = _load_ir(opts, calib_cfg, backends, keep_dense)
+    try:
+        return _compile_loaded(opts, ir, pipeline, registry, budget, calib_cfg, backends, writer, keep_dense, started,
+                               progress, instruments)
+    finally:
+        if is_streamed(ir):
+            ir.close()
+
+
+def _load_ir(opts: CompileOptions, calib_cfg: CalibrationConfig, backends: tuple[str, ...], keep_dense: bool) -> ModelIR:
+    """The model in memory, or streamed block by block from disk (compiler/streaming, docs/streaming.md)."""
+    from compiler.streaming.runner import decide, load_ir
+
+    decision = decide(opts.model, opts.stream, opts.max_memory, copies=2 if keep_dense else 1,
+                      samples=calib_cfg.samples, seqlen=calib_cfg.seqlen)
+    if decision.stream and backends:
+        raise SpecError("--backend cannot lower a streamed compile (the ONNX export holds the whole model; docs/streaming.md): "
+                        "compile without --backend, or with --no-stream on a machine where the model fits")
+    return load_ir(opts.model, decision, Path(opts.out).resolve().parent, calib_cfg.samples, calib_cfg.seqlen)
+
+
+def _compile_loaded(opts: CompileOptions, ir: ModelIR, pipeline: Pipeline, registry: Registry, budget: Any,
+                    calib_cfg: CalibrationConfig, backends: tuple[str, ...], writer: ArtifactWriter, keep_dense: bool,
+                    started: float, progress: Callable[[str, int, int], None] | None,
+                    instruments: list[Any] | None) -> CompileResult:
+    source_hash = ir.weights_sha256() if is_streamed(ir) else state_dict_sha256(ir.module)
+    dense = ir.clone() if keep_dense else None
     torch.manual_seed(opts.seed)
     if opts.tokenizer:  # --tokenizer (the CLI validated it before the model loaded)
         from compiler.trace import load_tokenizer
@@ -181,7 +218,7 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
 
     with writer:
         root = writer.root
-        save_model(ir, root / "model")
+        streamed = save_model(ir, root / "model")
         manifest = {
             "tool": {"name": "sparsec", "version": __version__, "python": platform.python_version(),
                      "torch": torch.__version__},
@@ -196,6 +233,8 @@ def compile_model(opts: CompileOptions, progress: Callable[[str, int, int], None
             "analyses": _manifest_analyses(run.analyses),
         }
         report = build_report(manifest, run.records)
+        if streamed is not None:
+            report["streaming"] = streamed
         if budget_report:
             report["accuracy_budget"] = budget_report
         if opts.eval_data:

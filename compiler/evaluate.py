@@ -79,12 +79,17 @@ def perplexity(module: nn.Module, ids: torch.Tensor, seqlen: int, stride: int) -
     total_nll, scored, windows, prev_end = 0.0, 0, 0, 0
     top1: list[torch.Tensor] = []
     n = ids.numel()
+    spans = []
+    for begin in range(0, n, stride):
+        end = min(begin + seqlen, n)
+        spans.append((begin, end, end - max(prev_end, begin)))  # new: tokens not scored by an earlier window
+        prev_end = end
+        if end == n:
+            break
     with torch.no_grad():
-        for begin in range(0, n, stride):
-            end = min(begin + seqlen, n)
-            new = end - max(prev_end, begin)  # tokens not scored by an earlier window
+        for (begin, end, new), logits in zip(spans, _window_logits(module, ids, spans, seqlen)):
+            logits = logits.float()
             window = ids[begin:end].unsqueeze(0)
-            logits = module(input_ids=window, use_cache=False).logits.float()
             targets = window[0, 1:]
             logp = F.log_softmax(logits[0, :-1], dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
             take = min(new, logp.numel())
@@ -93,11 +98,26 @@ def perplexity(module: nn.Module, ids: torch.Tensor, seqlen: int, stride: int) -
                 top1.append(logits[0, :-1][-take:].argmax(-1))
             scored += take
             windows += 1
-            prev_end = end
-            if end == n:
-                break
     nll = total_nll / max(scored, 1)
     return Perplexity(math.exp(nll), nll, scored, windows, torch.cat(top1) if top1 else torch.zeros(0, dtype=torch.long))
+
+
+def _window_logits(module: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], seqlen: int):
+    """Logits of each window, in order. A streamed model (compiler/streaming) computes them block-major,
+    a chunk of windows per read of the weights, with the same per-window calls (identical values)."""
+    from compiler.streaming.forward import streamed_outputs, window_chunks
+    from compiler.streaming.streamed_ir import streamed_ir_of
+
+    ir = streamed_ir_of(module)
+    if ir is None:
+        for begin, end, _ in spans:
+            yield module(input_ids=ids[begin:end].unsqueeze(0), use_cache=False).logits
+        return
+    chunk = window_chunks(len(spans), seqlen, ir.batch_tokens)
+    for i in range(0, len(spans), chunk):
+        samples = [{"input_ids": ids[b:e].unsqueeze(0)} for b, e, _ in spans[i : i + chunk]]
+        for out in streamed_outputs(ir, samples):
+            yield out.logits
 
 
 def _encoder(module: nn.Module, model_type: str) -> nn.Module:
@@ -163,11 +183,16 @@ class Reference:
 
     @classmethod
     def build(cls, dense_ir: Any, data: str, cfg: EvalConfig | None = None, use_cache: bool = True) -> "Reference":
-        from dataclasses import asdict
+        from dataclasses import asdict, replace
 
         from compiler import agreement
+        from compiler.streaming.streamed_ir import streamed_ir_of
 
         cfg = cfg or EvalConfig()
+        if streamed_ir_of(dense_ir.module) is not None:
+            # streamed: no on-disk cache keyed by the weights' hash (one more full read), and no greedy
+            # decoding (every decoded token would read every block once more)
+            cfg, use_cache = replace(cfg, greedy_prompts=0), False
         seqlen = effective_seqlen(cfg.seqlen, dense_ir.config)
         if dense_ir.tokenizer is None:
             return cls(dense_ir, "example_inputs", cfg, "output_cosine", seqlen)
@@ -262,15 +287,21 @@ def resolve_target(model_or_artifact: str, reference: str | None) -> EvalTarget:
     return EvalTarget(model_or_artifact, reference)
 
 
-def evaluate_models(target: EvalTarget, data: str, cfg: EvalConfig | None = None) -> dict[str, Any]:
-    """Load the model (and reference) and evaluate on `data`; the `sparsec eval` command's work."""
+def evaluate_models(target: EvalTarget, data: str, cfg: EvalConfig | None = None, stream: bool | None = None,
+                    max_memory: int | None = None) -> dict[str, Any]:
+    """Load the model (and reference) and evaluate on `data`; the `sparsec eval` command's work.
+    Each model is streamed block by block when forced or when it would not fit (docs/streaming.md)."""
     from compiler.errors import SpecError
-    from compiler.trace import load_and_trace
+    from compiler.streaming.runner import decide, load_ir
 
     cfg = cfg or EvalConfig()
-    compiled = load_and_trace(target.model)
-    dense = load_and_trace(target.reference) if target.reference else None
-    head = {"model": target.model, "reference": target.reference, "artifact": target.artifact}
+    copies = 2 if target.reference else 1
+    decisions = {m: decide(m, stream, max_memory, copies=copies, samples=1, seqlen=cfg.seqlen)
+                 for m in filter(None, (target.model, target.reference))}
+    compiled = load_ir(target.model, decisions[target.model])
+    dense = load_ir(target.reference, decisions[target.reference]) if target.reference else None
+    head = {"model": target.model, "reference": target.reference, "artifact": target.artifact,
+            "streamed": decisions[target.model].stream}
     if dense is not None:
         return {**head, **evaluate_pair(dense, compiled, data, cfg=cfg)}
     if compiled.model_type != "causal-lm" or compiled.tokenizer is None:

@@ -344,3 +344,9 @@ def load_and_trace(model: str, tokenizer: str | None = None) -> ModelIR:
     ir = trace(loaded, source=model)
     ir.source_dir = loaded.source_path
     return ir
+
+
+# Public names for compiler/streaming, which builds the same model on the meta device and traces it.
+hf_task = _hf_task
+hf_example_inputs = _hf_example_inputs
+find_block_container = _find_block_container
