@@ -32,16 +32,18 @@ from compiler.cli_ray import replica_options, serve_replicas, wants_ray
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
 @replica_options
-def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_body_kb,
-              api_key, model_name, plugins, graceful_timeout, access_log, log_level,
+def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue,
+              max_body_kb, api_key, model_name, plugins, graceful_timeout, access_log, log_level,
               **ray_options):
-    """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings and /v1/completions, /v1/infer)."""
+    """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings, /v1/completions and
+    /v1/chat/completions, /v1/infer)."""
     from runtimes.serve.app import ServeConfig, check_bindable, serve
     from runtimes.serve.model import open_artifact
 
     config = ServeConfig(artifact=str(artifact), backend=backend, host=host, port=port, workers=workers, threads=threads,
                          max_batch_size=max_batch_size, seqlen=seqlen, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_body_bytes=max_body_kb * 1024, api_key=api_key or None, model_name=model_name,
+                         max_body_bytes=max_body_kb * 1024, api_key=api_key or None,
+                         model_name=model_name,
                          plugins=tuple(plugins), graceful_timeout_s=graceful_timeout, access_log=access_log,
                          log_level=log_level)
     from compiler.cli_backends import echo_licence_notices

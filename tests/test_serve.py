@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +21,13 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("prometheus_client", reason="the server's /metrics needs prometheus_client")
 
+from serve_helpers import COMPILE_FAST, Server, compile_tiny, free_port, serve_cmd, start_server  # noqa: E402
+
 from runtimes.decode.loop import SamplingParams, sample  # noqa: E402
 from runtimes.serve.app import wait_until_ready  # noqa: E402
 from runtimes.serve.batching import DynamicBatcher, QueueFull  # noqa: E402
 from runtimes.serve.text import Pooling, length_buckets, pad_batch, pool  # noqa: E402
 
-COMPILE_FAST = ("--calib-samples", "4", "--calib-seqlen", "32", "--runs", "2", "--seqlen", "32")
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -152,66 +151,11 @@ def test_sampling_greedy_top_p_and_seed():
 
 
 # -- real servers ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def client(self, **kw) -> "httpx.Client":
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-
-def serve_cmd(artifact: Path, port: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "compiler.cli", "serve", str(artifact), "--port", str(port), *args]
-
-
-def start_server(artifact: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None,
-                 ready_timeout: float = 120) -> Server:
-    port = free_port()
-    log = log_dir / f"serve-{port}.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(serve_cmd(artifact, port, *args), stdout=fh, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    state = wait_until_ready(server.url, ready_timeout, proc)
-    if state != "ready":
-        server.stop()
-        pytest.fail(f"server {state} instead of getting ready:\n{server.log_text()}")
-    return server
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, tiny_model_dir):
     """Compile the tiny BERT and tiny Llama once for this module (lowered to ONNX, onnxruntime)."""
-    from click.testing import CliRunner
-
-    from compiler.cli import main
-
     root = tmp_path_factory.mktemp("serve-artifacts")
-    out = {}
-    for arch in ("bert", "llama"):
-        res = CliRunner().invoke(main, ["compile", str(tiny_model_dir(arch)), "-o", str(root / arch),
-                                        "--backend", "onnxruntime", *COMPILE_FAST], catch_exceptions=False)
-        if res.exit_code == 3:
-            pytest.skip(f"onnxruntime backend unavailable: {res.output}")
-        assert res.exit_code == 0, res.output
-        out[arch] = root / arch
-    return out
+    return {arch: compile_tiny(tiny_model_dir, arch, root / arch) for arch in ("bert", "llama")}
 
 
 @pytest.fixture(scope="module")

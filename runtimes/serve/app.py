@@ -1,6 +1,7 @@
 """`sparsec serve`: an HTTP inference server (FastAPI + uvicorn) for one compiled artifact.
 
-Routes: POST /v1/embeddings (encoders), POST /v1/completions (causal LMs, SSE streaming),
+Routes: POST /v1/embeddings (encoders), POST /v1/completions and /v1/chat/completions (causal LMs, SSE
+streaming; chat through the tokenizer's chat template),
 POST /v1/infer (raw tensors, any artifact), GET /v1/models, /healthz, /readyz, /metrics.
 
 Life cycle: the CLI verifies the artifact (sha256 manifest, backend, graph, tokenizer) before binding
@@ -33,17 +34,18 @@ from typing import Any, Callable
 from compiler.errors import SparsecError
 from runtimes.decode.loop import GenRequest, GenResult, SamplingParams
 from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
+from runtimes.serve.chat import ChatChunks, ChatCompletionRequest, chat_body, chat_id, render_prompt
 from runtimes.serve.metrics import ServerMetrics
 from runtimes.serve.model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
 from runtimes.serve.openai_schema import (
     APIError,
     ChoiceState,
+    CompletionChunks,
     CompletionRequest,
     EmbeddingsRequest,
     InferRequest,
     bad_request,
     check_lengths,
-    chunk_body,
     completion_body,
     completion_id,
     embeddings_body,
@@ -261,7 +263,7 @@ def _install_error_handlers(app) -> None:
 
 
 def _install_routes(app, state: ServerState) -> None:
-    from starlette.responses import Response, StreamingResponse
+    from starlette.responses import Response
 
     @app.get("/healthz")
     async def healthz():
@@ -307,30 +309,41 @@ def _install_routes(app, state: ServerState) -> None:
         state.require(TASK_COMPLETIONS, "/v1/completions")
         state.check_model(req.model)
         req.check_supported()
-        text = state.target.text
-        prompts = await _tokenize(req.prompt, text, "prompt")
+        prompts = await _tokenize(req.prompt, state.target.text, "prompt")
         if any(not p for p in prompts):
             raise bad_request("a prompt tokenizes to zero tokens; give some text")
-        check_lengths(prompts, state.model.token_limit, extra=req.max_tokens, what="prompt")
-        problem = state.model.check_request(max(len(p) for p in prompts), req.max_tokens)
-        if problem:
-            raise bad_request(f"{problem} (the '{state.target.backend_name}' decoder's fixed shapes; see --seqlen)",
-                              code="context_length_exceeded")
+        _check_generation(state, prompts, req.max_tokens)
         params = SamplingParams(req.max_tokens, float(req.temperature), float(req.top_p), req.seed)
         stops = req.stops()
-        prompt_tokens = sum(len(p) for p in prompts)
-        state.metrics.tokens.labels(state.metrics.worker, "prompt").inc(prompt_tokens)
         cid = completion_id()
-        if not req.stream:
-            choices = [ChoiceState(i, text, stops) for i in range(len(prompts))]
-            requests = [GenRequest(p, params, c.on_token) for p, c in zip(prompts, choices)]
-            results, timing = await state.run(TASK_COMPLETIONS, requests)
-            for choice, result in zip(choices, results):
-                choice.finish(result.finish_reason)
-            state.metrics.tokens.labels(state.metrics.worker, "completion").inc(sum(c.generated for c in choices))
-            return _json(completion_body(cid, state.model_id, choices, prompt_tokens), headers=timing)
-        return StreamingResponse(_stream(state, cid, prompts, params, stops), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if req.stream:
+            return _sse_response(_stream(state, prompts, params, stops, CompletionChunks(cid, state.model_id)))
+        choices, timing = await _generate(state, prompts, params, stops)
+        return _json(completion_body(cid, state.model_id, choices, sum(len(p) for p in prompts)), headers=timing)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        """The messages through the tokenizer's chat template, then the completions path. Greedy unless
+        `temperature` > 0, like /v1/completions here; no token budget = what the model leaves."""
+        state.require(TASK_COMPLETIONS, "/v1/chat/completions")
+        state.check_model(req.model)
+        req.check_supported()
+        stops = req.stops()
+        budget = req.token_budget()
+        chars = sum(len(m.text()) for m in req.messages)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            prompt = render_prompt(state.target.text, req.messages, state.model_id)
+        else:
+            prompt = await asyncio.to_thread(render_prompt, state.target.text, req.messages, state.model_id)
+        max_tokens = budget if budget is not None else state.model.max_new_tokens(len(prompt))
+        _check_generation(state, [prompt], max_tokens)
+        params = SamplingParams(max_tokens, float(req.temperature), float(req.top_p), req.seed)
+        cid = chat_id()
+        if req.stream:
+            chunks = ChatChunks(cid, state.model_id, req.include_usage)
+            return _sse_response(_stream(state, [prompt], params, stops, chunks))
+        choices, timing = await _generate(state, [prompt], params, stops)
+        return _json(chat_body(cid, state.model_id, choices, len(prompt)), headers=timing)
 
     @app.post("/v1/infer")
     async def infer(req: InferRequest):
@@ -360,8 +373,38 @@ async def _tokenize(value: Any, text, what: str) -> list[list[int]]:
     return await asyncio.to_thread(tokenize_inputs, value, text, what)
 
 
-def _stream(state: ServerState, cid: str, prompts: list[list[int]], params: SamplingParams, stops: tuple[str, ...]):
-    """Enqueue now (so a full queue is a 503, not a broken stream), then yield SSE events."""
+def _check_generation(state: ServerState, prompts: list[list[int]], max_tokens: int) -> None:
+    """400 when a prompt plus `max_tokens` exceeds the model's positions or the decoder's fixed shapes."""
+    check_lengths(prompts, state.model.token_limit, extra=max_tokens, what="prompt")
+    problem = state.model.check_request(max(len(p) for p in prompts), max_tokens)
+    if problem:
+        raise bad_request(f"{problem} (the '{state.target.backend_name}' decoder's fixed shapes; see --seqlen)",
+                          code="context_length_exceeded")
+
+
+async def _generate(state: ServerState, prompts: list[list[int]], params: SamplingParams,
+                    stops: tuple[str, ...]) -> tuple[list[ChoiceState], dict[str, str]]:
+    """One finished choice per prompt (the batch queue, then the one generation loop) and the timing header."""
+    text = state.target.text
+    state.metrics.tokens.labels(state.metrics.worker, "prompt").inc(sum(len(p) for p in prompts))
+    choices = [ChoiceState(i, text, stops) for i in range(len(prompts))]
+    results, timing = await state.run(TASK_COMPLETIONS, [GenRequest(p, params, c.on_token) for p, c in zip(prompts, choices)])
+    for choice, result in zip(choices, results):
+        choice.finish(result.finish_reason)
+    state.metrics.tokens.labels(state.metrics.worker, "completion").inc(sum(c.generated for c in choices))
+    return choices, timing
+
+
+def _sse_response(body: Any) -> Any:
+    from starlette.responses import StreamingResponse
+
+    return StreamingResponse(body, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _stream(state: ServerState, prompts: list[list[int]], params: SamplingParams, stops: tuple[str, ...], chunks: Any):
+    """Enqueue now (so a full queue is a 503, not a broken stream), then yield SSE events shaped by
+    `chunks` (openai_schema.CompletionChunks or chat.ChatChunks: start / delta / finish / end)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -369,18 +412,24 @@ def _stream(state: ServerState, cid: str, prompts: list[list[int]], params: Samp
         loop.call_soon_threadsafe(events.put_nowait, (index, delta))
 
     text = state.target.text
+    prompt_tokens = sum(len(p) for p in prompts)
     choices = [ChoiceState(i, text, stops, emit) for i in range(len(prompts))]
     futures = state.enqueue(TASK_COMPLETIONS, [GenRequest(p, params, c.on_token) for p, c in zip(prompts, choices)])
+    state.metrics.tokens.labels(state.metrics.worker, "prompt").inc(prompt_tokens)
     for i, fut in enumerate(futures):
         fut.add_done_callback(lambda f, i=i: loop.call_soon(events.put_nowait, (i, f)))
 
     async def body():
         done = 0
         try:
+            for i in range(len(choices)):
+                for chunk in chunks.start(i):
+                    yield _sse(chunk)
             while done < len(choices):
                 index, item = await events.get()
                 if isinstance(item, str):
-                    yield _sse(chunk_body(cid, state.model_id, index, item, None))
+                    for chunk in chunks.delta(index, item):
+                        yield _sse(chunk)
                     continue
                 done += 1
                 if item.cancelled() or item.exception() is not None:
@@ -389,8 +438,12 @@ def _stream(state: ServerState, cid: str, prompts: list[list[int]], params: Samp
                     break
                 result: GenResult = item.result().result
                 rest = choices[index].finish(result.finish_reason)
-                yield _sse(chunk_body(cid, state.model_id, index, rest, result.finish_reason))
-            state.metrics.tokens.labels(state.metrics.worker, "completion").inc(sum(c.generated for c in choices))
+                for chunk in chunks.finish(index, rest, result.finish_reason):
+                    yield _sse(chunk)
+            generated = sum(c.generated for c in choices)
+            state.metrics.tokens.labels(state.metrics.worker, "completion").inc(generated)
+            for chunk in chunks.end(prompt_tokens, generated):
+                yield _sse(chunk)
             yield "data: [DONE]\n\n"
         finally:
             for c in choices:  # client gone: stop generating for it

@@ -91,7 +91,8 @@ def find_onnx(artifact: Artifact, backend: str) -> Path:
     rel = (lowering.get("backend_files") or {}).get(backend) or (lowering.get("files") or {}).get("model") or "onnx/model.onnx"
     path = artifact.path(rel)
     if not path.exists():  # a file (a graph) or a directory (a backend's own lowered form)
-        raise ArtifactError(f"artifact '{artifact.root}' has no lowered graph '{rel}': compile it with --backend {backend}")
+        raise ArtifactError(f"artifact '{artifact.root}' has no lowered graph '{rel}': run `sparsec lower {artifact.root} "
+                            f"--backend {backend}` (or compile with --backend {backend})")
     return path
 
 
@@ -227,6 +228,15 @@ class ServedModel:
     def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
         """Why a completion request cannot run on this model's decoder (fixed-shape limits), or None."""
         return self.decoder.check_request(prompt_len, max_tokens) if self.decoder is not None else None
+
+    def max_new_tokens(self, prompt_len: int) -> int:
+        """The most tokens a `prompt_len`-token prompt can be continued by (a chat request without a
+        budget): what the positions leave, and at most what a fixed-shape decoder was sized for."""
+        most = self.token_limit[0] - prompt_len
+        opts = getattr(self.decoder, "opts", None)
+        if getattr(self.decoder, "cache", "") == "static" and opts is not None:
+            most = min(most, opts.new_tokens)
+        return max(1, most)
 
     @property
     def token_limit(self) -> tuple[int, str]:

@@ -1,4 +1,5 @@
-"""OpenAI-compatible request bodies, response bodies and errors for /v1/embeddings and /v1/completions,
+"""OpenAI-compatible request bodies, response bodies and errors for /v1/embeddings and /v1/completions
+(/v1/chat/completions adds its own in runtimes/serve/chat.py),
 plus the per-choice text state of a completion (incremental decoding, stop strings, streaming).
 
 Requests are pydantic models with strict types (a wrong type is a 422); values the model cannot
@@ -153,6 +154,27 @@ def completion_body(cid: str, model: str, choices: list["ChoiceState"], prompt_t
 def chunk_body(cid: str, model: str, index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
     return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+class CompletionChunks:
+    """`text_completion` stream bodies of one streamed completion, for the shared SSE stream (the chat
+    route has its own, runtimes/serve/chat.py `ChatChunks`, with the same four methods)."""
+
+    def __init__(self, cid: str, model: str):
+        self.cid = cid
+        self.model = model
+
+    def start(self, index: int) -> list[dict[str, Any]]:
+        return []
+
+    def delta(self, index: int, text: str) -> list[dict[str, Any]]:
+        return [chunk_body(self.cid, self.model, index, text, None)]
+
+    def finish(self, index: int, rest: str, reason: str) -> list[dict[str, Any]]:
+        return [chunk_body(self.cid, self.model, index, rest, reason)]
+
+    def end(self, prompt_tokens: int, completion_tokens: int) -> list[dict[str, Any]]:
+        return []
 
 
 class ChoiceState:
