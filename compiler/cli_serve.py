@@ -22,7 +22,9 @@ from compiler.cli_ray import replica_options, serve_replicas, wants_ray
               "prompt and the most new tokens; dynamic backends ignore it.")
 @click.option("--max-wait-ms", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="Longest a request waits for a batch to fill (0 = never).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=1024, show_default=True, help="Queued inputs before answering 503.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=2048, show_default=True, help="Queued inputs before answering 503.")
+@click.option("--max-inputs", type=click.IntRange(min=1), default=None,
+              help="Most inputs (texts, prompts) in one request, 400 above; at most --max-queue. [default: min(2048, --max-queue)]")
 @click.option("--max-body-kb", type=click.IntRange(min=1), default=2048, show_default=True, help="Request body limit (413 above).")
 @click.option("--api-key", envvar="SPARSEC_API_KEY", help="Require this key (Bearer) on /v1 routes; env SPARSEC_API_KEY (preferred: not in `ps`).")
 @click.option("--model-name", help="Model id in /v1/models and responses (default: the artifact directory name).")
@@ -32,7 +34,7 @@ from compiler.cli_ray import replica_options, serve_replicas, wants_ray
 @click.option("--access-log/--no-access-log", default=True, show_default=True)
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
 @replica_options
-def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue,
+def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, seqlen, max_wait_ms, max_queue, max_inputs,
               max_body_kb, api_key, model_name, plugins, graceful_timeout, access_log, log_level,
               **ray_options):
     """Serve a compiled ARTIFACT over HTTP (OpenAI-compatible /v1/embeddings, /v1/completions and
@@ -42,7 +44,7 @@ def serve_cmd(artifact, backend, host, port, workers, threads, max_batch_size, s
 
     config = ServeConfig(artifact=str(artifact), backend=backend, host=host, port=port, workers=workers, threads=threads,
                          max_batch_size=max_batch_size, seqlen=seqlen, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_body_bytes=max_body_kb * 1024, api_key=api_key or None,
+                         max_inputs=max_inputs, max_body_bytes=max_body_kb * 1024, api_key=api_key or None,
                          model_name=model_name,
                          plugins=tuple(plugins), graceful_timeout_s=graceful_timeout, access_log=access_log,
                          log_level=log_level)

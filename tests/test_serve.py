@@ -312,8 +312,43 @@ def test_full_queue_answers_503_with_retry_after(artifacts, tmp_path):
         for r in responses:
             if r.status_code == 503:
                 assert int(r.headers["Retry-After"]) >= 1 and "queue is full" in r.json()["error"]["message"]
+        with server.client() as c:  # more inputs than the whole queue holds: never a retry-forever 503
+            r = c.post("/v1/embeddings", json={"input": ["x"] * 9})
+            assert r.status_code == 400 and "at most 8 per request" in r.json()["error"]["message"], r.text
+            assert c.post("/v1/embeddings", json={"input": ["x"] * 8}).status_code == 200
     finally:
         assert server.stop() == 0
+
+
+def test_batcher_refuses_a_request_larger_than_the_queue_as_never_fitting():
+    from runtimes.serve.batching import TooLarge
+
+    async def main():
+        b = DynamicBatcher(lambda key, payloads: payloads, max_batch_size=2, max_wait_ms=0, max_queue=3)
+        b.start()
+        with pytest.raises(TooLarge, match="can never be queued"):
+            b.enqueue("k", [1, 2, 3, 4])
+        result = await b.submit("k", [1, 2, 3])
+        await b.close()
+        return result
+
+    assert asyncio.run(main()) == [1, 2, 3]
+
+
+def test_request_cap_never_exceeds_the_queue(artifacts, tmp_path):
+    from compiler.cli_serve import serve_cmd as click_serve
+    from runtimes.serve.app import ServeConfig
+
+    defaults = {p.name: p.default for p in click_serve.params}
+    config = ServeConfig(artifact="x", max_queue=defaults["max_queue"], max_inputs=defaults["max_inputs"])
+    assert config.request_cap == 2048 <= config.max_queue  # OpenAI's per-request limit fits the default queue
+    assert ServeConfig(artifact="x", max_queue=100).request_cap == 100
+    port = free_port()
+    res = subprocess.run(serve_cmd(artifacts["bert"], port, "--max-batch-size", "4", "--max-queue", "8", "--max-inputs", "16"),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--max-inputs (16)" in errors[0] and "--max-queue (8)" in errors[0]
 
 
 def test_sigterm_during_load_finishes_every_accepted_request(artifacts, tmp_path):

@@ -33,11 +33,12 @@ from typing import Any, Callable
 
 from compiler.errors import SparsecError
 from runtimes.decode.loop import GenRequest, GenResult, SamplingParams
-from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown
+from runtimes.serve.batching import Done, DynamicBatcher, QueueFull, ShuttingDown, TooLarge
 from runtimes.serve.chat import ChatChunks, ChatCompletionRequest, chat_body, chat_id, render_prompt
 from runtimes.serve.metrics import ServerMetrics
 from runtimes.serve.model import TASK_COMPLETIONS, TASK_EMBEDDINGS, TASK_RAW, ServedModel, ServeTarget, raw_feeds
 from runtimes.serve.openai_schema import (
+    MAX_INPUTS,
     APIError,
     ChoiceState,
     CompletionChunks,
@@ -68,7 +69,8 @@ class ServeConfig:
     max_batch_size: int = 32
     seqlen: int = 128  # sequence length for backends that compile static shapes (DeepSparse)
     max_wait_ms: float = 2.0
-    max_queue: int = 1024  # queued items (texts / prompts) before 503
+    max_queue: int = 2048  # queued items (texts / prompts) before 503
+    max_inputs: int | None = None  # items per request; None = min(OpenAI's 2048, max_queue)
     max_body_bytes: int = 2 * 1024 * 1024
     api_key: str | None = None
     model_name: str | None = None
@@ -85,6 +87,14 @@ class ServeConfig:
             raise SparsecError("--threads, --max-wait-ms and the graceful timeout must be >= 0")
         if self.max_queue < self.max_batch_size:
             raise SparsecError(f"--max-queue ({self.max_queue}) must be >= --max-batch-size ({self.max_batch_size})")
+        if self.max_inputs is not None and not 0 < self.max_inputs <= self.max_queue:
+            raise SparsecError(f"--max-inputs ({self.max_inputs}) must be in [1, --max-queue ({self.max_queue})]: "
+                               "a request larger than the queue could never be served")
+
+    @property
+    def request_cap(self) -> int:
+        """Most items (texts, prompts) in one request: never more than the queue holds."""
+        return self.max_inputs if self.max_inputs is not None else min(MAX_INPUTS, self.max_queue)
 
     @property
     def intra_op_threads(self) -> int:
@@ -157,6 +167,9 @@ class ServerState:
             self.metrics.rejected.labels(self.metrics.worker, "queue_full").inc()
             raise APIError(503, str(exc), type_="server_error", code="overloaded",
                            headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except TooLarge as exc:
+            self.metrics.rejected.labels(self.metrics.worker, "too_many_inputs").inc()
+            raise bad_request(str(exc), code="too_many_inputs") from None
         except ShuttingDown:
             raise APIError(503, "server is shutting down", type_="server_error",
                            headers={"Retry-After": "1", "Connection": "close"}) from None
@@ -294,7 +307,7 @@ def _install_routes(app, state: ServerState) -> None:
         state.require(TASK_EMBEDDINGS, "/v1/embeddings")
         state.check_model(req.model)
         text = state.target.text
-        seqs = await _tokenize(req.input, text, "input")
+        seqs = await _tokenize(req.input, text, "input", state.config.request_cap)
         check_lengths(seqs, state.model.token_limit)
         width = next(o for o in state.target.signature.outputs if o.name == state.model.hidden_output).shape[-1]
         if req.dimensions is not None and req.dimensions != width:
@@ -309,7 +322,7 @@ def _install_routes(app, state: ServerState) -> None:
         state.require(TASK_COMPLETIONS, "/v1/completions")
         state.check_model(req.model)
         req.check_supported()
-        prompts = await _tokenize(req.prompt, state.target.text, "prompt")
+        prompts = await _tokenize(req.prompt, state.target.text, "prompt", state.config.request_cap)
         if any(not p for p in prompts):
             raise bad_request("a prompt tokenizes to zero tokens; give some text")
         _check_generation(state, prompts, req.max_tokens)
@@ -366,11 +379,11 @@ def _install_routes(app, state: ServerState) -> None:
 INLINE_TOKENIZE_CHARS = 8192  # larger inputs are tokenized in a thread, keeping the event loop responsive
 
 
-async def _tokenize(value: Any, text, what: str) -> list[list[int]]:
+async def _tokenize(value: Any, text, what: str, max_inputs: int) -> list[list[int]]:
     chars = len(value) if isinstance(value, str) else sum(len(v) for v in value if isinstance(v, str))
     if chars <= INLINE_TOKENIZE_CHARS:
-        return tokenize_inputs(value, text, what)
-    return await asyncio.to_thread(tokenize_inputs, value, text, what)
+        return tokenize_inputs(value, text, what, max_inputs)
+    return await asyncio.to_thread(tokenize_inputs, value, text, what, max_inputs)
 
 
 def _check_generation(state: ServerState, prompts: list[list[int]], max_tokens: int) -> None:

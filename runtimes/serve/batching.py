@@ -9,7 +9,8 @@ for company (0 = never wait); a lone request at low load is dispatched at once. 
 one dedicated thread, so the backend sees one call at a time and the event loop keeps serving HTTP.
 
 The queue is bounded (in items): a request that does not fit is refused as a whole with
-`QueueFull`, before anything of it is queued. `close()` refuses new work, lets queued and running
+`QueueFull`, before anything of it is queued; one larger than the whole queue with `TooLarge` (a
+retry could never help). `close()` refuses new work, lets queued and running
 items finish, then stops the worker.
 """
 
@@ -31,6 +32,14 @@ class QueueFull(Exception):
     def __init__(self, retry_after_s: int):
         super().__init__(f"server overloaded: request queue is full, retry in {retry_after_s}s")
         self.retry_after_s = retry_after_s
+
+
+class TooLarge(Exception):
+    """The request has more items than the whole queue holds: it could never be queued (not a retry)."""
+
+    def __init__(self, items: int, max_queue: int):
+        super().__init__(f"the request has {items} items but the queue holds at most {max_queue} "
+                         "(--max-queue): it can never be queued; split it")
 
 
 class ShuttingDown(Exception):
@@ -95,6 +104,8 @@ class DynamicBatcher:
         """Queue `payloads` (all or nothing); their futures resolve to `Done` records, in order."""
         if self._closing:
             raise ShuttingDown("server is shutting down")
+        if len(payloads) > self.max_queue:
+            raise TooLarge(len(payloads), self.max_queue)
         if len(self._queue) + len(payloads) > self.max_queue:
             raise QueueFull(self._retry_after(len(self._queue) + self._running))
         loop = asyncio.get_running_loop()

@@ -98,14 +98,16 @@ class InferRequest(BaseModel):
     outputs: list[StrictStr] | None = None
 
 
-def tokenize_inputs(value: Any, text: TextModel, what: str) -> list[list[int]]:
-    """OpenAI's four input forms -> token id lists (texts get the model's special tokens)."""
+def tokenize_inputs(value: Any, text: TextModel, what: str, max_inputs: int = MAX_INPUTS) -> list[list[int]]:
+    """OpenAI's four input forms -> token id lists (texts get the model's special tokens). More than
+    `max_inputs` items is a 400: the server's per-request cap, never above its queue (--max-queue)."""
     if isinstance(value, str):
         return text.encode([value])
     if not value:
         raise bad_request(f"'{what}' must not be empty")
-    if len(value) > MAX_INPUTS:
-        raise bad_request(f"'{what}' has {len(value)} items; at most {MAX_INPUTS} per request")
+    if len(value) > max_inputs and not isinstance(value[0], int):
+        raise bad_request(f"'{what}' has {len(value)} items; this server takes at most {max_inputs} per request "
+                          "(--max-inputs, at most --max-queue): split the request", code="too_many_inputs")
     if isinstance(value[0], str):
         return text.encode(list(value))
     seqs = [list(value)] if isinstance(value[0], int) else [list(v) for v in value]
