@@ -263,6 +263,11 @@ def test_api_key_guards_v1_routes_only(bert_server):
         assert c.post("/v1/embeddings", json={"input": "a"}, headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert c.get("/v1/models", headers={"X-API-Key": KEY}).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/metrics").status_code == 200
+        metrics = c.get("/metrics").text
+    # refused before routing, still counted under the route they were for
+    assert _metric(metrics, "sparsec_requests_total", route="/v1/models", status="401") >= 1
+    assert _metric(metrics, "sparsec_requests_total", route="/v1/embeddings", status="401") >= 1
+    assert _metric(metrics, "sparsec_requests_total", route="unmatched", status="401") == 0
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

@@ -227,7 +227,7 @@ def create_app(config: ServeConfig, target: ServeTarget) -> Any:
     app.state.sparsec = state
     _install_error_handlers(app)
     _install_routes(app, state)
-    app.add_middleware(_GuardMiddleware, state=state)
+    app.add_middleware(_GuardMiddleware, state=state, routes=app.router.routes)
     return app
 
 
@@ -496,11 +496,26 @@ def model_card(state: ServerState) -> dict[str, Any]:
 class _GuardMiddleware:
     """Pure ASGI: API key on /v1 routes, body size limit (413), in-progress gauge, per-route metrics."""
 
-    def __init__(self, app, state: ServerState):
+    def __init__(self, app, state: ServerState, routes: list[Any] | None = None):
         self.app = app
         self.state = state
+        self.routes = routes or []
         key = state.config.api_key
         self.key = key.encode() if key else None
+
+    def _route_path(self, scope) -> str:
+        """The route template a request is for, also when it was refused before routing (401, 413,
+        413), so /metrics labels it by route; "unmatched" only for unknown paths."""
+        from starlette.routing import Match
+
+        route = scope.get("route")
+        if route is not None:
+            return getattr(route, "path", "unmatched")
+        for candidate in self.routes:
+            match, _ = candidate.matches(scope)
+            if match != Match.NONE:
+                return getattr(candidate, "path", "unmatched")
+        return "unmatched"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -524,8 +539,7 @@ class _GuardMiddleware:
                 await self.app(scope, self._limited(receive), send_wrapper)
         finally:
             gauge.dec()
-            route = scope.get("route")
-            metrics.observe_request(getattr(route, "path", "unmatched"), status["code"], time.perf_counter() - start)
+            metrics.observe_request(self._route_path(scope), status["code"], time.perf_counter() - start)
 
     def _refuse(self, scope):
         path = scope.get("path", "")
