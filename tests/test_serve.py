@@ -356,6 +356,41 @@ def test_request_cap_never_exceeds_the_queue(artifacts, tmp_path):
     assert len(errors) == 1 and "--max-inputs (16)" in errors[0] and "--max-queue (8)" in errors[0]
 
 
+def test_sigterm_answers_requests_on_open_keep_alive_connections(artifacts, tmp_path):
+    """A keep-alive connection idle at SIGTERM stays open while in-flight requests finish; a request
+    sent on it then gets 503 + Connection: close (before: the connection was closed under it)."""
+    server = start_server(artifacts["bert"], tmp_path, "--max-batch-size", "1", "--max-wait-ms", "0", "--no-access-log")
+    body = {"input": ["a fairly long sentence for the tiny model to chew on " * 6] * 24}
+    n = 16
+    keep = httpx.Client(base_url=server.url, timeout=60)  # one pooled connection, reused below
+
+    async def scenario():
+        assert (await asyncio.to_thread(keep.get, "/healthz")).status_code == 200
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=64)) as ac:
+            tasks = [asyncio.ensure_future(ac.post("/v1/embeddings", json=body)) for _ in range(n)]
+            for _ in range(400):
+                await asyncio.sleep(0.02)
+                metrics = (await asyncio.to_thread(keep.get, "/metrics")).text
+                if _metric(metrics, "sparsec_requests_in_progress") >= n + 1:
+                    break
+            else:
+                pytest.fail("requests never all reached the server")
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            late = await asyncio.to_thread(keep.post, "/v1/embeddings", json={"input": "late"})
+            return late, await asyncio.gather(*tasks)
+
+    try:
+        late, responses = asyncio.run(scenario())
+    finally:
+        keep.close()
+    assert late.status_code == 503, late.text
+    assert late.headers["connection"] == "close" and late.headers["retry-after"] == "1"
+    assert "shutting down" in late.json()["error"]["message"]
+    assert [r.status_code for r in responses] == [200] * n
+    assert server.proc.wait(60) == 0, server.log_text()
+
+
 def test_sigterm_during_load_finishes_every_accepted_request(artifacts, tmp_path):
     server = start_server(artifacts["bert"], tmp_path, "--max-batch-size", "1", "--max-wait-ms", "0")
     n = 24

@@ -122,6 +122,8 @@ class ServerState:
         self.load_error: str | None = None
         self.batcher: DynamicBatcher | None = None
         self.on_fatal: Callable[[], None] = lambda: None
+        self.draining = False  # after SIGTERM: every new request gets 503 + Connection: close
+        self.in_flight = 0  # requests being handled (not counting those refused while draining)
 
     @property
     def ready(self) -> bool:
@@ -505,7 +507,7 @@ class _GuardMiddleware:
 
     def _route_path(self, scope) -> str:
         """The route template a request is for, also when it was refused before routing (401, 413,
-        413), so /metrics labels it by route; "unmatched" only for unknown paths."""
+        503 while draining), so /metrics labels it by route; "unmatched" only for unknown paths."""
         from starlette.routing import Match
 
         route = scope.get("route")
@@ -531,19 +533,28 @@ class _GuardMiddleware:
 
         gauge = metrics.in_progress.labels(metrics.worker)
         gauge.inc()
+        counted = False
         try:
             refusal = self._refuse(scope)
             if refusal is not None:
                 await refusal(scope, receive, send_wrapper)
             else:
+                self.state.in_flight += 1
+                counted = True
                 await self.app(scope, self._limited(receive), send_wrapper)
         finally:
             gauge.dec()
+            if counted:
+                self.state.in_flight -= 1
             metrics.observe_request(self._route_path(scope), status["code"], time.perf_counter() - start)
 
     def _refuse(self, scope):
         path = scope.get("path", "")
         headers = dict(scope.get("headers") or [])
+        if self.state.draining:  # a request on a keep-alive connection opened before SIGTERM
+            self.state.metrics.rejected.labels(self.state.metrics.worker, "shutting_down").inc()
+            return _asgi_error(APIError(503, "server is shutting down; retry on another replica", type_="server_error",
+                                        code="shutting_down", headers={"Retry-After": "1", "Connection": "close"}))
         if self.key is not None and path.startswith("/v1/"):
             given = headers.get(b"authorization", b"")
             token = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
@@ -653,7 +664,7 @@ def serve(config: ServeConfig, target: ServeTarget) -> None:
         uvicorn.run("runtimes.serve.app:app_from_env", factory=True, workers=config.workers, **common)
         return
     app = create_app(config, target)
-    server = uvicorn.Server(uvicorn.Config(app, **common))
+    server = _draining_server(uvicorn.Config(app, **common), app.state.sparsec)
     state: ServerState = app.state.sparsec
     state.on_fatal = lambda: setattr(server, "should_exit", True)
     try:
@@ -664,3 +675,29 @@ def serve(config: ServeConfig, target: ServeTarget) -> None:
         raise SparsecError(f"the model could not be loaded on backend '{config.backend}': {state.load_error}")
     if not server.started:
         raise SparsecError(f"the server could not start on {config.host}:{config.port} (see the log above)")
+
+
+DRAIN_LINGER_S = 0.25  # after the last in-flight request: time for requests already on the wire to get their 503
+
+
+def _draining_server(config: Any, state: ServerState) -> Any:
+    """A uvicorn server whose SIGTERM keeps open keep-alive connections open while in-flight requests
+    finish: a request arriving on one gets 503 + `Connection: close` (see _GuardMiddleware) instead of
+    a connection closed under it (uvicorn closes idle connections at once, dropping requests already
+    sent on them). Then uvicorn's own graceful shutdown runs: idle connections closed, queue drained.
+    With `--workers N` uvicorn builds its own servers: there the default shutdown applies."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            state.draining = True
+            for server in self.servers:  # stop accepting connections; the open ones stay
+                server.close()
+            LOG.info("draining: %d request(s) in flight; new requests get 503 + Connection: close", state.in_flight)
+            deadline = time.monotonic() + self.config.timeout_graceful_shutdown
+            while state.in_flight > 0 and not self.force_exit and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(DRAIN_LINGER_S)
+            await super().shutdown(sockets)
+
+    return DrainingServer(config)
