@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSparse 1.8.0 lives in its own venv (Python 3.11, onnx<1.15, numpy<2): see docs/deepsparse.md.
 	# Attempted on every fresh machine; when it cannot install, its tests skip and say why.
 	$(VENV)/bin/sparsec backends install deepsparse || echo "WARNING: DeepSparse venv not installed (see the log above); its tests will skip"
+	# optimum-onnx 0.1.0 (pins transformers 4.57) in its own venv: tests/test_optimum_interop.py loads artifacts with it
+	$(VENV)/bin/sparsec backends install optimum || echo "WARNING: optimum venv not installed (see the log above); its interop tests will skip"
 	touch $@
 
 venv: $(VENV)/.installed

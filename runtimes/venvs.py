@@ -1,11 +1,16 @@
-"""Private virtualenvs for backends whose pins clash with sparsec's own (today: DeepSparse).
+"""Private virtualenvs for tools whose pins clash with sparsec's own (DeepSparse, optimum-onnx).
 
 DeepSparse 1.8.0 is the last release that installs (1.9.0 is an end-of-life tombstone); it supports
 Python ≤ 3.11 and forces onnx<1.15 and numpy<2, which break onnxscript and ORT quantization in our
 environment. So it lives in its own venv, created by `sparsec backends install deepsparse`, and runs
 in a worker subprocess (runtimes/deepsparse_worker.py).
 
-Location: `$SPARSEC_DEEPSPARSE_VENV`, else `${SPARSEC_HOME:-~/.cache/sparsec}/venvs/deepsparse`.
+optimum-onnx 0.1.0 pins transformers<4.58 (sparsec runs on transformers 5): its venv
+(`sparsec backends install optimum`) exists to prove that lowered artifacts load in optimum's
+`ORTModel*` classes as they are (tests/test_optimum_interop.py); sparsec never imports it.
+
+Location: the spec's `env_var` (`$SPARSEC_DEEPSPARSE_VENV`, `$SPARSEC_OPTIMUM_VENV`), else
+`${SPARSEC_HOME:-~/.cache/sparsec}/venvs/NAME`.
 A venv counts as installed once its marker file `sparsec-venv.json` exists (written last, after the
 import check passed), so an interrupted install never looks usable.
 """
@@ -59,7 +64,19 @@ DEEPSPARSE = VenvSpec(
     licence_notice=DEEPSPARSE_LICENCE,
 )
 
-VENVS: Mapping[str, VenvSpec] = MappingProxyType({DEEPSPARSE.name: DEEPSPARSE})
+OPTIMUM = VenvSpec(
+    name="optimum",
+    python="3.11",
+    # optimum-onnx 0.1.0 needs transformers<4.58; torch is the same CPU build as sparsec's (a looser pin
+    # pulls the CUDA wheels), onnxruntime the version sparsec's own pin resolves to (same kernels, so
+    # the interop test can compare numbers). The test loads artifacts with exactly these versions.
+    requirements=("optimum-onnx[onnxruntime]==0.1.0", "optimum==2.1.0", "transformers==4.57.6",
+                  "torch==2.13.0", "onnxruntime==1.31.1"),
+    check_module="optimum.onnxruntime",
+    env_var="SPARSEC_OPTIMUM_VENV",
+)
+
+VENVS: Mapping[str, VenvSpec] = MappingProxyType({DEEPSPARSE.name: DEEPSPARSE, OPTIMUM.name: OPTIMUM})
 
 
 def sparsec_home() -> Path:
@@ -92,7 +109,22 @@ def venv_status(spec: VenvSpec, root: Path | None = None) -> tuple[bool, str]:
         return False, f"no {spec.name} venv at {root}"
     if not marker.exists():
         return False, f"{spec.name} venv at {root} is incomplete (no {MARKER}; the install did not finish)"
+    stale = _stale(spec, marker)
+    if stale:
+        return False, stale
     return _probe(str(python), spec.check_module, marker.stat().st_mtime_ns)
+
+
+def _stale(spec: VenvSpec, marker: Path) -> str | None:
+    """Why the venv no longer matches the spec's pins (they changed since it was installed), or None."""
+    try:
+        installed = json.loads(marker.read_text(encoding="utf-8")).get("requirements")
+    except (OSError, ValueError, AttributeError):
+        return f"{spec.name} venv marker {marker} is unreadable: reinstall with `sparsec backends install {spec.name} --force`"
+    if installed is not None and list(installed) != list(spec.requirements):
+        return (f"{spec.name} venv at {marker.parent} has {' '.join(installed)}; sparsec now pins "
+                f"{' '.join(spec.requirements)}: reinstall with `sparsec backends install {spec.name} --force`")
+    return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -64,6 +64,37 @@ def test_encoder_contract(lowered):
     graph = onnx.load(str(root / MODEL_FILE)).graph
     dims = [d.dim_param for d in graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch_size", "sequence_length"]
+    # encoders are self-contained too (optimum needs config.json to load them at all)
+    assert json.loads((root / "onnx" / "config.json").read_text())["model_type"] == "bert"
+    assert not (root / "onnx" / "generation_config.json").exists()
+    tok_cfg = json.loads((root / "onnx" / "tokenizer_config.json").read_text())
+    # the tokenizer's names that the graph takes (this generic tokenizer makes no token_type_ids)
+    assert tok_cfg["model_input_names"] == ["input_ids", "attention_mask"]
+    assert "is_local" not in tok_cfg and "local_files_only" not in tok_cfg
+
+
+def test_variant_directories_get_the_hf_files(tiny_model_dir, tmp_path):
+    """Each int8 variant directory loads on its own (`from_pretrained(ART/onnx, subfolder=VARIANT)`)."""
+    ir = load_and_trace(str(tiny_model_dir("llama")))
+    for name, layer in ir.layers.items():
+        if layer.block is not None:
+            ir.plan[name].quant = "int8-dynamic"
+    section = lower_artifact(ir, tmp_path, backends=("onnxruntime",))
+    variant_dir = (tmp_path / section["backend_files"]["onnxruntime"]).parent
+    assert variant_dir != tmp_path / "onnx"
+    for name in section["hf_files"]:
+        assert (variant_dir / name).read_bytes() == (tmp_path / "onnx" / name).read_bytes(), name
+
+
+def test_portable_config_keeps_scaled_and_per_layer_rope():
+    from compiler.lowering.hf_files import portable_config, portable_tokenizer_config
+
+    scaled = portable_config({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}}, causal=True)
+    assert scaled["rope_theta"] == 5e5 and scaled["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    assert scaled["use_cache"] is True
+    per_layer = {"rope_parameters": {"full_attention": {"rope_theta": 1e6}, "sliding_attention": {"rope_theta": 1e4}}}
+    assert portable_config(per_layer, causal=False) == per_layer  # nothing invented for per-layer-type RoPE
+    assert portable_tokenizer_config({"tokenizer_class": "BertTokenizer"}, [])["tokenizer_class"] == "BertTokenizer"
 
 
 def test_causal_lm_contract_and_optimum_layout(lowered):
@@ -75,8 +106,21 @@ def test_causal_lm_contract_and_optimum_layout(lowered):
     assert section["outputs"] == ["logits"] + [f"present.{i}.{t}" for i in range(layers) for t in ("key", "value")]
     assert section["kv"]["layers"] == layers
     onnx_dir = root / "onnx"
-    assert json.loads((onnx_dir / "config.json").read_text())["use_cache"] is True
+    config = json.loads((onnx_dir / "config.json").read_text())
+    assert config["use_cache"] is True and config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    # RoPE in both forms: transformers 5's rope_parameters and 4.x's rope_theta / rope_scaling
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and config["rope_scaling"] is None
     assert (onnx_dir / "tokenizer.json").is_file() and (onnx_dir / "generation_config.json").is_file()
+    tok_cfg = json.loads((onnx_dir / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"  # not 5.x's TokenizersBackend
+    assert tok_cfg["model_input_names"] == ["input_ids", "attention_mask"]  # what the graph takes
+    assert section["hf_files"] == sorted(["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"])
+    # transformers 5 reads the portable files back as the model's own
+    from transformers import AutoConfig, AutoTokenizer
+
+    assert AutoConfig.from_pretrained(onnx_dir).rope_parameters == ir.config.rope_parameters
+    text = "def parse(text): return text"
+    assert AutoTokenizer.from_pretrained(onnx_dir)(text)["input_ids"] == ir.tokenizer(text)["input_ids"]
 
 
 def test_kv_cache_greedy_decoding_matches_torch(lowered):

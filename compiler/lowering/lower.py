@@ -9,8 +9,10 @@ Contract (relied on by compile.py, the runtimes, DeepSparse and the server):
 - `root/onnx/<variant>/model.onnx`: int8 variants when the plan quantizes (`quantize` pass), each in
   the form its backend runs fast (see compiler/lowering/quant.py): `int8-dynamic` (ORT
   MatMulInteger), `int8-qdq` (ORT static QDQ, OpenVINO), `int8-qoperator` (QLinearMatMul, DeepSparse);
-- causal LMs also get `config.json`, `generation_config.json` and the tokenizer in `root/onnx/`,
-  the layout optimum's `ORTModelForCausalLM` loads (see docs/lowering.md for the optimum decision);
+- beside every graph (`onnx/` and each variant directory) the Hugging Face files that make it load as
+  it is in optimum's `ORTModel*` classes under transformers 4.x and 5.x: `config.json`, the tokenizer,
+  `generation_config.json` (causal LMs), the sentence-transformers pooling config (sentence encoders)
+  — compiler/lowering/hf_files.py; tests/test_optimum_interop.py proves it with optimum-onnx;
 
 and returns the manifest's "lowering" section:
     {"task": "feature-extraction" | "text-classification" | "text-generation" | "module",
@@ -18,7 +20,7 @@ and returns the manifest's "lowering" section:
      "files": {"model": "onnx/model.onnx", ...}, "variants": {name: {file, format, scheme, backends, ...}},
      "backend_files": {backend: file it runs}, "kv": {layers, kv_heads, head_dim, dtype} (LMs),
      "numerics": {output: max_abs_diff vs the torch model}, "zeros": {...}, "checks": [...],
-     "sizes": {file: {bytes, compressed_bytes}}}
+     "sizes": {file: {bytes, compressed_bytes}}, "hf_files": [names beside each graph]}
 
 Encoders take input_ids, attention_mask (+ token_type_ids) → last_hidden_state. Causal LMs use
 optimum's names: input_ids, attention_mask, position_ids, past_key_values.{i}.key/value → logits,
@@ -40,6 +42,7 @@ from compiler.lowering.export import GraphSpec, export_onnx, torch_outputs
 from compiler.lowering.feeds import graph_feeds, lm_feeds, present_to_past, text_batch
 from compiler.lowering.files import MODEL_FILE, file_sizes, path_rel
 from compiler.lowering.format import OPSET, LoweringError, load_onnx
+from compiler.lowering.hf_files import copy_hf_files, write_hf_files
 from compiler.lowering.quant import planned_scheme, variants_for_scheme, write_variants
 from compiler.lowering.rules import graph_rules, zeros_report
 
@@ -62,12 +65,15 @@ def lower_artifact(ir: ModelIR, root: Path, backends: tuple[str, ...] | list[str
     root = Path(root)
     path = root / MODEL_FILE
     spec, section = lower_model(ir, path)
-    if spec.task == "text-generation":
-        _save_hf_side_files(ir, path.parent)
+    hf_files = write_hf_files(ir, path.parent, spec.task, spec.inputs)
     scheme = planned_scheme(ir)
     wanted = variants_for_scheme(scheme, tuple(backends), registry) if scheme else {}
     variants = write_variants(ir, path, root, section, scheme, calib, wanted) if scheme else {}
     section["variants"] = {name: v for name, v in variants.items()}
+    for v in variants.values():
+        if (root / v["file"]).parent != path.parent:
+            copy_hf_files(hf_files, path.parent, (root / v["file"]).parent)
+    section["hf_files"] = hf_files
     section["backend_files"] = {b: v["file"] for v in variants.values() for b in v["backends"]}
     section["quantization"] = scheme
     section["sizes"] = {rel: file_sizes(root / rel) for rel in (section["files"]["model"], *(v["file"] for v in variants.values()))}
@@ -100,20 +106,6 @@ def lower_model(ir: ModelIR, path: Path) -> tuple[GraphSpec, dict[str, Any]]:
     if data.exists():
         section["files"]["model_data"] = path_rel(data)
     return spec, section
-
-
-def _save_hf_side_files(ir: ModelIR, directory: Path) -> None:
-    """config.json, generation_config.json and the tokenizer beside the graph (optimum's layout)."""
-    if ir.config is not None and hasattr(ir.config, "save_pretrained"):
-        config = ir.config.__class__.from_dict(ir.config.to_dict())
-        config.use_cache = True
-        config.save_pretrained(directory)
-    gen = getattr(ir.module, "generation_config", None)
-    if gen is not None and hasattr(gen, "save_pretrained"):
-        gen.save_pretrained(directory)
-    if ir.tokenizer is not None:
-        ir.tokenizer.save_pretrained(directory)
-
 
 
 def numerics_vs_torch(ir: ModelIR, spec: GraphSpec, path: Path) -> dict[str, float]:
