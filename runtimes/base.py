@@ -136,6 +136,12 @@ class Backend:
         cache, or fixed-shape graphs when `dynamic_shapes` is False)."""
         return None
 
+    def check_graph(self, model_path: Path) -> None:
+        """Raise a one-line SparsecError when this backend cannot run the lowered graph at `model_path`,
+        from what is cheap to read (no weights, no engine): `sparsec serve` asks before binding its port,
+        so such an artifact never gets as far as a traceback in the background load. Default: no check."""
+        return None
+
     def dense_configs(self, dense_root: Path, manifest: dict[str, Any]) -> dict[str, Path]:
         """Dense configurations this backend derives itself from the dense reference in `dense_root`
         (label -> what `prepare`/`runner` take), timed beside the compiled model; they replace the generic

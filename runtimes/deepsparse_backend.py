@@ -451,6 +451,18 @@ class DeepSparseBackend(Backend):
 
         return DeepSparseDecoder(self, Path(model_path), lowering, options, Path(workdir))
 
+    def check_graph(self, model_path: Path) -> None:
+        """Opset domains and 4-bit types DeepSparse cannot read, from the graph without its weights."""
+        import onnx
+
+        path = Path(model_path)
+        if not path.is_file():
+            return
+        model = onnx.load(str(path), load_external_data=False)
+        check_domains(model)
+        if model.ir_version > MAX_IR_VERSION:
+            _refuse_newer_types(model)
+
     def engine_graph(self, model: Any) -> Any:
         """DeepSparse's own graph rules (domains, IR <= 9, opset <= 17) applied to an ONNX model, as `prepare` does."""
         check_domains(model)

@@ -587,6 +587,43 @@ def test_deepsparse_serves_completions_through_its_decoder(artifacts, tmp_path):
         assert server.stop() == 0, server.log_text()
 
 
+def test_deepsparse_refuses_what_it_cannot_serve_before_binding(artifacts, tmp_path):
+    """`serve --backend deepsparse` of a causal LM it cannot run is one line and exit 1 before the port
+    is bound (before: the port was bound, then the background load logged a traceback and exited 1):
+    a graph with onnxruntime-only ops, and an LM artifact lowered without its KV cache."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from compiler.artifact import Artifact
+    from compiler.registry import Registry
+
+    ok, reason = Registry.default().get_backend("deepsparse").available()
+    if not ok:
+        pytest.skip(f"deepsparse unavailable: {reason}")
+    ort_only = tmp_path / "ort-only"
+    shutil.copytree(artifacts["llama"], ort_only)
+    value = helper.make_tensor_value_info
+    node = helper.make_node("FusedMatMul", ["x", "x"], ["logits"], domain="com.microsoft")
+    graph = helper.make_graph([node], "ort-only", [value("x", TensorProto.FLOAT, [2, 2])],
+                              [value("logits", TensorProto.FLOAT, [2, 2])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                                ir_version=8), str(ort_only / "onnx" / "ort-only.onnx"))
+    art = Artifact.load(ort_only)
+    lowering = art.manifest["lowering"]
+    art.update(manifest_updates={"lowering": dict(lowering, backend_files={**(lowering.get("backend_files") or {}),
+                                                                           "deepsparse": "onnx/ort-only.onnx"})})
+    no_kv = tmp_path / "no-kv"
+    shutil.copytree(artifacts["llama"], no_kv)
+    art = Artifact.load(no_kv)
+    art.update(manifest_updates={"lowering": {k: v for k, v in art.manifest["lowering"].items() if k != "kv"}})
+    for artifact, expected in ((ort_only, "opset domain 'com.microsoft', which DeepSparse cannot run"),
+                               (no_kv, "cannot serve completions: decode needs a causal-LM artifact lowered with its KV cache")):
+        res = subprocess.run(serve_cmd(artifact, free_port(), "--backend", "deepsparse"), capture_output=True, text=True,
+                             timeout=300)
+        errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+        assert res.returncode == 1 and len(errors) == 1 and expected in errors[0], res.stderr
+        assert "Traceback" not in res.stderr and "serving " not in res.stderr and "Uvicorn running" not in res.stderr
+
 NO_TORCH = "import sys; sys.modules['torch'] = None; from compiler.cli import main; main()"
 
 

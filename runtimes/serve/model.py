@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from compiler.artifact import Artifact
-from compiler.errors import ArtifactError
+from compiler.errors import ArtifactError, SparsecError
+from runtimes.decode.decoders import kv_shapes
 from runtimes.decode.loop import PAST, GenRequest, GenResult, KVLayout, SamplingParams
 from runtimes.serve.text import TextModel, length_buckets, load_text_model, pad_batch, pool
 
@@ -122,6 +123,9 @@ def open_artifact(path: str | Path, backend: str, plugins: tuple[str, ...] = ())
     registry = Registry.default(plugins, kinds=("backend",))
     check_backends_available(registry, [backend])
     onnx_path = find_onnx(artifact, backend)
+    check_graph = getattr(registry.get_backend(backend)(), "check_graph", None)
+    if check_graph is not None:  # what the backend cannot run: one line now, not a failed load after binding
+        check_graph(onnx_path)
     # a backend that runs its own lowered form (a directory: packed weights) keeps the generic graph's contract
     generic = artifact.path((artifact.manifest.get("lowering") or {}).get("files", {}).get("model", "onnx/model.onnx"))
     sig = read_signature(onnx_path if onnx_path.is_file() else generic)
@@ -132,6 +136,11 @@ def open_artifact(path: str | Path, backend: str, plugins: tuple[str, ...] = ())
         raise ArtifactError(f"artifact '{path}' has no model/ directory with a tokenizer: only /v1/infer could serve it")
     if task == TASK_COMPLETIONS and "logits" not in sig.output_names:
         raise ArtifactError(f"'{onnx_path}' has no 'logits' output: cannot generate text from it")
+    if task == TASK_COMPLETIONS:  # every decoder needs the KV-cache lowering
+        try:
+            kv_shapes(artifact.manifest.get("lowering") or {})
+        except SparsecError as exc:
+            raise ArtifactError(f"artifact '{path}' cannot serve completions: {exc}; recompile it with --backend") from None
     return ServeTarget(artifact, backend, onnx_path, sig, task, text, tuple(plugins))
 
 
