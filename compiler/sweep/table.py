@@ -87,7 +87,7 @@ SHORT = {"embedding_cosine": "cos", "perplexity": "ppl", "output_cosine": "cos"}
 
 def to_markdown(rows: list[Row]) -> str:
     """The table for humans (p50 = median latency; "front" marks the Pareto front per backend)."""
-    head = ["cell", "backend", "sparsity", "quality", "drop", "dense ms", "sparse ms", "speedup [95% CI] verdict", "front"]
+    head = ["cell", "backend", "sparsity", "quality", "drop", "dense p50 ms", "compiled p50 ms", "speedup [95% CI] verdict", "front"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * 6 + [":---:"]) + "|"]
     for r in rows:
         if r.status != "ok":
