@@ -150,3 +150,19 @@ def test_bad_replica_options_are_one_line_exit_2(cli, artifact, args, message):
     errors = [line for line in res.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], res.output
     assert not ray.is_initialized()
+
+
+def test_replica_options_map_to_ray_serve_deployment_settings():
+    """Fixed count -> num_replicas; bounds -> Serve's autoscaling_config (the live autoscaler is not exercised here)."""
+    from runtimes.serve.ray_deploy import ReplicaOptions
+
+    fixed = ReplicaOptions(replicas=2).deployment_options()
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0} and fixed["max_ongoing_requests"] >= 32
+    auto = ReplicaOptions(replicas=1, min_replicas=1, max_replicas=3, cpus_per_replica=0.5).deployment_options()
+    assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 0.5}
+    cfg = auto["autoscaling_config"]
+    assert (cfg["min_replicas"], cfg["max_replicas"], cfg["initial_replicas"]) == (1, 3, 1) and cfg["target_ongoing_requests"] > 0
+    from ray.serve.config import AutoscalingConfig
+
+    AutoscalingConfig(**cfg)  # Ray Serve accepts the settings as they are
