@@ -141,6 +141,9 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, tokenizer, cali
     for name, b in rep.get("backends", {}).items():
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
                    f"speedup {speedup_text(b)}, cosine {b.get('cosine'):.4f}, passed={b.get('passed')}")
+    from compiler.cli_runtime import echo_quality
+
+    echo_quality(rep)
     raise_for_gates(rep.get("backends", {}), f"see {result.out}/report.md")
 
 
@@ -158,14 +161,24 @@ def _checked_tokenizer(model: str, calib: str, tokenizer: str | None) -> str | N
     return str(Path(tokenizer).resolve()) if Path(tokenizer).is_dir() else tokenizer
 
 
+PROGRESS_AFTER_ENV = "SPARSEC_PROGRESS_AFTER"  # seconds into the passes before progress lines start (default 10)
+
+
 def _run_with_progress(fn):
-    """Run fn(progress, instruments) with a rich progress bar when stderr is a terminal."""
+    """Run fn(progress, instruments) with a rich progress bar when stderr is a terminal, else with plain
+    progress lines on stderr (pass, block i/n, elapsed seconds) once the passes have run for 10 s."""
     if sys.stderr.isatty():
         from compiler.instruments import RichProgressInstrument
 
         with RichProgressInstrument() as bar:
             return fn(None, [bar])
-    return fn(None, [])
+    from compiler.instruments import LogProgressInstrument
+
+    try:
+        quiet = float(os.environ.get(PROGRESS_AFTER_ENV, "10"))
+    except ValueError:
+        raise SparsecError(f"{PROGRESS_AFTER_ENV} must be a number of seconds, got '{os.environ[PROGRESS_AFTER_ENV]}'") from None
+    return fn(None, [LogProgressInstrument(sys.stderr, quiet_for=quiet)])
 
 
 @main.command("passes")
@@ -247,25 +260,28 @@ def inspect_cmd(artifact, as_json):
     console.print(f"[bold]{artifact}[/bold]  source={m['source'].get('model')}  type={m['source'].get('model_type')}")
     console.print(f"pipeline: {m['pipeline']}")
     console.print(f"calibration: {m.get('calibration')}")
-    ratios = m.get("analyses", {}).get("outlier_ratio", {})
-    table = Table("layer", "block", "params", "target", "measured", "pattern", "quant", "outlier %")
-    for name, p in m["plan"].items():
-        tgt = "dense" if p["target_sparsity"] is None else f"{p['target_sparsity']:.3f}"
-        r = ratios.get(name)
-        table.add_row(name, str(p["block"]), f"{p['params']:,}", tgt, f"{p['measured_sparsity']:.3f}",
-                      p.get("pattern") or "", p.get("quant") or "", "" if r is None else f"{100 * r:.2f}")
-    console.print(table)
-    passes = Table("pass", "seconds", "modified", "metrics")
+    _print_plan(console, m)
+    from rich import box
+
+    passes = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    passes.add_column("pass", no_wrap=True)
+    passes.add_column("seconds", justify="right", no_wrap=True)
+    passes.add_column("modified", no_wrap=True)
+    passes.add_column("metrics", overflow="fold")
     for p in report.get("passes", []):
         metrics = {k: v for k, v in p["metrics"].items() if not isinstance(v, (dict, list))}
-        passes.add_row(p["name"], f"{p['seconds']:.2f}", str(p["modified"]), ", ".join(f"{k}={v}" for k, v in metrics.items()))
+        passes.add_row(p["name"], f"{p['seconds']:.2f}", str(p["modified"]),
+                       ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     console.print(passes)
     _print_allocation_candidates(console, m.get("analyses", {}).get("allocation_candidates"))
     if report.get("backends"):
         from compiler.cli_runtime import speedup_text
         from runtimes.measure.machine import MachineRecord, same_machine
 
-        bt = Table("backend", "dense p50 ms", "compiled p50 ms", "speedup [95% CI] verdict", "cosine", "max abs diff", "passed")
+        bt = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+        bt.add_column("backend", no_wrap=True)
+        for col in ("dense p50 ms", "compiled p50 ms", "speedup [95% CI] verdict", "cosine", "max abs diff", "passed"):
+            bt.add_column(col, overflow="fold")
         for name, b in report["backends"].items():
             bt.add_row(name, f"{b['dense_p50_ms']:.2f}", f"{b['compiled_p50_ms']:.2f}", speedup_text(b),
                        f"{b['cosine']:.5f}", f"{b['max_abs_diff']:.3g}", str(b["passed"]))
@@ -278,6 +294,48 @@ def inspect_cmd(artifact, as_json):
     from compiler.report import headline
 
     console.print(f"measured {headline(s)}")
+    from compiler.cli_runtime import QUALITY_COLOURS
+    from compiler.report import quality_line, quality_verdict
+
+    q = quality_verdict(report)
+    if q:
+        console.print(quality_line(q), style=f"bold {QUALITY_COLOURS[q['verdict']]}", markup=False)
+
+
+def _print_plan(console, m: dict) -> None:
+    """The per-layer plan, readable in 80 columns: a layer inside a block is named relative to its block (the
+    block's own prefix is said once, above), and a column whose value is the same for every layer (pattern,
+    quant) becomes one line above the table instead."""
+    from rich import box
+    from rich.table import Table
+
+    from compiler.report import relative_layer_names
+
+    plan, ratios = m["plan"], m.get("analyses", {}).get("outlier_ratio", {})
+    names, prefix = relative_layer_names(m)
+    if prefix:
+        console.print(f"layer names are relative to their block: block k = {prefix}", markup=False)
+    pruned = [p for p in plan.values() if p["target_sparsity"] is not None] or list(plan.values())
+    shared = {key: {p.get(key) or "" for p in pruned} for key in ("pattern", "quant")}
+    uniform = {k: next(iter(v)) for k, v in shared.items() if len(v) == 1}
+    if any(uniform.values()):
+        console.print("every pruned layer: " + ", ".join(f"{k} {v}" for k, v in uniform.items() if v), markup=False)
+    extra = [k for k in ("pattern", "quant") if k not in uniform]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("layer", overflow="fold")
+    for col in ("block", "params", "target", "measured", *extra):
+        table.add_column(col, justify="right" if col not in extra else "left", no_wrap=True)
+    if ratios:
+        table.add_column("outlier %", justify="right", no_wrap=True)
+    for name, p in plan.items():
+        tgt = "dense" if p["target_sparsity"] is None else f"{p['target_sparsity']:.3f}"
+        row = [names[name], "" if p["block"] is None else str(p["block"]), f"{p['params']:,}", tgt,
+               f"{p['measured_sparsity']:.3f}", *(p.get(k) or "" for k in extra)]
+        if ratios:
+            r = ratios.get(name)
+            row.append("" if r is None else f"{100 * r:.2f}")
+        table.add_row(*row)
+    console.print(table)
 
 
 def _print_allocation_candidates(console, auto) -> None:
@@ -301,6 +359,7 @@ def _print_allocation_candidates(console, auto) -> None:
 # Subcommands defined in their own modules (they import only click at the top): registered last.
 from compiler.cli_backends import install_cmd  # noqa: E402
 from compiler.cli_eval import eval_cmd  # noqa: E402
+from compiler.cli_lower import lower_cmd  # noqa: E402
 from compiler.cli_runtime import bench_cmd, verify_cmd  # noqa: E402
 from compiler.cli_serve import package_cmd, serve_cmd  # noqa: E402
 from compiler.cli_sweep import sweep_cmd  # noqa: E402
@@ -311,6 +370,7 @@ main.add_command(package_cmd)
 backends_cmd.add_command(install_cmd)
 main.add_command(verify_cmd)
 main.add_command(bench_cmd)
+main.add_command(lower_cmd)
 main.add_command(sweep_cmd)
 
 

@@ -12,29 +12,40 @@ from pathlib import Path
 
 import click
 
-from compiler.errors import BackendUnavailable, SparsecError
+from compiler.cli_lower import registry_with
+from compiler.errors import SparsecError
 
 
 def _backends(text: str | None, art) -> tuple[str, ...]:
-    if text:
-        names = tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
-        if not names:
-            raise SparsecError("--backend: no backend named")
-        return names
-    previous = tuple(art.report.get("backends", {}))
-    return previous or ("onnxruntime",)
+    """The backends to run: --backend, else those verified before, else those lowered for, else onnxruntime.
+    Refused (pointing to `sparsec lower`) when the artifact is not lowered for one of them."""
+    from compiler.cli_lower import lowered_for, parse_backends
+    from runtimes.registry_helpers import check_backends_available
+
+    lowered = lowered_for(art.manifest, art.report)
+    names = parse_backends(text) if text else tuple(art.report.get("backends", {})) or tuple(lowered) or ("onnxruntime",)
+    registry = registry_with(names)
+    check_backends_available(registry, names)  # unknown or not installed: exit 3 first
+    missing = names if not art.manifest.get("lowering") else _not_lowered_for(art.manifest, names, registry)
+    if missing:
+        what = "has no lowered model" if not art.manifest.get("lowering") else f"is not lowered for {', '.join(missing)}"
+        raise SparsecError(f"artifact '{art.root}' {what}: run `sparsec lower {art.root} --backend {','.join(names)}` "
+                           "(or compile with --backend)")
+    return names
 
 
-def _registry_with(names: tuple[str, ...]):
-    """The registry, with unknown backend names reported like unavailable ones (exit 3)."""
-    from compiler.registry import Registry
+def _not_lowered_for(manifest: dict, names: tuple[str, ...], registry) -> list[str]:
+    """Backends the artifact's lowering does not serve: the generic ONNX graph serves any backend, except one
+    with a lowered form of its own (`Backend.lower`) or, in a quantized plan, a per-backend variant."""
+    from runtimes.base import Backend
 
-    reg = Registry.default()
-    unknown = [n for n in names if n not in reg.backends]
-    if unknown:
-        raise BackendUnavailable(f"unknown backend '{unknown[0]}' (known: {', '.join(sorted(reg.backends))}); "
-                                 f"`sparsec backends` lists them with install commands")
-    return reg
+    lowering = manifest["lowering"]
+    recorded = lowering.get("lowered_for")
+    if recorded is None:  # lowered by an older compile: its backends are unknown
+        return []
+    quantized = any(p.get("quant") for p in manifest.get("plan", {}).values())
+    own_form = {n for n in names if registry.get_backend(n).lower is not Backend.lower}
+    return [n for n in names if n not in recorded and (quantized or n in own_form)]
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -66,7 +77,7 @@ def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tok
     VerifyOptions.from_dict(options)  # bad numbers fail before any loading
     art = Artifact.load(artifact)
     names = _backends(backends, art)
-    results = verify_backends(art.root, art.manifest, names, _registry_with(names), options)
+    results = verify_backends(art.root, art.manifest, names, registry_with(names), options)
     report = art.report
     report.setdefault("backends", {}).update(results)
     _write_text_atomic(art.root / REPORT_MD, render_markdown(report, art.manifest))
@@ -99,12 +110,26 @@ def _print_results(results: dict) -> None:
         from runtimes.measure.machine import MachineRecord
 
         console.print(f"machine: {MachineRecord(**any_r['machine']).summary()}")
+    echo_quality({"backends": results})
     for name, r in results.items():
         if "decode" in r:
             d = r["decode"]
             console.print(f"{name} decode ({d['new_tokens']} greedy tokens, batch 1): dense {d['dense_tokens_per_s']:.1f} tokens/s, "
                           f"compiled {d['compiled_tokens_per_s']:.1f} tokens/s (step p50 {d['compiled_p50_ms']:.2f} ms), "
                           f"speedup {speedup_text(d)}, same tokens as dense: {d['same_tokens_as_dense']}")
+
+
+QUALITY_COLOURS = {"good": "green", "degraded": "yellow", "poor": "red"}
+
+
+def echo_quality(report: dict) -> None:
+    """The quality verdict line (compiled vs dense agreement, compiler/report.py thresholds), coloured;
+    nothing when nothing was measured."""
+    from compiler.report import quality_line, quality_verdict
+
+    q = quality_verdict(report)
+    if q:
+        click.secho(quality_line(q), fg=QUALITY_COLOURS[q["verdict"]], bold=q["verdict"] != "good")
 
 
 def speedup_text(r: dict) -> str:
@@ -144,8 +169,8 @@ def bench_cmd(artifact, backends, batch_sizes, threads, seqlen, runs, max_accura
     if decode:
         from runtimes.measure.decode_bench import run_decode_bench
 
-        return run_decode_bench(art, names, _registry_with(names), thread_counts, seqlen, tokens, out)
-    result = bench_artifact(art.root, art.manifest, names, _registry_with(names), sizes, thread_counts,
+        return run_decode_bench(art, names, registry_with(names), thread_counts, seqlen, tokens, out)
+    result = bench_artifact(art.root, art.manifest, names, registry_with(names), sizes, thread_counts,
                             {"seqlen": seqlen, "runs": runs}, max_accuracy_drop)
     if out is None:
         art.update(files={"bench.json": result})

@@ -252,6 +252,7 @@ def _compile_loaded(opts: CompileOptions, ir: ModelIR, pipeline: Pipeline, regis
             lower_for_backends(registry, backends, root, lowering, manifest["plan"], opts.verify)
             cache_dense_reference(dense, source_hash, opts.verify, calib, reference_quants(ir.plan, backends, registry),
                                   needs_source_model(backends, registry))
+            lowering["lowered_for"] = list(backends)
             manifest["lowering"] = lowering
             report["backends"] = verify_backends(root, manifest, backends, registry, opts.verify)
         report["compile_seconds"] = round(time.perf_counter() - started, 3)

@@ -89,3 +89,46 @@ class RichProgressInstrument:
         if self.inner is None:
             self.inner = self.progress.add_task(what, total=total)
         self.progress.update(self.inner, completed=done, total=total, description=f"  {what}")
+
+
+class LogProgressInstrument:
+    """Plain progress lines on a stream (stderr when it is not a terminal: CI logs, `2> log`, pipes), so a
+    long compile is never silent: `[   12.3s] pass 2/3 prune`, `[   40.1s] prune: 3/30` (blocks done,
+    for the block-wise passes; steps for the others).
+    Within a pass a line is written for the first and last step and at most every `interval` seconds. Nothing is
+    written during the first `quiet_for` seconds of the first pipeline run: a compile whose passes end (or
+    fail on their input) by then stays as terse as before, and its one-line error stays one line, however
+    long the imports and the model load took. The stamps count from the start of the compile."""
+
+    def __init__(self, stream: Any, interval: float = 10.0, quiet_for: float = 10.0):
+        self.stream = stream
+        self.interval = interval
+        self.quiet_for = quiet_for
+        self.started = time.perf_counter()
+        self.count = 0
+        self.total = 0
+        self._last_line = 0.0
+        self._speak_from: float | None = None  # set when the first pipeline starts
+
+    def line(self, text: str) -> None:
+        if self._speak_from is None or time.perf_counter() < self._speak_from:
+            return
+        self.stream.write(f"[{time.perf_counter() - self.started:8.1f}s] {text}\n")
+        self.stream.flush()
+        self._last_line = time.perf_counter()
+
+    def on_pipeline_start(self, pipeline: Any) -> None:
+        self.count, self.total = 0, len(pipeline.passes)
+        if self._speak_from is None:
+            self._speak_from = time.perf_counter() + self.quiet_for
+
+    def before_pass(self, pass_: Any, ir: ModelIR) -> None:
+        self.count += 1
+        self.line(f"pass {self.count}/{self.total} {pass_.name}")
+
+    def after_pass(self, pass_: Any, result: Any, seconds: float) -> None:
+        self.line(f"pass {pass_.name} done in {seconds:.1f}s")
+
+    def on_progress(self, what: str, done: int, total: int) -> None:
+        if done <= 1 or done >= total or time.perf_counter() - self._last_line >= self.interval:
+            self.line(f"{what}: {done}/{total}")

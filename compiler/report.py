@@ -68,6 +68,75 @@ def headline(s: dict[str, Any]) -> str:
             f"{s.get('layers_pruned', 0)}/{s.get('layers_total', 0)} pruned layers{tail}")
 
 
+# The quality verdict (README "Quality verdict"): each agreement metric with the dense model gets a grade
+# by these thresholds, and the worst grade is the verdict. (good, degraded) bounds; below/above: poor.
+QUALITY_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "cosine": (0.98, 0.90),  # compiled vs dense outputs (embeddings, logits): higher is better
+    "top-1 agreement": (0.90, 0.70),  # LMs: same next token as dense, held-out text
+    "perplexity ratio": (1.10, 1.50),  # LMs: compiled / dense perplexity, held-out text: lower is better
+}
+QUALITY_ORDER = ("good", "degraded", "poor")
+
+
+def _grade(metric: str, value: float) -> str:
+    good, degraded = QUALITY_THRESHOLDS[metric]
+    if metric == "perplexity ratio":
+        return "good" if value <= good else "degraded" if value <= degraded else "poor"
+    return "good" if value >= good else "degraded" if value >= degraded else "poor"
+
+
+def quality_verdict(report: dict[str, Any]) -> dict[str, Any] | None:
+    """{"verdict": good|degraded|poor, "evidence": [{what, metric, value, grade}]} from the held-out evaluation
+    and every backend's output cosine; None when nothing was measured. A gate that passed says only that the
+    thresholds the user set were met: this verdict is shown beside it so a bad model is never silently "passed"."""
+    evidence = []
+
+    def add(what: str, metric: str, value: Any) -> None:
+        if isinstance(value, (int, float)) and value == value:
+            evidence.append({"what": what, "metric": metric, "value": float(value), "grade": _grade(metric, float(value))})
+
+    ev = report.get("evaluation") or {}
+    if ev.get("metric") == "perplexity":
+        add("held-out", "perplexity ratio", ev.get("ratio"))
+        add("held-out", "top-1 agreement", ev.get("top1_agreement"))
+    elif ev.get("metric") in ("embedding_cosine", "output_cosine"):
+        add("held-out", "cosine", ev.get("compiled"))
+    for name, b in (report.get("backends") or {}).items():
+        add(name, "cosine", b.get("cosine"))
+    if not evidence:
+        return None
+    worst = max(evidence, key=lambda e: QUALITY_ORDER.index(e["grade"]))
+    return {"verdict": worst["grade"], "evidence": evidence, "worst": worst}
+
+
+def quality_line(q: dict[str, Any]) -> str:
+    """'quality: poor — held-out cosine 0.6100 (poor below 0.90; good from 0.98)'."""
+    w = q["worst"]
+    good, degraded = QUALITY_THRESHOLDS[w["metric"]]
+    if w["metric"] == "perplexity ratio":
+        bounds = f"good up to {good}, poor above {degraded}"
+    else:
+        bounds = f"good from {good}, poor below {degraded}"
+    return f"quality: {q['verdict']} — {w['what']} {w['metric']} {w['value']:.4f} vs dense ({bounds})"
+
+
+def relative_layer_names(manifest: dict[str, Any]) -> tuple[dict[str, str], str]:
+    """Layer name -> the name shown in narrow tables (relative to its block when it is inside one), and how a
+    block's prefix reads ("encoder.layer.<k>"; "" when no layer was shortened). For an 80-column terminal."""
+    blocks = {b["index"]: b["name"] for b in (manifest.get("structure") or {}).get("blocks", []) if b.get("name")}
+    shown = {}
+    for name, p in (manifest.get("plan") or {}).items():
+        block = blocks.get(p.get("block"))
+        shown[name] = name[len(block) + 1:] if block and name.startswith(block + ".") else name
+    if shown == {n: n for n in shown}:
+        return shown, ""
+    heads = {b.rpartition(".")[0] for b in blocks.values()}
+    tails_are_indices = all(b.rpartition(".")[2] == str(i) for i, b in blocks.items())
+    prefix = f"{next(iter(heads))}.<k>" if len(heads) == 1 and tails_are_indices and next(iter(heads)) else \
+        "; ".join(f"{i} = {b}" for i, b in sorted(blocks.items()))
+    return shown, prefix
+
+
 def budget_lines(b: dict[str, Any]) -> list[str]:
     """The accuracy-budget search in words: the budget, every trial, the choice."""
     lines = [f"budget: drop <= {b['max_drop']} ({b['drop_definition']}) on '{b['data']}'; "
@@ -95,6 +164,7 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     s = report.get("sparsity", {})
     lines += [f"- pipeline: `{report.get('pipeline')}`",
               f"- measured {headline(s)}",
+              *([f"- {quality_line(q)}"] if (q := quality_verdict(report)) else []),
               f"- calibration: {_fmt(manifest.get('calibration', {}))}", ""]
     lines += ["## Passes", "", "| pass | seconds | modified | metrics |", "|---|---:|---|---|"]
     for p in report.get("passes", []):

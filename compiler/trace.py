@@ -101,6 +101,19 @@ def load_model(model: str, *, torch_dtype: torch.dtype = torch.float32, tokenize
     raise ModelLoadError(f"model '{model}' not found: no such directory, and not a hub id or module:factory")
 
 
+def hub_hint(environ: Any = None) -> str:
+    """Where a hub id was looked for, and what to do, given the environment: advising HF_HUB_OFFLINE=1 to a
+    user who has set it already only sends them in a circle."""
+    import os
+
+    env = os.environ if environ is None else environ
+    offline = [v for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if env.get(v, "").strip().lower() in ("1", "true", "yes", "on")]
+    if offline:
+        return (f"the local Hugging Face cache only ({offline[0]} is set: nothing is downloaded; unset it to download "
+                "the model once, or pass a local model directory)")
+    return "the hub (is it reachable? with HF_HUB_OFFLINE=1 only the local Hugging Face cache is used)"
+
+
 def _hf_task(config: Any) -> str:
     archs = [a for a in (getattr(config, "architectures", None) or [])]
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
@@ -128,7 +141,7 @@ def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool, tokeni
     try:
         config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:  # noqa: BLE001 - report any loader failure on one line
-        where = "local directory" if local else "the hub (is it reachable? set HF_HUB_OFFLINE=1 for local use)"
+        where = "local directory" if local else hub_hint()
         raise ModelLoadError(f"cannot load model config of '{name_or_path}' from {where}: {exc}") from exc
     task = _hf_task(config)
     explicit = load_tokenizer(tokenizer, config) if tokenizer else None  # before the (slow) weights

@@ -4,6 +4,7 @@ result, never a traceback after minutes of work. Tiny models only (compiler/tiny
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -49,7 +50,8 @@ def _limit_file_size() -> None:
 
 def test_write_failure_is_one_line_and_leaves_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
-    res = _sparsec("compile", tiny_model_dir("llama"), "-o", out, *QUICK, preexec_fn=_limit_file_size)
+    res = _sparsec("compile", tiny_model_dir("llama"), "-o", out, *QUICK, preexec_fn=_limit_file_size,
+                   env={"SPARSEC_PROGRESS_AFTER": "600"})  # no progress lines: stderr is the error alone
     assert res.returncode == 1, res.stderr
     lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot write artifact"), res.stderr
@@ -118,3 +120,82 @@ def test_tokenizer_option_calibrates_on_text(cli, bare_model_dir, tiny_model_dir
 def test_bad_tokenizer_is_one_line(cli, bare_model_dir, tmp_path):
     line = _one_line_error(cli("compile", bare_model_dir("opt"), "-o", tmp_path / "o", "--tokenizer", tmp_path / "nothing"))
     assert "tokenizer" in line
+
+
+# -- 3. an artifact compiled without --backend -----------------------------------------------------
+def test_lower_an_artifact_compiled_without_backend_then_verify(cli, tiny_model_dir, tmp_path):
+    from compiler.artifact import Artifact
+
+    art = tmp_path / "art"
+    assert cli("compile", tiny_model_dir("llama"), "-o", art, "--sparsity", "0.5", "--allocation", "uniform",
+               "--calib-samples", "2", "--calib-seqlen", "16").exit_code == 0
+    line = _one_line_error(cli("verify", art, "--backend", "onnxruntime", "--runs", "2"))
+    assert f"sparsec lower {art} --backend onnxruntime" in line
+    model_bytes = (art / "model" / "model.safetensors").read_bytes()
+
+    r = cli("lower", art, "--backend", "onnxruntime")
+    assert r.exit_code == 0, r.output
+    m = Artifact.load(art).manifest  # sha256 of every file, the new graph included
+    assert m["lowering"]["lowered_for"] == ["onnxruntime"] and "onnx/model.onnx" in m["files"]
+    assert (art / "model" / "model.safetensors").read_bytes() == model_bytes  # the compiled model is untouched
+    assert not list(tmp_path.glob(".art.*"))  # no temp directory left behind
+
+    r = cli("verify", art, "--backend", "onnxruntime", "--runs", "2", "--seqlen", "16", "--json")
+    assert r.exit_code == 0, r.output
+    assert max(m["lowering"]["numerics"].values()) < 1e-3  # the graph computes what the compiled torch model does
+    result = Artifact.load(art).report["backends"]["onnxruntime"]
+    assert result["passed"] and 0.5 < result["cosine"] <= 1.0 + 1e-6  # 50% of a random tiny model vs its dense self
+
+
+def test_lower_bad_input_is_one_line(cli, tiny_model_dir, tmp_path):
+    assert "does not exist" in _one_line_error(cli("lower", tmp_path / "nothing", "--backend", "onnxruntime"))
+
+
+# -- 4. the offline-hub message ------------------------------------------------------------------
+def test_offline_hub_error_does_not_advise_what_is_already_set(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    line = _one_line_error(cli("compile", "someorg/no-such-model", "-o", tmp_path / "o"))
+    assert "HF_HUB_OFFLINE is set" in line and "set HF_HUB_OFFLINE=1" not in line
+    from compiler.trace import hub_hint
+
+    assert "with HF_HUB_OFFLINE=1 only the local" in hub_hint({})  # online: the variable is the way to stay local
+    assert "TRANSFORMERS_OFFLINE is set" in hub_hint({"TRANSFORMERS_OFFLINE": "1"})
+
+
+# -- 5. progress when stderr is not a terminal ---------------------------------------------------
+def test_compile_logs_progress_lines_when_stderr_is_piped(tiny_model_dir, tmp_path):
+    res = _sparsec("compile", tiny_model_dir("llama"), "-o", tmp_path / "art", "--sparsity", "0.5", "--allocation", "uniform",
+                   "--calib-samples", "2", "--calib-seqlen", "16", env={"SPARSEC_PROGRESS_AFTER": "0"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.splitlines()
+    stamped = [line for line in lines if re.match(r"^\[\s*\d+\.\d+s\] ", line)]
+    assert any(line.endswith("] pass 1/2 sparsity-allocation") for line in stamped), res.stderr
+    assert any(line.endswith("] pass 2/2 prune") for line in stamped), res.stderr
+    assert any(line.endswith("] prune: 1/2") for line in stamped) and any(line.endswith("] prune: 2/2") for line in stamped)
+    assert any(re.search(r"\] pass prune done in \d+\.\ds$", line) for line in stamped)
+    assert "\x1b[" not in res.stderr  # plain lines, no terminal control codes
+
+
+# -- 6. a bad result is flagged; inspect fits 80 columns ------------------------------------------
+def test_poor_quality_is_flagged_and_inspect_fits_80_columns(cli, minilm_dir, tmp_path):
+    from compiler.artifact import Artifact
+    from compiler.report import quality_verdict
+
+    art = tmp_path / "art"
+    r = cli("compile", minilm_dir, "-o", art, "--sparsity", "0.9", "--method", "magnitude", "--allocation",
+            "uniform", "--calib-samples", "2", "--calib-seqlen", "16", "--backend", "onnxruntime", "--runs", "2",
+            "--seqlen", "16")
+    assert r.exit_code == 0, r.output  # no gate was set: the gates "pass" ...
+    cosine = Artifact.load(art).report["backends"]["onnxruntime"]["cosine"]
+    assert cosine < 0.90, cosine  # ... on a model that 90% magnitude pruning broke
+    assert "passed=True" in r.output and "quality: poor" in r.output  # ... and the summary says how bad it is
+    assert quality_verdict(Artifact.load(art).report)["verdict"] == "poor"
+    assert "quality: poor" in (art / "report.md").read_text()
+
+    res = _sparsec("inspect", art, env={"COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, res.stdout
+    assert "…" not in res.stdout, res.stdout  # nothing cut
+    assert "block k = encoder.layer.<k>" in res.stdout and "attention.self.query" in res.stdout
+    assert "quality: poor" in res.stdout

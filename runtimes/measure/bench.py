@@ -51,7 +51,7 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
     base = VerifyOptions.from_dict(options)
     lowering = manifest.get("lowering")
     if not lowering:
-        raise SparsecError(f"artifact '{root}' has no lowered model: compile it with --backend to lower it to ONNX")
+        raise SparsecError(f"artifact '{root}' has no lowered model: run `sparsec lower {root} --backend B` (or compile with --backend)")
     check_backends_available(registry, backends)
     dense_root = dense_reference(manifest, options, backends, registry)
     rows: list[dict[str, Any]] = []

@@ -189,7 +189,7 @@ def verify_backends(root: Path, manifest: dict[str, Any], backends: tuple[str, .
     root = Path(root)
     lowering = manifest.get("lowering")
     if not lowering:
-        raise SparsecError(f"artifact '{root}' has no lowered model: compile it with --backend to lower it to ONNX")
+        raise SparsecError(f"artifact '{root}' has no lowered model: run `sparsec lower {root} --backend B` (or compile with --backend)")
     backends = tuple(backends)
     check_backends_available(registry, backends)
     dense_root = dense_reference(manifest, options, backends, registry)
