@@ -358,7 +358,8 @@ def test_request_cap_never_exceeds_the_queue(artifacts, tmp_path):
 
 def test_sigterm_answers_requests_on_open_keep_alive_connections(artifacts, tmp_path):
     """A keep-alive connection idle at SIGTERM stays open while in-flight requests finish; a request
-    sent on it then gets 503 + Connection: close (before: the connection was closed under it)."""
+    sent on it then gets 503 + Connection: close (before: the connection was closed under it, and the
+    request got a transport error)."""
     server = start_server(artifacts["bert"], tmp_path, "--max-batch-size", "1", "--max-wait-ms", "0", "--no-access-log")
     body = {"input": ["a fairly long sentence for the tiny model to chew on " * 6] * 24}
     n = 16
@@ -376,15 +377,18 @@ def test_sigterm_answers_requests_on_open_keep_alive_connections(artifacts, tmp_
             else:
                 pytest.fail("requests never all reached the server")
             server.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.1)
-            late = await asyncio.to_thread(keep.post, "/v1/embeddings", json={"input": "late"})
-            return late, await asyncio.gather(*tasks)
+            probes = []  # on the kept connection until the server starts draining (no transport error)
+            while len(probes) < 500 and (not probes or probes[-1].status_code == 200):
+                await asyncio.sleep(0.02)
+                probes.append(await asyncio.to_thread(keep.get, "/healthz"))
+            return probes, await asyncio.gather(*tasks)
 
     try:
-        late, responses = asyncio.run(scenario())
+        probes, responses = asyncio.run(scenario())
     finally:
         keep.close()
-    assert late.status_code == 503, late.text
+    late = probes[-1]
+    assert late.status_code == 503 and {p.status_code for p in probes[:-1]} <= {200}, late.text
     assert late.headers["connection"] == "close" and late.headers["retry-after"] == "1"
     assert "shutting down" in late.json()["error"]["message"]
     assert [r.status_code for r in responses] == [200] * n
