@@ -15,12 +15,20 @@ records the CPU seconds of one dense forward over the calibration set (the compi
 Calibration samples are built once and shared by every run. Prints a
 rich table and writes benchmarks/results/quality.json and quality.png. Bounded: --max-minutes stops
 launching new runs (finished ones are kept; `--resume` runs the missing ones later).
+
+`--cells` runs an explicit list in the order given (most informative first), each with its own recovery
+variants, e.g. `--cells "uniform/wanda/0.5,owl/wanda/0.5/none;prune-grow,uniform/wanda/2:4"`;
+`--merge` keeps the rows other runs already wrote to --out (under a file lock), so two processes can
+fill one grid. The meta records the command, CPU model, `uptime`, and each row its load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +55,30 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and run only the missing ones")
     ap.add_argument("--recover", default="none", help="recovery variants per pruned model: none,reconstruct,prune-grow,finetune,...")
     ap.add_argument("--greedy-prompts", type=int, default=0, help="LMs: greedy-continuation prompts per evaluation (0: skip)")
+    ap.add_argument("--cells", default="", help="ordered ALLOC/METHOD/SETTING[/REC;REC...] list (SETTING: 0.5 or 2:4); "
+                    "overrides --allocations/--methods/--sparsities/--patterns")
+    ap.add_argument("--merge", action="store_true", help="keep rows other runs wrote to --out (file-locked writes)")
     return ap.parse_args()
 
 
+def _cell(text: str) -> dict:
+    parts = text.strip().split("/")
+    if len(parts) not in (3, 4):
+        raise SystemExit(f"error: --cells entry '{text}' is not ALLOC/METHOD/SETTING[/REC;REC]")
+    alloc, meth, setting = parts[:3]
+    if ":" in setting:
+        n, m = (int(v) for v in setting.split(":"))
+        cfg = {"allocation": alloc, "method": meth, "setting": setting, "sparsity": 1 - n / m, "pattern": setting}
+    else:
+        cfg = {"allocation": alloc, "method": meth, "setting": f"{float(setting):.0%}", "sparsity": float(setting), "pattern": None}
+    if len(parts) == 4:
+        cfg["recover"] = [r for r in parts[3].split(";") if r]
+    return cfg
+
+
 def configs(args: argparse.Namespace) -> list[dict]:
+    if args.cells:
+        return [_cell(c) for c in args.cells.split(",") if c.strip()]
     allocs = [a for a in args.allocations.split(",") if a]
     methods = [m for m in args.methods.split(",") if m]
     out = [{"allocation": a, "method": m, "setting": f"{float(s):.0%}", "sparsity": float(s), "pattern": None}
@@ -83,6 +111,8 @@ def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> Iterat
     from compiler.compile import shorthand_spec
     from compiler.pass_infra import PassContext
 
+    cfg = dict(cfg)
+    recoveries = cfg.pop("recover", recoveries)
     spec = shorthand_spec(cfg["sparsity"], cfg["allocation"], cfg["method"], cfg["pattern"])
     ctx = PassContext(calibration=calib, extras={"dense": dense})
     run, seconds, cpu = _timed_run(spec, dense.clone(), ctx)
@@ -100,7 +130,8 @@ def run_one(dense, calib, cfg: dict, reference, recoveries: list[str]) -> Iterat
                      "recovery_cpu_seconds": rcpu,
                      "recovery_metrics": {r.name: {k: v for k, v in r.metrics.items() if not isinstance(v, (dict, list))}
                                           for r in rrun.records}}
-        yield {**base, **extra, "measured_sparsity": round(_measured(model), 4), **reference.compare(model)}
+        yield {**base, **extra, "measured_sparsity": round(_measured(model), 4), **reference.compare(model),
+               "load_average": [round(v, 2) for v in os.getloadavg()]}
 
 
 def dense_forward_cpu(dense, calib) -> dict:
@@ -120,10 +151,12 @@ def dense_forward_cpu(dense, calib) -> dict:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     """The same table as the console's, as Markdown (written beside the JSON)."""
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
+    settings = sorted(dict.fromkeys(r["setting"] for r in rows), key=lambda s: (":" in s, s))
     metric = rows[0]["metric"]
     lines = [f"{meta['model']}: {metric} vs dense ({meta['dense']:.4g}), held-out '{meta['eval_data']}' text; "
              f"calibration {meta['calibration']['samples']} x {meta['calibration']['seqlen']}, {meta['threads']} threads", "",
+             *[f"Command: `{c}`" for c in meta.get("commands", [])], "",
+             *([f"CPU: {meta['cpu']}; `uptime` at the last write: {meta['uptime']}", ""] if meta.get("uptime") else []),
              "| allocation | method | recovery | " + " | ".join(settings) + " |", "|---|---|---|" + "---:|" * len(settings)]
     agree = "top1_agreement" in rows[0]
     for alloc, meth, rec in dict.fromkeys((r["allocation"], r["method"], r.get("recovery", "none")) for r in rows):
@@ -138,6 +171,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         lines.append(f"| {r['allocation']} | {r['method']} | {r.get('recovery', 'none')} | {r['setting']} | {r['compile_seconds']} | "
                      f"{r.get('compile_cpu_seconds', '')} | {r.get('recovery_seconds', '')} | {r.get('recovery_cpu_seconds', '')} |")
+    missing = [c for c in meta.get("requested", []) if c not in {_key(r) for r in rows}]
+    if missing:
+        lines += ["", "Requested but not run (yet): " + ", ".join(" / ".join(c) for c in missing) + "."]
     if meta.get("dense_forward_cpu_seconds") is not None:
         lines += ["", f"One dense forward over the calibration set: {meta['dense_forward_seconds']} s wall, "
                   f"{meta['dense_forward_cpu_seconds']} CPU s."]
@@ -213,8 +249,10 @@ def main() -> None:
     rows, todo = [], configs(args)
     if args.resume and args.out.is_file():
         rows = [r for r in json.loads(args.out.read_text())["rows"] if r["model"] == args.model]
-        done = {(r["allocation"], r["method"], r["setting"]) for r in rows if r.get("recovery", "none") in recoveries}
-        todo = [c for c in todo if (c["allocation"], c["method"], c["setting"]) not in done]
+        done = {_key(r) for r in rows}
+        todo = [{**c, "recover": [x for x in c.get("recover", recoveries) if (c["allocation"], c["method"], c["setting"], x) not in done]}
+                for c in todo]
+        todo = [c for c in todo if c["recover"]]
     for i, cfg in enumerate(todo):
         if time.time() > deadline:
             console.print(f"[yellow]time limit: {len(todo) - i} runs not started[/yellow]")
@@ -232,19 +270,58 @@ def main() -> None:
     _write(args, rows, calib, eval_cfg, cost, console, final=True)
 
 
+def _key(r: dict) -> tuple:
+    return (r["allocation"], r["method"], r["setting"], r.get("recovery", "none"))
+
+
+def _requested(args: argparse.Namespace) -> list[tuple]:
+    recoveries = [r for r in args.recover.split(",") if r]
+    return [(c["allocation"], c["method"], c["setting"], rec) for c in configs(args) for rec in c.get("recover", recoveries)]
+
+
+def _machine() -> dict:
+    """CPU model and `uptime` (figures from a shared machine are read against its load)."""
+    cpu = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')} model {fields.get('model', '?')}), {os.cpu_count()} CPUs"
+    except OSError:
+        pass
+    try:
+        up = subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        up = ""
+    return {"cpu": cpu, "uptime": up}
+
+
 def _write(args, rows, calib, eval_cfg, cost, console, final: bool) -> None:
     """Results so far (after every row, so an interrupted run keeps what it measured)."""
-    import os
+    import fcntl
 
-    order = {(c["allocation"], c["method"], c["setting"]): i for i, c in enumerate(configs(args))}
-    rows.sort(key=lambda r: order.get((r["allocation"], r["method"], r["setting"]), len(order)))
-    metric = rows[0]["metric"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"model": args.model, "calibration": calib.manifest(), "eval": vars(eval_cfg), "eval_data": args.eval_data,
-            "dense": rows[0]["dense"], "torch": torch.__version__, "threads": args.threads, **cost,
-            "load_average": os.getloadavg()}
-    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    args.out.with_suffix(".md").write_text(markdown(rows, meta))
+    requested = _requested(args)
+    commands = ["python " + " ".join(["benchmarks/quality.py", *sys.argv[1:]])]
+    with open(args.out, "a+") as lock:  # --merge: another process may write the same file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mine = {_key(r) for r in rows}
+        out_rows = list(rows)
+        if args.merge and args.out.stat().st_size:
+            old = json.loads(args.out.read_text())
+            out_rows += [r for r in old["rows"] if r["model"] == args.model and _key(r) not in mine]
+            requested += [tuple(c) for c in old["meta"].get("requested", []) if tuple(c) not in requested]
+            commands += [c for c in old["meta"].get("commands", []) if c not in commands]
+        order = {c: i for i, c in enumerate(requested)}
+        out_rows.sort(key=lambda r: order.get(_key(r), len(order)))
+        metric = out_rows[0]["metric"]
+        meta = {"model": args.model, "calibration": calib.manifest(), "eval": vars(eval_cfg), "eval_data": args.eval_data,
+                "dense": out_rows[0]["dense"], "torch": torch.__version__, "threads": args.threads, **cost,
+                "load_average": os.getloadavg(), "commands": commands,
+                **_machine(), "requested": requested}
+        args.out.write_text(json.dumps({"meta": meta, "rows": out_rows}, indent=1, default=str))
+        args.out.with_suffix(".md").write_text(markdown(out_rows, meta))
+    rows = out_rows
     if final:
         console.print(table(rows, metric))
         plot(rows, metric, args.out.with_suffix(".png"))
