@@ -45,7 +45,8 @@ def _not_lowered_for(manifest: dict, names: tuple[str, ...], registry) -> list[s
         return []
     quantized = any(p.get("quant") for p in manifest.get("plan", {}).values())
     own_form = {n for n in names if registry.get_backend(n).lower is not Backend.lower}
-    return [n for n in names if n not in recorded and (quantized or n in own_form)]
+    served = set(recorded) | set(lowering.get("backend_files") or {})  # a variant written for it counts
+    return [n for n in names if n not in served and (quantized or n in own_form)]
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
