@@ -2,11 +2,14 @@
 
     python benchmarks/kernels.py                     # 3 Llama MLP shapes x both orientations x 0-90 % x int8/fp32
     python benchmarks/kernels.py --shapes 4096x11008 --rounds 10
+    python benchmarks/kernels.py --dtypes int4 --shapes 576x1536,2048x5632,4096x11008 --sparsities 0,0.5,0.7,0.9
 
 Shapes are out x in as they occur in Llama MLPs (up/gate: hidden -> intermediate, down: back). Per
 (shape, precision) every configuration runs INTERLEAVED at batch 1 with 2 threads: the dense baseline
 (int8: our dense VNNI kernel of the same family; fp32: torch's F.linear, i.e. MKL) and the packed sparse
-kernel at each sparsity. Each configuration rotates over enough copies of its weight that the set
+kernel at each sparsity. `int4` groups take our dense int4 kernel as the baseline and interleave it with
+our dense int8 kernel, sparse int4 and sparse int8 at each sparsity (one group: the same DRAM, the same
+moments of load). Each configuration rotates over enough copies of its weight that the set
 (over all configurations of the group, > 2x the 300 MiB L3 here) is read from DRAM, as in decode where
 every weight is read once per token. Reported: median and p10/p90 of wall time, bytes actually read
 (packed non-zeros + masks + per-row arrays) / median time, that rate over the streaming-read probe
@@ -96,12 +99,10 @@ def copies_of(packed, nbytes: int, cold_bytes: float) -> list:
 
 
 def call_for(ops, packed, x):
-    t, n = packed.tensors, packed.out_features
-    if packed.kind == "sparse-int8":
-        return lambda: ops.sparse_linear_i8(x, t["masks"], t["tile_ptr"], t["values"], t["scales"], t["rowsum"], None, n)
-    if packed.kind == "sparse-fp32":
-        return lambda: ops.sparse_linear_f32(x, t["masks"], t["tile_ptr"], t["values"], None, n)
-    return lambda: ops.dense_linear_i8(x, t["q"], t["scales"], t["rowsum"], None, n)
+    from runtimes.kernels.modules import packed_call
+
+    f = packed_call(packed.kind, packed.tensors, None, packed.out_features)
+    return lambda: f(x)
 
 
 def build_group(n: int, k: int, dtype: str, sparsities: list[float], cold_bytes: float, m: int = 1) -> list[Config]:
@@ -114,6 +115,19 @@ def build_group(n: int, k: int, dtype: str, sparsities: list[float], cold_bytes:
     x = torch.randn(m, k)
     configs = []
     base = sparse_weight(n, k, 0.0, seed=n + k)
+    if dtype == "int4":
+        for kind, label in (("dense-int4", "dense int4 (ours)"), ("dense-int8", "dense int8 (ours)")):
+            dense = pack_linear(base, kind)
+            nbytes = dense.bytes_read()
+            configs.append(Config(label, None, [call_for(o, c, x) for c in copies_of(dense, nbytes, cold_bytes)], nbytes))
+        for s in sparsities:
+            w = sparse_weight(n, k, s, seed=int(s * 100) + n)
+            for kind in ("sparse-int4", "sparse-int8"):
+                packed = pack_linear(w, kind)
+                nbytes = packed.bytes_read()
+                configs.append(Config(f"{kind.replace('-', ' ')} {int(round(s * 100))}%", s,
+                                      [call_for(o, c, x) for c in copies_of(packed, nbytes, cold_bytes)], nbytes))
+        return configs
     if dtype == "int8":
         dense = pack_linear(base, "dense-int8")
         nbytes = dense.bytes_read()
@@ -176,7 +190,7 @@ def overhead(threads: int) -> dict:
     x = torch.randn(1, 64)
     w = sparse_weight(64, 64, 0.7, 1)
     cases = {"torch.ops.sparsec.noop": lambda: o.noop(x), "torch F.linear 64x64 fp32": lambda: torch.nn.functional.linear(x, w)}
-    for kind in ("sparse-int8", "sparse-fp32", "dense-int8"):
+    for kind in ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4"):
         cases[f"sparsec {kind} 64x64"] = call_for(o, pack_linear(w, kind), x)
     out = {}
     for name, fn in cases.items():
@@ -251,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: bad --shapes/--sparsities/--gemm-m: {exc}", file=sys.stderr)
         return 2
-    if any(d not in ("int8", "fp32") for d in dtypes) or any(not 0 <= s < 1 for s in sparsities):
-        print("error: --dtypes takes int8,fp32 and --sparsities values in [0, 1)", file=sys.stderr)
+    if any(d not in ("int8", "fp32", "int4") for d in dtypes) or any(not 0 <= s < 1 for s in sparsities):
+        print("error: --dtypes takes int8,fp32,int4 and --sparsities values in [0, 1)", file=sys.stderr)
         return 2
     kops.load()
     torch.set_num_threads(args.threads)

@@ -2,14 +2,18 @@
 
     python benchmarks/kernels_decode.py                      # SmolLM2-135M (built in), 70 % magnitude + int8
     python benchmarks/kernels_decode.py --model DIR --sparsity 0.7 --tokens 64
+    python benchmarks/kernels_decode.py --configs "torch fp32,sparsec int4,sparsec dense int4"
 
 Every Linear inside the decoder blocks is pruned by magnitude to --sparsity (per layer; tokens/s does not
-depend on which weights are zero), written as an artifact (model/ + manifest plan with quant=int8) and
-packed; the LM head takes the dense int8 kernel. Timed INTERLEAVED, same prompt, same number of new
-tokens, transformers' generate with its KV cache in every case:
+depend on which weights are zero), written as an artifact (model/ + manifest plan) and packed with int8
+or int4 values; the LM head takes the dense int8 kernel. Timed INTERLEAVED, same prompt, same number of
+new tokens, transformers' generate with its KV cache in every case (--configs picks among):
   torch fp32      the pruned HF model as is (dense fp32 matmuls; MKL)
-  sparsec int8    packed sparse int8 blocks + dense int8 LM head (our kernels)
+  sparsec int8    packed sparse int8 blocks + dense int8 LM head (our kernels; q/k/v and gate/up fused)
+  sparsec int8, unfused     the same weights, one op per Linear (the fusion A/B)
   sparsec dense int8   every block Linear on our dense int8 kernel (the same-family dense baseline)
+  sparsec int4    packed sparse int4 blocks (group-64 scales) + dense int8 LM head
+  sparsec dense int4   every block Linear on our dense int4 kernel
   sparsec int8, fp32 head   sparse int8 blocks, LM head left to torch fp32 (what the head costs)
 Reports tokens/s (median over --runs), the weight bytes each reads per token, and whether the greedy
 tokens match torch fp32. Records `uptime` and the CPU. Writes --out (JSON).
@@ -40,13 +44,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations to time")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-kernels-decode")
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels_decode.json")
     return ap.parse_args(argv)
 
 
-def build_artifacts(model_dir: Path, sparsity: float, cache: Path) -> dict[str, Path]:
-    """The pruned artifact, packed three ways (sparse + int8 head, dense int8, sparse + fp32 head)."""
+# label -> (plan quantization, min_sparsity for the sparse kinds, LM head, fuse q/k/v + gate/up)
+PACKS = {"sparsec int8": ("int8", 0.25, "dense-int8", True),
+         "sparsec int8, unfused": ("int8", 0.25, "dense-int8", False),
+         "sparsec dense int8": ("int8", 1.01, "dense-int8", True),
+         "sparsec int4": ("int4", 0.25, "dense-int8", True),
+         "sparsec dense int4": ("int4", 1.01, "dense-int8", True),
+         "sparsec int8, fp32 head": ("int8", 0.25, "none", True)}
+CONFIGS = ("torch fp32", "sparsec int8", "sparsec int8, unfused", "sparsec dense int8", "sparsec int4",
+           "sparsec dense int4")
+
+
+def build_artifacts(model_dir: Path, sparsity: float, cache: Path, labels: list[str]) -> dict[str, Path]:
+    """The pruned artifact, packed once per configuration in `labels` (see PACKS)."""
     import torch
 
     from runtimes.kernels.pack import linear_weight, load_artifact_model, pack_artifact
@@ -69,13 +85,16 @@ def build_artifacts(model_dir: Path, sparsity: float, cache: Path) -> dict[str, 
         shutil.copytree(model_dir, root / "model")
         model.save_pretrained(root / "model")
         (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "plan": plan}))
-    packs = {"sparsec int8": (0.25, "dense-int8"), "sparsec dense int8": (1.01, "dense-int8"),
-             "sparsec int8, fp32 head": (0.25, "none")}
+    base_plan = json.loads((root / "manifest.json").read_text())["plan"]
     out = {}
-    for label, (min_sparsity, head) in packs.items():
-        d = root / ("pack-" + label.replace(" ", "_").replace(",", ""))
+    for label in labels:
+        if label not in PACKS:
+            continue
+        quant, min_sparsity, head, _ = PACKS[label]
+        d = root / ("pack-" + label.replace(" ", "_").replace(",", "").replace("_unfused", ""))
         if not (d / "weights.safetensors").is_file():
-            pack_artifact(root, d, min_sparsity=min_sparsity, lm_head=head)
+            plan = {n: {**e, "quant": quant} for n, e in base_plan.items()}
+            pack_artifact(root, d, min_sparsity=min_sparsity, lm_head=head, plan=plan)
         out[label] = d / "weights.safetensors"
     return {"root": root, **out}
 
@@ -94,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.sparsity < 1 or args.tokens <= 0 or args.runs <= 0:
         print("error: --sparsity in (0, 1), --tokens and --runs > 0", file=sys.stderr)
         return 2
+    labels = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in labels if c != "torch fp32" and c not in PACKS]
+    if unknown or "torch fp32" not in labels:
+        print(f"error: --configs must include 'torch fp32' and name known configurations (unknown: {unknown}; "
+              f"known: torch fp32, {', '.join(PACKS)})", file=sys.stderr)
+        return 2
     import torch
 
     from compiler.trace import resolve_model_path
@@ -109,13 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     machine = record_machine(args.threads)
     before = uptime()
-    arts = build_artifacts(model_dir, args.sparsity, args.cache)
+    arts = build_artifacts(model_dir, args.sparsity, args.cache, labels)
     ref = load_artifact_model(arts["root"] / "model")
     runners = {"torch fp32": ref}
     hosts = {}
-    for label in ("sparsec int8", "sparsec dense int8", "sparsec int8, fp32 head"):
-        hosts[label] = load_host_model(arts["root"], arts[label])
-        runners[label] = hosts[label].model
+    for label in labels:
+        if label in PACKS:
+            hosts[label] = load_host_model(arts["root"], arts[label], fuse=PACKS[label][3])
+            runners[label] = hosts[label].model
     prompt = torch.tensor([[1, 504, 3458, 282, 260, 1345, 28, 253, 1672, 314]])[:, : 10]
     gen = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, num_beams=1, pad_token_id=0)
     times: dict[str, list[float]] = {k: [] for k in runners}

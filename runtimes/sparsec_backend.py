@@ -4,30 +4,37 @@ Why torch as the host (docs/kernels.md has the measurements): it is maintained a
 wheel ships the headers our C++ ops build against, its thread pool runs our kernels, and the artifact
 already holds the transformed Hugging Face model (`model/`), so no export is needed: lowering for this
 backend is *packing* — the planned layers written sparse on disk (ART/sparsec/weights.safetensors:
-bitmasks + packed non-zeros, int8 with per-channel scales or fp32), loaded without ever materialising
-the dense matrix, and transformers' own KV cache for decode.
+bitmasks + packed non-zeros, int8 with per-channel scales, int4 with group-64 scales, or fp32), loaded
+without ever materialising the dense matrix, and transformers' own KV cache for decode.
 
-Dense baselines on the same engine: the source model as is (torch fp32) and with the same layers on our
-dense int8 kernel; both need the source model's Hugging Face directory, which the dense reference keeps
-for this backend (`needs_source_model`).
+Dense baselines on the same engine: the source model as is (torch fp32), with the same layers on our
+dense int8 kernel, and (when the plan is int4) on our dense int4 kernel; all need the source model's
+Hugging Face directory, which the dense reference keeps for this backend (`needs_source_model`).
+
+`--quantize int4` is declared as the `int4-matmulnbits` form: the scheme is the same (4-bit weights in
+groups of 64 along the input dim, int8-class activations at run time), so lowering also writes
+onnxruntime's MatMulNBits graph of the same plan beside our packed weights; this backend runs its own
+packing of the plan (`lower`), never that graph.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 from runtimes.base import Backend, Runner, RunnerOptions
 
 PACKED_DIR = "sparsec"
 DENSE_INT8_DIR = "sparsec-dense-int8"
 DENSE_FP32_DIR = "sparsec-dense"
+DENSE_INT4_DIR = "sparsec-dense-int4"
 
 
 class SparsecBackend(Backend):
     name = "sparsec"
     install_hint = "built by `make venv` (.venv/bin/python -m runtimes.kernels.build): needs torch and g++"
     needs_source_model: ClassVar[bool] = True
+    quant_forms: ClassVar[Mapping[str, str]] = {"int4": "int4-matmulnbits"}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -49,14 +56,20 @@ class SparsecBackend(Backend):
         return PACKED_DIR
 
     def dense_configs(self, dense_root: Path, manifest: dict[str, Any]) -> dict[str, Path]:
-        """Dense fp32 (torch) and dense int8 (our dense kernel on the plan's layers) of the source model."""
+        """Dense fp32 (torch), dense int8 (our dense kernel on the plan's layers) and, for an int4 plan,
+        dense int4 (our dense int4 kernel) of the source model."""
         from runtimes.kernels.host_runner import write_dense_host
 
         model_dir = Path(dense_root) / "model"
-        layers = sorted((manifest.get("plan") or {}).keys())
-        return {"dense fp32": write_dense_host(Path(dense_root) / DENSE_FP32_DIR, model_dir, "dense", layers),
-                "dense int8 (sparsec kernel)": write_dense_host(Path(dense_root) / DENSE_INT8_DIR, model_dir,
-                                                                "dense-int8", layers)}
+        plan = manifest.get("plan") or {}
+        layers = sorted(plan.keys())
+        configs = {"dense fp32": write_dense_host(Path(dense_root) / DENSE_FP32_DIR, model_dir, "dense", layers),
+                   "dense int8 (sparsec kernel)": write_dense_host(Path(dense_root) / DENSE_INT8_DIR, model_dir,
+                                                                   "dense-int8", layers)}
+        if any((e or {}).get("quant") == "int4" for e in plan.values()):
+            configs["dense int4 (sparsec kernel)"] = write_dense_host(Path(dense_root) / DENSE_INT4_DIR, model_dir,
+                                                                      "dense-int4", layers)
+        return configs
 
     def prepare(self, onnx_path: Path, out_dir: Path, options: RunnerOptions) -> Path:
         """A host directory runs as is; the generic dense ONNX is mapped to the dense model it was lowered from."""

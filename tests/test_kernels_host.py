@@ -106,3 +106,31 @@ def test_missing_pack_is_a_one_line_error(tiny_model_dir, tmp_path):
         load_host_model(art)
     with pytest.raises(FileNotFoundError, match="not a sparsec artifact"):
         pack_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_fused_qkv_and_gate_up_are_identical_to_unfused(quant, tiny_model_dir, tmp_path):
+    """q/k/v and gate/up share one packed op per block (runtimes/kernels/fuse.py): same logits bit for
+    bit, same greedy tokens, every member layer still reported as run on its kernel."""
+    from runtimes.kernels.format import load_packed
+    from runtimes.kernels.fuse import FusedMember
+    from runtimes.kernels.torch_host import HostModel, _empty_model, swap_in
+
+    art, ref = make_artifact(tiny_model_dir("llama"), tmp_path / "art", quant=quant)
+    result = pack_artifact(art)
+    fused = load_host_model(art)
+    members = [n for n, m in fused.packed.items() if isinstance(m, FusedMember)]
+    assert len(members) == 5 * len(ref.model.layers)  # q, k, v, gate, up of every block
+    assert len(fused.kernels()) == len(result.layers) - 3 * len(ref.model.layers)
+    plain_model, _ = _empty_model(art / "model")
+    plain_model.load_state_dict(ref.state_dict(), strict=False)
+    plain = HostModel(plain_model, True, swap_in(plain_model, load_packed(art / "sparsec" / WEIGHTS), fuse=False))
+    assert not any(isinstance(m, FusedMember) for m in plain.packed.values())
+    # the same arrays, less one read-ahead padding and one tile_ptr end per layer merged into another
+    assert 0 <= plain.packed_bytes() - fused.packed_bytes() < 0.01 * plain.packed_bytes()
+    ids = torch.tensor([[5, 17, 33, 8, 41, 9, 2]])
+    with torch.no_grad():
+        assert torch.equal(fused.model(ids).logits, plain.model(ids).logits)
+        fused.reset_counters()
+        assert fused.generate(ids, 6).tolist() == plain.generate(ids, 6).tolist()
+    assert set(fused.layers_run()) == set(result.layers)

@@ -83,6 +83,77 @@ def test_llama_greedy_tokens_equal_torch(llama_int8, tiny_model_dir):
     assert got[:NEW] == ref[:NEW]
 
 
+@pytest.fixture(scope="module")
+def llama_int4(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("sparsec") / "llama-int4"
+    return out, _compile(tiny_model_dir("llama"), out, "--quantize", "int4")
+
+
+def _fake_quant_linear(weight, bias):
+    """torch reference of a packed int8/int4 layer: the layer's own stored (dequantized) weights, and
+    activations quantized per token to int8 the way the kernels do (scale = max|x| / 127, half-even)."""
+    import torch
+
+    class FakeQuantLinear(torch.nn.Module):
+        def forward(self, x):
+            return _fake_quant_forward(x, weight.double(), None if bias is None else bias.double())
+
+    return FakeQuantLinear()
+
+
+def _fake_quant_forward(x, weight, bias):
+    import torch
+
+    xd = x.double()
+    scale = xd.abs().amax(-1, keepdim=True) / 127.0
+    xq = torch.round(xd / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(-127, 127) * scale
+    y = xq @ weight.T
+    return (y if bias is None else y + bias).to(x.dtype)
+
+
+def test_llama_int4_packs_sparse_int4_and_verifies(llama_int4):
+    out, report = llama_int4
+    fmt = json.loads((out / "sparsec" / "format.json").read_text())
+    full_plan = json.loads((out / "manifest.json").read_text())["plan"]
+    plan = {n: e for n, e in full_plan.items() if e.get("target_sparsity")}
+    kinds = {n: v["kind"] for n, v in fmt["layers"].items()}
+    assert {kinds[n] for n in plan} == {"sparse-int4"}
+    # the LM head: dense int4 when the quantize pass planned it (dense: no mask), else our dense int8 head
+    head_int4 = (full_plan.get("lm_head") or {}).get("quant") == "int4"
+    assert kinds["lm_head"] == ("dense-int4" if head_int4 else "dense-int8")
+    packed = sum(v["bytes"] for n, v in fmt["layers"].items() if n in plan)
+    dense = sum(v["dense_fp32_bytes"] for n, v in fmt["layers"].items() if n in plan)
+    assert packed < 0.15 * dense  # ~0.31 B/weight at 70 % (+ per-row data on tiny layers) vs 4 B fp32
+    r = report["backends"]["sparsec"]
+    assert {"dense fp32", "dense int8 (sparsec kernel)", "dense int4 (sparsec kernel)"} <= set(r["dense_configs_p50_ms"])
+    assert r["sparse_kernels"]["sparse-int4"] == len(plan)
+
+
+def test_llama_int4_greedy_tokens_equal_fake_quantized_torch(llama_int4):
+    """The sparse int4 model decodes the same greedy tokens as the torch model holding the same quantized
+    weights (and the same per-token int8 activations)."""
+    import torch
+
+    from runtimes.decode.decoders import DecodeOptions
+    from runtimes.kernels.format import load_packed, unpack_dense
+    from runtimes.kernels.pack import load_artifact_model
+    from runtimes.sparsec_backend import SparsecBackend
+
+    out, _ = llama_int4
+    ref = load_artifact_model(out / "model")
+    for name, p in load_packed(out / "sparsec" / "weights.safetensors").items():
+        parent, _, child = name.rpartition(".")
+        setattr(ref.get_submodule(parent) if parent else ref, child, _fake_quant_linear(unpack_dense(p), p.bias))
+    ids = np.random.default_rng(0).integers(6, 500, size=(1, 16))
+    with torch.inference_mode():
+        expected = ref.generate(torch.from_numpy(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    lowering = json.loads((out / "manifest.json").read_text())["lowering"]
+    with closing(SparsecBackend().decoder(out / "sparsec", lowering, DecodeOptions(prompt_len=16, new_tokens=NEW, threads=2),
+                                          out / "work")) as dec:
+        got = dec.generate(ids, np.ones_like(ids), NEW).tokens
+    assert got[:NEW] == expected[0, 16:].tolist()
+
+
 def test_bert_embeddings_match_torch(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModel

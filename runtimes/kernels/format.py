@@ -6,10 +6,10 @@ chunk (masks[(tile, chunk, row)], values in (tile, chunk, row, column) order), s
 sequential stream for the hardware prefetcher; `tile_ptr` holds where each tile's values start, so
 tiles are independent (threads split tiles). The values are int8 with one fp32 scale per output
 channel plus the row sums of the int8 weights (the +128 compensation of the u8 x s8 VNNI product),
-or 4-bit codes (two per byte) of the odd levels -15..15 with one fp16 scale per (row, 64-column chunk),
-or plain fp32. Dense int8 / dense int4 kinds (row-major, zero-padded to 64 columns) are the
+or 4-bit codes (two per byte) with one fp16 scale and one integer zero point per (row, 64-column chunk)
+(asymmetric, MatMulNBits' scheme), or plain fp32. Dense int8 / dense int4 kinds (row-major, zero-padded to 64 columns) are the
 same-family dense baselines and the LM head's fast path. Bytes per weight at sparsity s: int8
-(1 - s) + 1/8, int4 (1 - s)/2 + 1/8 + 1/32, fp32 4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum
+(1 - s) + 1/8, int4 (1 - s)/2 + 1/8 + 3/64, fp32 4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum
 (int8) or 4 of comp (int4) per row and 8 of tile_ptr per 4 rows.
 
 On disk (`save_packed` / `load_packed`): one safetensors file of exactly these arrays (keys
@@ -37,9 +37,9 @@ PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32}
 FIELDS = {"sparse-int8": ("masks", "tile_ptr", "values", "scales", "rowsum"),
           "sparse-fp32": ("masks", "tile_ptr", "values"),
           "dense-int8": ("q", "scales", "rowsum"),
-          "sparse-int4": ("masks", "tile_ptr", "values", "scales", "comp"),
-          "dense-int4": ("q", "scales", "comp")}
-I4_LEVEL = 15  # int4 codes u in [0, 15] mean the odd levels 2u - 15 (csrc/common.h)
+          "sparse-int4": ("masks", "tile_ptr", "values", "scales", "zeros", "comp"),
+          "dense-int4": ("q", "scales", "zeros", "comp")}
+I4_MAX = 15  # int4 codes u in [0, 15]; W = s * (u - z) (csrc/common.h)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
@@ -67,7 +67,7 @@ class PackedLinear:
         if self.kind in DENSE_KINDS:
             return self.out_features * self.in_features
         if self.kind == "sparse-int4":  # tile_ptr counts bytes of codes here
-            return int(_POPCOUNT[self.tensors["masks"].view(torch.uint8).to(torch.int64)].sum())
+            return mask_bits(self.tensors["masks"])
         return int(self.tensors["tile_ptr"][-1])
 
     @property
@@ -95,12 +95,17 @@ class PackedLinear:
         shapes = {"masks": self.tiles * kc * TILE, "tile_ptr": self.tiles + 1, "scales": n, "rowsum": n, "comp": n,
                   "q": n * kc * CHUNK}
         if self.kind == "sparse-int4":
-            shapes.update(scales=self.tiles * kc * TILE)
+            shapes.update(scales=self.tiles * kc * TILE, zeros=self.tiles * kc * TILE)
         elif self.kind == "dense-int4":
-            shapes.update(scales=n * kc, q=n * kc * CHUNK // 2)
+            shapes.update(scales=n * kc, zeros=n * kc, q=n * kc * CHUNK // 2)
         for name, size in shapes.items():
             if name in self.tensors and self.tensors[name].numel() != size:
                 raise ValueError(f"packed {self.kind} layer: {name} has {self.tensors[name].numel()} elements, expected {size}")
+
+
+def mask_bits(masks: torch.Tensor) -> int:
+    """Set bits of int64 presence masks: the non-zeros they describe."""
+    return int(_POPCOUNT[masks.contiguous().view(torch.uint8).to(torch.int64)].sum())
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,24 +117,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales.contiguous()
 
 
-def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-64 symmetric mid-rise int4 of [n, k] (padded to 64 columns): codes u uint8 [n, kp] in
-    [0, 15] meaning W ~= s * (2u - 15), and fp16 scales s [n, kc] = max|W| over the group / 15. No
-    level is 0 (a pruned zero is the mask's job); the codes are computed with the fp16-rounded scale,
-    so the kernels' dequantization is exactly s16 * (2u - 15)."""
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest int4 in groups of 64 along the input dim (onnxruntime MatMulNBits' /
+    NNCF INT4_ASYM's scheme) of [n, k] padded to 64 columns: codes u uint8 [n, kp], fp16 scales s and
+    uint8 zero points z [n, kc], W ~= s * (u - z). The range [min(W, 0), max(W, 0)] takes 15 steps, so a
+    zero weight (pruned, or a padding column) is exactly level 0; the codes are computed with the
+    fp16-rounded scale, so the kernels' dequantization is exactly s16 * (u - z)."""
     w = _pad_columns(weight.detach().to(torch.float32))
     n, kp = w.shape
     g = w.view(n, kp // CHUNK, CHUNK)
-    scales = (g.abs().amax(dim=2) / I4_LEVEL).to(torch.float16)
+    lo, hi = g.amin(dim=2).clamp(max=0), g.amax(dim=2).clamp(min=0)
+    scales = ((hi - lo) / I4_MAX).to(torch.float16)
     s32 = scales.to(torch.float32)
     safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
-    u = torch.round((g / safe[:, :, None] + I4_LEVEL) / 2).clamp_(0, I4_LEVEL).to(torch.uint8)
-    return u.view(n, kp), scales
-
-
-def int4_levels(u: torch.Tensor) -> torch.Tensor:
-    """Codes -> the integer levels 2u - 15 (int32)."""
-    return 2 * u.to(torch.int32) - I4_LEVEL
+    zeros = torch.round(-lo / safe).clamp_(0, I4_MAX)
+    u = (torch.round(g / safe[:, :, None]) + zeros[:, :, None]).clamp_(0, I4_MAX).to(torch.uint8)
+    return u.view(n, kp), scales, zeros.to(torch.uint8)
 
 
 def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
@@ -139,13 +142,13 @@ def _pack_nibbles(u: torch.Tensor) -> torch.Tensor:
 
 def _pack_int4(weight: torch.Tensor, kind: str, b: torch.Tensor | None) -> PackedLinear:
     n, k = weight.shape
-    u, scales = quantize_int4(weight)
+    u, scales, zeros = quantize_int4(weight)
     kc = u.shape[1] // CHUNK
-    levels = int4_levels(u).view(n, kc, CHUNK)
+    levels = (u.to(torch.int32).view(n, kc, CHUNK) - zeros.to(torch.int32)[:, :, None])
     if kind == "dense-int4":
         comp = 128.0 * (scales.to(torch.float64) * levels.sum(dim=2).to(torch.float64)).sum(dim=1)
         tensors = {"q": _pack_nibbles(u.reshape(-1)), "scales": scales.reshape(-1).contiguous(),
-                   "comp": comp.to(torch.float32)}
+                   "zeros": zeros.reshape(-1).contiguous(), "comp": comp.to(torch.float32)}
         return PackedLinear(kind, n, k, tensors, b)
     nonzero_rows = _pad_columns(weight.detach() != 0).view(n, kc, CHUNK)
     comp = 128.0 * (scales.to(torch.float64) * (levels * nonzero_rows).sum(dim=2).to(torch.float64)).sum(dim=1)
@@ -165,12 +168,17 @@ def _pack_int4(weight: torch.Tensor, kind: str, b: torch.Tensor | None) -> Packe
     values = torch.cat([_pack_nibbles(nibbles), torch.zeros(PAD[kind], dtype=torch.uint8)])
     tile_ptr = torch.zeros(tiles + 1, dtype=torch.int64)
     tile_ptr[1:] = torch.cumsum(group_bytes.view(tiles, -1).sum(dim=1), 0)
-    scales_t = torch.zeros(tiles * TILE, kc, dtype=torch.float16)
-    scales_t[:n] = scales
-    scales_t = scales_t.view(tiles, TILE, kc).permute(0, 2, 1).reshape(-1).contiguous()  # (tile, chunk, row)
-    tensors = {"masks": _masks(nonzero), "tile_ptr": tile_ptr, "values": values, "scales": scales_t,
-               "comp": comp.to(torch.float32)}
+    tensors = {"masks": _masks(nonzero), "tile_ptr": tile_ptr, "values": values,
+               "scales": _tile_order(scales, tiles), "zeros": _tile_order(zeros, tiles), "comp": comp.to(torch.float32)}
     return PackedLinear(kind, n, k, tensors, b)
+
+
+def _tile_order(per_group: torch.Tensor, tiles: int) -> torch.Tensor:
+    """[n, kc] -> [tiles * kc * TILE] in (tile, chunk, row) order, padded rows 0."""
+    n, kc = per_group.shape
+    out = torch.zeros(tiles * TILE, kc, dtype=per_group.dtype)
+    out[:n] = per_group
+    return out.view(tiles, TILE, kc).permute(0, 2, 1).reshape(-1).contiguous()
 
 
 def _tiled(w: torch.Tensor) -> torch.Tensor:
@@ -255,13 +263,15 @@ def unpack_dense(p: PackedLinear) -> torch.Tensor:
 
 
 def int4_dense_levels(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
-    """(levels int32 [n, kp] with 0 where the mask is empty, fp32 scales [n, kc]) of an int4 layer: the
-    integers the kernels multiply (tests compare their accumulations exactly)."""
+    """(levels u - z as int32 [n, kp], 0 where the mask is empty; fp32 scales [n, kc]) of an int4 layer:
+    the integers the kernels multiply (tests compare their accumulations exactly)."""
     n, kc = p.out_features, p.chunks
     b = p.tensors["values"] if p.kind == "sparse-int4" else p.tensors["q"]
-    u = torch.stack([b & 0x0F, b >> 4], dim=1).reshape(-1)
+    u = torch.stack([b & 0x0F, b >> 4], dim=1).reshape(-1).to(torch.int32)
     if p.kind == "dense-int4":
-        return int4_levels(u).view(n, kc * CHUNK), p.tensors["scales"].to(torch.float32).view(n, kc)
+        z = p.tensors["zeros"].to(torch.int32).view(n, kc)
+        levels = u.view(n, kc, CHUNK) - z[:, :, None]
+        return levels.reshape(n, kc * CHUNK), p.tensors["scales"].to(torch.float32).view(n, kc)
     tiles = p.tiles
     nonzero = ((p.tensors["masks"].view(tiles, kc, TILE, 1) >> torch.arange(CHUNK, dtype=torch.int64)) & 1).bool()
     counts = nonzero.sum(dim=3).reshape(-1)
@@ -269,8 +279,9 @@ def int4_dense_levels(p: PackedLinear) -> tuple[torch.Tensor, torch.Tensor]:
     offsets[1:] = torch.cumsum((counts + 1) // 2, 0)[:-1]
     flat = nonzero.reshape(-1, CHUNK)
     rank = torch.cumsum(flat.to(torch.int64), dim=1) - 1
+    z = p.tensors["zeros"].to(torch.int32)[:, None].expand(-1, CHUNK)
     levels = torch.zeros(flat.shape, dtype=torch.int32)
-    levels[flat] = int4_levels(u[(2 * offsets[:, None] + rank)[flat]])
+    levels[flat] = u[(2 * offsets[:, None] + rank)[flat]] - z[flat]
     dense = levels.view(tiles, kc, TILE, CHUNK).permute(0, 2, 1, 3).reshape(tiles * TILE, kc * CHUNK)[:n]
     scales = p.tensors["scales"].to(torch.float32).view(tiles, kc, TILE).permute(0, 2, 1).reshape(tiles * TILE, kc)[:n]
     return dense.contiguous(), scales.contiguous()

@@ -2,10 +2,10 @@
 
 A *host directory* names what to run: either an artifact's packed directory (ART/sparsec, written by
 `pack_artifact`: the compiled model, its planned layers on the sparse kernels) or a directory holding
-`host.json` — `{"model_dir": ..., "mode": "dense" | "dense-int8", "layers": [...]}` — the dense
-references verification times on the same engine: the source model as is (torch's own fp32 GEMM, the
-fastest dense fp32 path in this process) or with the same layers (and the LM head) on our dense int8
-kernel. So "speedup vs dense" on this backend compares kernels of one engine, one thread pool.
+`host.json` — `{"model_dir": ..., "mode": "dense" | "dense-int8" | "dense-int4", "layers": [...]}` — the
+dense references verification times on the same engine: the source model as is (torch's own fp32 GEMM,
+the fastest dense fp32 path in this process) or with the same layers on our dense int8 / int4 kernel
+(the LM head on dense int8 in both, as in the compiled model). So "speedup vs dense" on this backend compares kernels of one engine, one thread pool.
 
 The runner answers the lowered graph's contract (input names, `last_hidden_state` / `logits`), so
 verification compares it with every other backend unchanged. The decoder implements the generation
@@ -28,7 +28,7 @@ from runtimes.decode.decoders import Decoder
 from runtimes.decode.loop import generate, positions_from_mask, rss_bytes
 
 HOST_FILE = "host.json"
-DENSE_MODES = ("dense", "dense-int8")
+DENSE_MODES = ("dense", "dense-int8", "dense-int4")
 
 
 def write_dense_host(directory: Path, model_dir: Path, mode: str, layers: list[str]) -> Path:
@@ -59,9 +59,9 @@ def load_host(path: Path, threads: int) -> Any:
     model_dir = Path(spec["model_dir"])
     model = load_artifact_model(model_dir)
     packed: dict[str, Any] = {}
-    if spec["mode"] == "dense-int8":
-        plan = {name: {"quant": "int8"} for name in spec.get("layers", [])}
-        packed = swap_in(model, pack_model(model, plan, min_sparsity=2.0))  # 2.0: every layer takes dense int8
+    if spec["mode"] in ("dense-int8", "dense-int4"):
+        plan = {name: {"quant": spec["mode"].removeprefix("dense-")} for name in spec.get("layers", [])}
+        packed = swap_in(model, pack_model(model, plan, min_sparsity=2.0))  # 2.0: every layer takes the dense kernel
     archs = list(getattr(model.config, "architectures", None) or [])
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
     return HostModel(model, causal, packed)
@@ -86,8 +86,12 @@ def packed_bytes_read(module: Any) -> int:
 
 
 def packed_nonzeros(module: Any) -> int:
-    if module.kind == "dense-int8":
+    if module.kind in ("dense-int8", "dense-int4"):
         return module.out_features * module.in_features
+    if module.kind == "sparse-int4":  # tile_ptr counts bytes of codes
+        from runtimes.kernels.format import mask_bits
+
+        return mask_bits(module.masks)
     return int(module.tile_ptr[-1])
 
 
@@ -201,7 +205,7 @@ class HostDecoder(Decoder):
         from runtimes.decode.traffic import MIN_MATRIX_ELEMENTS, WeightTraffic
 
         c = dict(read=0, elements=0, nonzeros=0, row=0, emb=0, other=0, matrices=0)
-        for module in self.host.packed.values():
+        for module in self.host.kernels():
             c["read"] += packed_bytes_read(module)
             c["elements"] += module.out_features * module.in_features
             c["nonzeros"] += packed_nonzeros(module)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -9,12 +11,33 @@ from runtimes.kernels.format import PackedLinear
 from runtimes.kernels.ops import ops
 
 
+def packed_call(kind: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None, n: int) -> Callable:
+    """x -> y for one packed weight: the op's overload bound to its arrays once, so a call at batch 1
+    costs one dispatcher hop and no Python branching (docs/kernels.md, host overhead)."""
+    o = ops()
+    if kind == "sparse-int8":
+        f = o.sparse_linear_i8.default
+        return lambda x: f(x, t["masks"], t["tile_ptr"], t["values"], t["scales"], t["rowsum"], bias, n)
+    if kind == "sparse-fp32":
+        f = o.sparse_linear_f32.default
+        return lambda x: f(x, t["masks"], t["tile_ptr"], t["values"], bias, n)
+    if kind == "sparse-int4":
+        f = o.sparse_linear_i4.default
+        return lambda x: f(x, t["masks"], t["tile_ptr"], t["values"], t["scales"], t["zeros"], t["comp"], bias, n)
+    if kind == "dense-int4":
+        f = o.dense_linear_i4.default
+        return lambda x: f(x, t["q"], t["scales"], t["zeros"], t["comp"], bias, n)
+    if kind == "dense-int8":
+        f = o.dense_linear_i8.default
+        return lambda x: f(x, t["q"], t["scales"], t["rowsum"], bias, n)
+    raise ValueError(f"unknown packed kind '{kind}'")
+
+
 class PackedLinearModule(nn.Module):
     """y = x W^T + b with W held packed (sparse / dense int8, sparse / dense int4, sparse fp32) as buffers.
 
     int8 and int4 kinds quantize each token's activations dynamically (symmetric int8, per token) inside
-    the op.
-    Inputs of other dtypes are computed in fp32 and cast back.
+    the op. Inputs of other dtypes are computed in fp32 and cast back.
     """
 
     def __init__(self, packed: PackedLinear):
@@ -27,25 +50,13 @@ class PackedLinearModule(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.register_buffer("bias", packed.bias, persistent=False)
         self.calls = 0  # how many times the packed kernel ran: the "which layers ran sparse" proof
-        self._ops = ops()
+        self._call = packed_call(self.kind, dict(packed.tensors), packed.bias, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        dtype = x.dtype
-        if dtype != torch.float32:
-            x = x.to(torch.float32)
-        o, n = self._ops, self.out_features
-        if self.kind == "sparse-int8":
-            y = o.sparse_linear_i8(x, self.masks, self.tile_ptr, self.values, self.scales, self.rowsum, self.bias, n)
-        elif self.kind == "sparse-fp32":
-            y = o.sparse_linear_f32(x, self.masks, self.tile_ptr, self.values, self.bias, n)
-        elif self.kind == "sparse-int4":
-            y = o.sparse_linear_i4(x, self.masks, self.tile_ptr, self.values, self.scales, self.comp, self.bias, n)
-        elif self.kind == "dense-int4":
-            y = o.dense_linear_i4(x, self.q, self.scales, self.comp, self.bias, n)
-        else:
-            y = o.dense_linear_i8(x, self.q, self.scales, self.rowsum, self.bias, n)
-        return y if dtype == torch.float32 else y.to(dtype)
+        if x.dtype is torch.float32:
+            return self._call(x)
+        return self._call(x.to(torch.float32)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}"

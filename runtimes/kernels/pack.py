@@ -2,8 +2,9 @@
 
 `pack_artifact(ART)` reads the manifest plan and the transformed model in ART/model/ and packs every
 planned layer: int8 (per-output-channel scales, activations quantized per token at run time) where
-the plan quantizes it, fp32 otherwise. A layer whose measured sparsity is below `min_sparsity` gains
-nothing from the bitmask (it costs 1/8 byte per weight): int8 layers then take the dense int8 kernel,
+the plan quantizes it to int8, int4 (group-64 fp16 scales, same int8 activations) where it plans
+int4, fp32 otherwise. A layer whose measured sparsity is below `min_sparsity` gains nothing from the
+bitmask (it costs 1/8 byte per weight): int8 / int4 layers then take the dense int8 / int4 kernel,
 fp32 ones stay ordinary torch Linears. The LM head (tied to the embedding on small LMs, and the
 largest single matrix of SmolLM2-135M: 49152 x 576) gets the dense int8 kernel unless
 `lm_head="none"`. Packing reads the dense model once (it is the lowering step); running never does.
@@ -25,6 +26,17 @@ PACKED_DIR = "sparsec"
 WEIGHTS = "weights.safetensors"
 SUMMARY = "format.json"
 INT8_SCHEMES = ("int8", "int8-dynamic")
+INT4_SCHEMES = ("int4",)
+
+
+def packed_kind(quant: str | None, sparse: bool) -> str | None:
+    """The packed kind of a planned layer: its plan's quantization and whether the mask pays; None = the
+    layer stays a torch Linear (dense fp32)."""
+    if quant in INT8_SCHEMES:
+        return "sparse-int8" if sparse else "dense-int8"
+    if quant in INT4_SCHEMES:
+        return "sparse-int4" if sparse else "dense-int4"
+    return "sparse-fp32" if sparse else None
 
 
 @dataclass(frozen=True)
@@ -84,13 +96,9 @@ def pack_model(model: nn.Module, plan: dict[str, dict[str, Any]], *, min_sparsit
     for name, entry in plan.items():
         weight, bias = linear_weight(model.get_submodule(name))
         sparsity = float((weight == 0).sum()) / weight.numel()
-        int8 = (entry or {}).get("quant") in INT8_SCHEMES
-        if sparsity < min_sparsity:
-            if not int8:
-                continue  # a dense fp32 layer: torch's own Linear is the fastest dense fp32 kernel here
-            kind = "dense-int8"
-        else:
-            kind = "sparse-int8" if int8 else "sparse-fp32"
+        kind = packed_kind((entry or {}).get("quant"), sparsity >= min_sparsity)
+        if kind is None:
+            continue  # a dense fp32 layer: torch's own Linear is the fastest dense fp32 kernel here
         packed = pack_linear(weight, kind, bias)
         packed.meta.update({"sparsity": round(sparsity, 6), "transposed": int(not isinstance(model.get_submodule(name), nn.Linear))})
         layers[name] = packed

@@ -29,7 +29,8 @@ class HostModel:
 
     model: nn.Module
     causal: bool
-    packed: dict[str, PackedLinearModule] = field(default_factory=dict)
+    # HF layer name -> its packed module (a PackedLinearModule, or a FusedMember of a fused q/k/v or gate/up op)
+    packed: dict[str, Any] = field(default_factory=dict)
     tokenizer: Any = None
 
     def reset_counters(self) -> None:
@@ -40,8 +41,16 @@ class HostModel:
         """name -> kind of every packed layer that ran since the last reset (the sparse-kernel proof)."""
         return {n: m.kind for n, m in self.packed.items() if m.calls > 0}
 
+    def kernels(self) -> list[PackedLinearModule]:
+        """The packed ops the model runs, each once (a fused op serves several layers)."""
+        seen: dict[int, PackedLinearModule] = {}
+        for m in self.packed.values():
+            k = m.kernel() if hasattr(m, "kernel") else m
+            seen.setdefault(id(k), k)
+        return list(seen.values())
+
     def packed_bytes(self) -> int:
-        return sum(sum(b.numel() * b.element_size() for b in m.buffers() if b is not None) for m in self.packed.values())
+        return sum(sum(b.numel() * b.element_size() for b in m.buffers() if b is not None) for m in self.kernels())
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs: Any) -> torch.Tensor:
@@ -81,21 +90,35 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def swap_in(model: nn.Module, packed_layers: dict[str, Any]) -> dict[str, PackedLinearModule]:
-    """Replace each named layer of `model` by a PackedLinearModule of its packed form."""
-    modules: dict[str, PackedLinearModule] = {}
-    for name, p in packed_layers.items():
+def swap_in(model: nn.Module, packed_layers: dict[str, Any], fuse: bool | None = None) -> dict[str, Any]:
+    """Replace each named layer of `model` by a PackedLinearModule of its packed form; sibling q/k/v and
+    gate/up layers share one fused op (runtimes/kernels/fuse.py) unless `fuse` is False (default: on
+    unless SPARSEC_FUSE=0)."""
+    from runtimes.kernels.fuse import FusedMember, FusedPackedLinear, fuse_groups, fusion_enabled
+
+    modules: dict[str, Any] = {}
+    for name in packed_layers:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if not hasattr(parent, child):
             raise ValueError(f"error: packed layer '{name}' does not exist in {type(model).__name__}")
-        modules[name] = PackedLinearModule(p)
-        setattr(parent, child, modules[name])
+    for names, fused_weight in fuse_groups(packed_layers) if (fusion_enabled() if fuse is None else fuse) else []:
+        fused = FusedPackedLinear(fused_weight, [packed_layers[n].out_features for n in names])
+        for i, name in enumerate(names):
+            p = packed_layers[name]
+            modules[name] = FusedMember(fused, i, p.kind, p.in_features, p.out_features)
+    for name, p in packed_layers.items():
+        if name not in modules:
+            modules[name] = PackedLinearModule(p)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, modules[name])
     return modules
 
 
-def load_host_model(artifact: str | Path, packed_path: str | Path | None = None, *, threads: int | None = None) -> HostModel:
-    """The artifact's model with its packed layers on the sparsec kernels (see module docstring)."""
+def load_host_model(artifact: str | Path, packed_path: str | Path | None = None, *, threads: int | None = None,
+                    fuse: bool | None = None) -> HostModel:
+    """The artifact's model with its packed layers on the sparsec kernels (see module docstring);
+    `fuse`: one op for q/k/v and gate/up (default: on unless SPARSEC_FUSE=0)."""
     from safetensors import safe_open
 
     root = Path(artifact)
@@ -110,7 +133,7 @@ def load_host_model(artifact: str | Path, packed_path: str | Path | None = None,
     packed_layers = load_packed(weights)
     model, config = _empty_model(model_dir)
 
-    modules = swap_in(model, packed_layers)
+    modules = swap_in(model, packed_layers, fuse)
 
     # every remaining parameter / persistent buffer, by name; tied tensors are filled once
     targets = dict(model.named_parameters(remove_duplicate=False))

@@ -18,17 +18,17 @@
 //   rowsum    int32 [N]         int8 only: sum_k q[n, k]  (the +128 compensation of u8 x s8 VNNI)
 // Dense int8 (the same-family baseline): q int8 [N * kp] with kp = 64 * kc (zero padded), scales, rowsum.
 //
-// int4 (sparse-int4 / dense-int4): each stored weight is a 4-bit code u in [0, 15] meaning the odd level
-// c = 2u - 15 in {-15, -13, .., 15}; W[n, k] = s[n, chunk] * c, one fp16 scale per (row, 64-column chunk)
-// (group 64 = one mask chunk). No level is zero: zeros are the mask's job (dense-int4 quantizes every
-// weight, docs/kernels.md says why this symmetric mid-rise code). Codes are packed two per byte, code
-// 2j in the low nibble of byte j, 2j+1 in the high one; each (row, chunk) starts on a byte, so a chunk
-// of p non-zeros takes (p + 1) / 2 bytes.
+// int4 (sparse-int4 / dense-int4): asymmetric, groups of 64 along the input dim (= one mask chunk), the
+// scheme of onnxruntime's MatMulNBits / NNCF INT4_ASYM g64: each stored weight is a 4-bit code u in
+// [0, 15], W[n, k] = s[n, c] * (u - z[n, c]) with one fp16 scale s and one integer zero point z in
+// [0, 15] per (row, chunk); the level u - z is in [-15, 15], an int8 for vpdpbusd. Codes are packed
+// two per byte, code 2j in the low nibble of byte j, 2j+1 in the high one; each (row, chunk) starts on
+// a byte, so a chunk of p non-zeros takes (p + 1) / 2 bytes.
 //   sparse-int4: masks, tile_ptr (in bytes) as above; values uint8 [bytes + 32 padding] in (tile, chunk,
-//                row) order; scales fp16 [tiles * kc * 4] in the same (tile, chunk, row) order
-//   dense-int4:  q uint8 [N * kc * 32] row-major (zero codes = level -15 in the padding columns, whose
-//                activations are 0); scales fp16 [N * kc]
-//   both:        comp fp32 [N] = 128 * sum_chunks s[n, c] * sum_k c_k (the +128 term of u8 x s8 VNNI)
+//                row) order; scales fp16 and zeros uint8 [tiles * kc * 4] in the same (tile, chunk, row) order
+//   dense-int4:  q uint8 [N * kc * 32] row-major (padding columns hold u = z: level 0); scales fp16 and
+//                zeros uint8 [N * kc]
+//   both:        comp fp32 [N] = 128 * sum_chunks s[n, c] * sum_k (u_k - z[n, c]) (the +128 term of u8 x s8)
 #pragma once
 #include <cstdint>
 
@@ -64,6 +64,7 @@ struct SparseI4 {
   const int64_t* tile_ptr;
   const uint8_t* values;
   const uint16_t* scales;  // fp16
+  const uint8_t* zeros;
   const float* comp;
   int64_t n, k, kc;
   int64_t pf;
@@ -72,6 +73,7 @@ struct SparseI4 {
 struct DenseI4 {
   const uint8_t* q;        // [n * kc * 32]
   const uint16_t* scales;  // fp16 [n * kc]
+  const uint8_t* zeros;    // [n * kc]
   const float* comp;
   int64_t n, k, kc;
 };
@@ -100,7 +102,7 @@ struct ActF32 {
 typedef void (*SparseI8Fn)(const SparseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
 typedef void (*SparseF32Fn)(const SparseF32&, const ActF32&, int64_t n0, int64_t n1, float* y);
 typedef void (*DenseI8Fn)(const DenseI8&, const ActI8&, int64_t n0, int64_t n1, int32_t* acc);
-// int4 kernels write sum_chunks s[n, c] * sum_k xq[t, k] * c[n, k] (fp32, the activation scale not applied)
+// int4 kernels write sum_chunks s[n, c] * sum_k xq[t, k] * (u - z)[n, k] (fp32, activation scale not applied)
 // to acc[t * n_total + n]; with unit scales that is the exact integer dot product (tests).
 typedef void (*SparseI4Fn)(const SparseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);
 typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);

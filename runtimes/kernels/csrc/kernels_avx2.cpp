@@ -76,16 +76,16 @@ __attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const Act
   }
 }
 
-// 32 bytes of packed int4 codes -> 64 int8 odd levels 2u - 15 stored to out[0..63], in order.
-__attribute__((always_inline)) inline void i4_levels(const uint8_t* p, int8_t* out) {
+// 32 bytes of packed int4 codes -> 64 int8 levels u - z stored to out[0..63], in order.
+__attribute__((always_inline)) inline void i4_levels(const uint8_t* p, uint8_t z, int8_t* out) {
   const __m256i v = _mm256_loadu_si256((const __m256i*)p);
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
   const __m256i a = _mm256_unpacklo_epi8(lo, hi), b = _mm256_unpackhi_epi8(lo, hi);  // per 128-bit lane
-  const __m256i fifteen = _mm256_set1_epi8(15);
+  const __m256i zb = _mm256_set1_epi8((char)z);
   const __m256i c0 = _mm256_permute2x128_si256(a, b, 0x20), c1 = _mm256_permute2x128_si256(a, b, 0x31);
-  _mm256_storeu_si256((__m256i*)out, _mm256_sub_epi8(_mm256_add_epi8(c0, c0), fifteen));
-  _mm256_storeu_si256((__m256i*)(out + 32), _mm256_sub_epi8(_mm256_add_epi8(c1, c1), fifteen));
+  _mm256_storeu_si256((__m256i*)out, _mm256_sub_epi8(c0, zb));
+  _mm256_storeu_si256((__m256i*)(out + 32), _mm256_sub_epi8(c1, zb));
 }
 
 __attribute__((always_inline)) inline void scales_f32(const uint16_t* h, int64_t count, float* buf) {
@@ -117,7 +117,7 @@ __attribute__((always_inline)) inline void si4_tile(const SparseI4& w, const Act
 #pragma GCC unroll 8
     for (int r = 0; r < kTile; ++r) {
       const uint64_t m = mk[c * kTile + r];
-      i4_levels(p, lv);
+      i4_levels(p, w.zeros[(tile * w.kc + c) * kTile + r], lv);
       p += (_mm_popcnt_u64(m) + 1) >> 1;
       const int8_t* lp = lv;
       __m256i d[T];
@@ -161,7 +161,7 @@ __attribute__((always_inline)) inline void di4_tile(const DenseI4& w, const ActI
   const uint8_t* q = w.q + n * w.kc * 32;
   for (int64_t c = 0; c < w.kc; ++c) {
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) i4_levels(q + (r * w.kc + c) * 32, lv[r]);
+    for (int r = 0; r < R; ++r) i4_levels(q + (r * w.kc + c) * 32, w.zeros[(n + r) * w.kc + c], lv[r]);
     __m256i d[R][T];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)

@@ -62,14 +62,13 @@ __attribute__((always_inline)) inline void si8_tile(const SparseI8& w, const Act
   }
 }
 
-// 32 bytes of packed int4 codes (2 per byte, low nibble first) -> 64 int8 odd levels 2u - 15, in order.
-// Zero-extend bytes to words, then (w << 1 | w << 5) & 0x1e1e puts 2 * low nibble in the even byte and
-// 2 * high nibble in the odd byte of each word (one vpternlogd), minus 15.
-__attribute__((always_inline)) inline __m512i i4_levels(const uint8_t* p) {
+// 32 bytes of packed int4 codes (2 per byte, low nibble first) -> 64 int8 levels u - z, in order.
+// Zero-extend bytes to words, then (w | w << 4) & 0x0f0f puts the low nibble in the even byte and the
+// high nibble in the odd byte of each word (one vpternlogd), minus the group's zero point.
+__attribute__((always_inline)) inline __m512i i4_levels(const uint8_t* p, uint8_t z) {
   const __m512i wz = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-  const __m512i two_u = _mm512_ternarylogic_epi32(_mm512_slli_epi16(wz, 1), _mm512_slli_epi16(wz, 5),
-                                                  _mm512_set1_epi16(0x1e1e), 0xa8);
-  return _mm512_sub_epi8(two_u, _mm512_set1_epi8(15));
+  const __m512i u = _mm512_ternarylogic_epi32(wz, _mm512_slli_epi16(wz, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
+  return _mm512_sub_epi8(u, _mm512_set1_epi8((char)z));
 }
 
 // fp16 scales -> fp32 into buf (count values; the tail read is masked, so nothing past the array is read).
@@ -96,6 +95,7 @@ __attribute__((always_inline)) inline void si4_tile(const SparseI4& w, const Act
   scales_f32(w.scales + tile * w.kc * kTile, w.kc * kTile, sc);
   const uint8_t* p = w.values + w.tile_ptr[tile];
   const uint64_t* mk = w.masks + tile * w.kc * kTile;
+  const uint8_t* zp = w.zeros + tile * w.kc * kTile;
   const uint8_t* x = a.xu + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
     _mm_prefetch((const char*)(p + w.pf), _MM_HINT_T0);
@@ -104,7 +104,7 @@ __attribute__((always_inline)) inline void si4_tile(const SparseI4& w, const Act
 #pragma GCC unroll 8
     for (int r = 0; r < kTile; ++r) {
       const uint64_t m = mk[c * kTile + r];
-      wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, i4_levels(p));
+      wv[r] = _mm512_maskz_expand_epi8((__mmask64)m, i4_levels(p, zp[c * kTile + r]));
       p += (_mm_popcnt_u64(m) + 1) >> 1;
     }
 #pragma GCC unroll 8
@@ -141,7 +141,7 @@ __attribute__((always_inline)) inline void di4_tile(const DenseI4& w, const ActI
   for (int64_t c = 0; c < w.kc; ++c) {
     __m512i wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = i4_levels(q + (r * w.kc + c) * 32);
+    for (int r = 0; r < R; ++r) wv[r] = i4_levels(q + (r * w.kc + c) * 32, w.zeros[(n + r) * w.kc + c]);
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) {
       const __m512i xv = _mm512_loadu_si512((const void*)(x + u * a.kp + c * 64));

@@ -55,11 +55,8 @@ float half_to_float(uint16_t h) {
 
 namespace {
 
-// The odd level of code j of a packed int4 stream: c = 2u - 15.
-inline int32_t i4_code(const uint8_t* v, int64_t j) {
-  const int u = (j & 1) ? (v[j >> 1] >> 4) : (v[j >> 1] & 0x0f);
-  return 2 * u - 15;
-}
+// Code j of a packed int4 stream (low nibble first).
+inline int32_t i4_code(const uint8_t* v, int64_t j) { return (j & 1) ? (v[j >> 1] >> 4) : (v[j >> 1] & 0x0f); }
 
 void sparse_i4_portable(const SparseI4& w, const ActI8& a, int64_t n0, int64_t n1, float* acc) {
   for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
@@ -72,10 +69,11 @@ void sparse_i4_portable(const SparseI4& w, const ActI8& a, int64_t n0, int64_t n
         for (int r = 0; r < kTile; ++r) {
           const int64_t idx = (tile * w.kc + c) * kTile + r;
           uint64_t m = w.masks[idx];
+          const int32_t z = w.zeros[idx];
           int32_t d = 0;
           int64_t j = 0;
           while (m) {
-            d += (int32_t)xc[__builtin_ctzll(m)] * i4_code(v, j++);
+            d += (int32_t)xc[__builtin_ctzll(m)] * (i4_code(v, j++) - z);
             m &= m - 1;
           }
           v += (j + 1) >> 1;
@@ -95,8 +93,9 @@ void dense_i4_portable(const DenseI4& w, const ActI8& a, int64_t n0, int64_t n1,
       float s = 0.f;
       for (int64_t c = 0; c < w.kc; ++c) {
         const uint8_t* q = w.q + (n * w.kc + c) * 32;
+        const int32_t z = w.zeros[n * w.kc + c];
         int32_t d = 0;
-        for (int64_t j = 0; j < 64; ++j) d += (int32_t)x[c * 64 + j] * i4_code(q, j);
+        for (int64_t j = 0; j < 64; ++j) d += (int32_t)x[c * 64 + j] * (i4_code(q, j) - z);
         s += (float)d * half_to_float(w.scales[n * w.kc + c]);
       }
       acc[t * w.n + n] = s;

@@ -316,15 +316,18 @@ at::Tensor dense_linear_i8(const at::Tensor& x, const at::Tensor& q, const at::T
 
 // ---- int4 ---------------------------------------------------------------------------------------
 
-int64_t check_i4(const at::Tensor& scales, const at::Tensor& comp, int64_t scale_count, int64_t n, int64_t kc) {
+int64_t check_i4(const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& comp, int64_t scale_count,
+                 int64_t n, int64_t kc) {
   TORCH_CHECK(kc <= kMaxI4Chunks, "error: int4 kernels take in_features <= ", kMaxI4Chunks * 64, ", got ", kc * 64);
   check_vec(scales, scale_count, at::kHalf, "scales (fp16, one per row and 64-column chunk)");
+  check_vec(zeros, scale_count, at::kByte, "zeros (uint8, one per row and 64-column chunk)");
   check_vec(comp, n, at::kFloat, "comp");
   return kc;
 }
 
 SparseI4 sparse_i4_args(const at::Tensor& masks, const at::Tensor& tile_ptr, const at::Tensor& values,
-                        const at::Tensor& scales, const at::Tensor& comp, int64_t n, int64_t k) {
+                        const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& comp, int64_t n,
+                        int64_t k) {
   TORCH_CHECK(n > 0, "error: out_features must be > 0");
   const int64_t kc = (k + 63) / 64, tiles = (n + kTile - 1) / kTile;
   TORCH_CHECK(masks.scalar_type() == at::kLong && masks.is_contiguous() && masks.numel() == tiles * kc * kTile,
@@ -335,17 +338,20 @@ SparseI4 sparse_i4_args(const at::Tensor& masks, const at::Tensor& tile_ptr, con
   const int64_t bytes = tile_ptr.data_ptr<int64_t>()[tiles];
   TORCH_CHECK(values.numel() >= bytes + 32, "error: values must hold the packed codes + 32 padding bytes (",
               values.numel(), " < ", bytes + 32, ")");
-  check_i4(scales, comp, tiles * kc * kTile, n, kc);
+  check_i4(scales, zeros, comp, tiles * kc * kTile, n, kc);
   return SparseI4{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<uint8_t>(),
-                  (const uint16_t*)scales.data_ptr<at::Half>(), comp.data_ptr<float>(), n, k, kc, prefetch_bytes()};
+                  (const uint16_t*)scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(), comp.data_ptr<float>(), n, k,
+                  kc, prefetch_bytes()};
 }
 
-DenseI4 dense_i4_args(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp, int64_t n, int64_t k) {
+DenseI4 dense_i4_args(const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros, const at::Tensor& comp,
+                      int64_t n, int64_t k) {
   TORCH_CHECK(n > 0, "error: out_features must be > 0");
   const int64_t kc = (k + 63) / 64;
   check_vec(q, n * kc * 32, at::kByte, "q (uint8, two codes per byte, padded to 64 columns)");
-  check_i4(scales, comp, n * kc, n, kc);
-  return DenseI4{q.data_ptr<uint8_t>(), (const uint16_t*)scales.data_ptr<at::Half>(), comp.data_ptr<float>(), n, k, kc};
+  check_i4(scales, zeros, comp, n * kc, n, kc);
+  return DenseI4{q.data_ptr<uint8_t>(), (const uint16_t*)scales.data_ptr<at::Half>(), zeros.data_ptr<uint8_t>(),
+                 comp.data_ptr<float>(), n, k, kc};
 }
 
 // Test ops: already-quantized int8 activations in, sum_chunks s * dot out (fp32; exact with unit scales).
@@ -362,16 +368,17 @@ at::Tensor i4_acc(const at::Tensor& xq, const W& w, const Run& run) {
 }
 
 at::Tensor sparse_i4_acc(const at::Tensor& xq, const at::Tensor& masks, const at::Tensor& tile_ptr,
-                         const at::Tensor& values, const at::Tensor& scales, const at::Tensor& comp, int64_t n) {
-  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, comp, n, xq.size(-1));
+                         const at::Tensor& values, const at::Tensor& scales, const at::Tensor& zeros,
+                         const at::Tensor& comp, int64_t n) {
+  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, zeros, comp, n, xq.size(-1));
   return i4_acc(xq, w, [&](const KernelTable& kt, const ActI8& act, int64_t n0, int64_t n1, float* out) {
     kt.sparse_i4(w, act, n0, n1, out);
   });
 }
 
-at::Tensor dense_i4_acc(const at::Tensor& xq, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp,
-                        int64_t n) {
-  const DenseI4 w = dense_i4_args(q, scales, comp, n, xq.size(-1));
+at::Tensor dense_i4_acc(const at::Tensor& xq, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                        const at::Tensor& comp, int64_t n) {
+  const DenseI4 w = dense_i4_args(q, scales, zeros, comp, n, xq.size(-1));
   return i4_acc(xq, w, [&](const KernelTable& kt, const ActI8& act, int64_t n0, int64_t n1, float* out) {
     kt.dense_i4(w, act, n0, n1, out);
   });
@@ -403,19 +410,19 @@ at::Tensor i4_linear(const KernelTable& kt, const at::Tensor& x, int64_t k, int6
 }
 
 at::Tensor sparse_linear_i4(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
-                            const at::Tensor& values, const at::Tensor& scales, const at::Tensor& comp,
-                            const c10::optional<at::Tensor>& bias, int64_t n) {
+                            const at::Tensor& values, const at::Tensor& scales, const at::Tensor& zeros,
+                            const at::Tensor& comp, const c10::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(-1);
-  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, comp, n, k);
+  const SparseI4 w = sparse_i4_args(masks, tile_ptr, values, scales, zeros, comp, n, k);
   const auto& kt = kernels();
   return i4_linear(kt, x, k, w.kc, bias, n,
                    [&](const ActI8& act, int64_t n0, int64_t n1, float* acc) { kt.sparse_i4(w, act, n0, n1, acc); });
 }
 
-at::Tensor dense_linear_i4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& comp,
-                           const c10::optional<at::Tensor>& bias, int64_t n) {
+at::Tensor dense_linear_i4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const at::Tensor& zeros,
+                           const at::Tensor& comp, const c10::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(-1);
-  const DenseI4 w = dense_i4_args(q, scales, comp, n, k);
+  const DenseI4 w = dense_i4_args(q, scales, zeros, comp, n, k);
   const auto& kt = kernels();
   return i4_linear(kt, x, k, w.kc, bias, n,
                    [&](const ActI8& act, int64_t n0, int64_t n1, float* acc) { kt.dense_i4(w, act, n0, n1, acc); });
@@ -519,12 +526,12 @@ TORCH_LIBRARY(sparsec, m) {
   m.def("dense_linear_i8(Tensor x, Tensor q, Tensor scales, Tensor rowsum, Tensor? bias, int n) -> Tensor");
   m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
   m.def("densify_f32(Tensor masks, Tensor tile_ptr, Tensor values, int n, int k) -> Tensor");
-  m.def("sparse_i4_acc(Tensor xq, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor comp, int n) "
-        "-> Tensor");
-  m.def("dense_i4_acc(Tensor xq, Tensor q, Tensor scales, Tensor comp, int n) -> Tensor");
-  m.def("sparse_linear_i4(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor comp, "
-        "Tensor? bias, int n) -> Tensor");
-  m.def("dense_linear_i4(Tensor x, Tensor q, Tensor scales, Tensor comp, Tensor? bias, int n) -> Tensor");
+  m.def("sparse_i4_acc(Tensor xq, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor zeros, "
+        "Tensor comp, int n) -> Tensor");
+  m.def("dense_i4_acc(Tensor xq, Tensor q, Tensor scales, Tensor zeros, Tensor comp, int n) -> Tensor");
+  m.def("sparse_linear_i4(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor zeros, "
+        "Tensor comp, Tensor? bias, int n) -> Tensor");
+  m.def("dense_linear_i4(Tensor x, Tensor q, Tensor scales, Tensor zeros, Tensor comp, Tensor? bias, int n) -> Tensor");
   m.def("noop(Tensor x) -> Tensor");
 }
 
