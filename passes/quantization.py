@@ -7,9 +7,13 @@ calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepS
 (weight-only, 4-bit blocks of 64, activations float, nothing calibrated) → MatMulNBits for onnxruntime
 and OpenVINO (NNCF weight compression); the backends without an int4 form refuse it at compile.
 
-Layers inside the model's blocks are selected by default; layers outside them (LM heads, poolers,
-classifier heads) stay fp32 unless `include_outside_blocks=true` — an int8 LM head costs much more
-accuracy than it saves time. `exclude` takes regular expressions over layer names.
+Layers inside the model's blocks are selected by default. Layers outside them (LM heads, poolers,
+classifier heads): `include_outside_blocks=auto` (the default) quantizes a causal LM's head when a check
+on the calibration text says it costs at most 1 % perplexity (passes/head_check.py — the head is a
+large share of the bytes per decode step, 28 M of SmolLM2's 135 M weights), and keeps every other
+outside layer fp32 (an encoder's pooler or classifier is a negligible share of its time);
+`true`/`false` force all or none. `exclude` takes regular expressions
+over layer names.
 
 Static int8 fixes each activation range from calibration data; a layer whose input has a few huge
 outliers (max|x| / rms over the calibration tokens above `max_activation_ratio`) then either clips
@@ -28,6 +32,7 @@ from compiler.errors import SpecError
 from compiler.ir import ModelIR
 from compiler.pass_infra import Pass, PassContext, PassResult, option
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
+from passes.head_check import HeadCheck, check_head
 from passes.plan_utils import compile_patterns, require_prunable_layers
 
 Scheme = Literal["int8", "int8-dynamic", "int4"]
@@ -50,13 +55,15 @@ class Quantize(Pass):
     scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); "
                             "int8-dynamic: activations quantized at run time (MatMulInteger); "
                             "int4: weight-only 4-bit blocks (MatMulNBits; onnxruntime and openvino only)")
-    include_outside_blocks: bool = option(False, "also quantize layers outside the blocks (LM head, pooler, classifier)")
+    include_outside_blocks: bool | Literal["auto"] = option(
+        "auto", "also quantize layers outside the blocks (LM head, pooler, classifier): true, false, or auto "
+                "(a causal LM's head when it costs <= 1% perplexity on the calibration text)")
     exclude: tuple[str, ...] = option((), "regular expressions of layer names to keep fp32")
     max_activation_ratio: float = option(STATIC_MAX_ACTIVATION_RATIO, "int8 (static): keep layers fp32 whose input max|x|/rms exceeds this (0 = off)")
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.scheme == "int8" and self.max_activation_ratio > 0
+        return (self.scheme == "int8" and self.max_activation_ratio > 0) or self.include_outside_blocks == "auto"
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -69,10 +76,12 @@ class Quantize(Pass):
         require_prunable_layers(ir, self.name)
 
     def call(self, ir: ModelIR, ctx: PassContext) -> PassResult:
-        chosen = select_layers(ir, self.include_outside_blocks, self.exclude)
+        chosen = select_layers(ir, self.include_outside_blocks is True, self.exclude)
+        head_checks = self._check_heads(ir, ctx) if self.include_outside_blocks == "auto" else []
+        chosen += [c.layer for c in head_checks if c.passed]
         ratios: dict[str, float] = {}
         outliers: list[str] = []
-        if self.needs_calibration and chosen:
+        if self.scheme == "int8" and self.max_activation_ratio > 0 and chosen:
             ratios = activation_ratios(ir, chosen, ctx.require_calibration(self.name).samples)
             outliers = [n for n in chosen if ratios[n] > self.max_activation_ratio]
             chosen = [n for n in chosen if n not in set(outliers)]
@@ -84,6 +93,7 @@ class Quantize(Pass):
         if outliers:
             diagnostics.append(f"{len(outliers)} layers stay fp32: input max|x|/rms > {self.max_activation_ratio} "
                                f"(static int8 would clip their outliers): {_names(outliers)}")
+        diagnostics += [c.describe() for c in head_checks]
         kept = [n for n in ir.layers if n not in set(chosen)]
         if kept:
             diagnostics.append(f"{len(kept)} layers stay fp32 in total: {_names(kept)}")
@@ -92,7 +102,21 @@ class Quantize(Pass):
                                    "params_quantized_fraction": round(params / total, 4) if total else 0.0}
         if ratios:
             metrics["activation_ratio"] = {n: round(r, 2) for n, r in ratios.items()}
+        if head_checks:
+            metrics["head_check"] = {c.layer: c.to_dict() for c in head_checks}
         return PassResult(ir, modified=False, metrics=metrics, diagnostics=diagnostics)
+
+    def _check_heads(self, ir: ModelIR, ctx: PassContext) -> list[HeadCheck]:
+        """`auto`: the head check for a causal LM's layers outside the blocks (none for other models)."""
+        if ir.model_type != "causal-lm":
+            return []
+        heads = [n for n in select_layers(ir, True, self.exclude) if ir.layers[n].block is None]
+        if not heads or ir.weight(heads[0]).is_meta:  # no weights in memory (streamed compile): stays fp32
+            return []
+        if ctx.calibration is None:  # called outside a pipeline without data: nothing to check on
+            return [HeadCheck(n, self.scheme, 0, float("inf"), 0.0, float("inf"), False) for n in heads]
+        samples = ctx.require_calibration(self.name).samples
+        return [check_head(ir, n, samples, self.scheme) for n in heads]
 
     def ensures(self, ir: ModelIR) -> None:
         schemes = {p.quant for p in ir.plan.values() if p.quant}

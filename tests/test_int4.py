@@ -107,7 +107,8 @@ def test_onnxruntime_graph_has_matmulnbits_for_every_planned_layer(int4_artifact
     variant = manifest["lowering"]["variants"]["int4-matmulnbits"]
     assert variant["backends"] == ["onnxruntime"] and manifest["lowering"]["backend_files"]["onnxruntime"] == variant["file"]
     planned = _planned(manifest)
-    assert planned and "lm_head" not in planned and variant["layers_quantized"] == len(planned)
+    # the head is in the plan only when the quantize pass's head check passed (include_outside_blocks=auto)
+    assert planned and variant["layers_quantized"] == len(planned)
     fp32 = onnx.load(str(int4_artifact / MODEL_FILE))
     outputs = {layer: next(n.output[0] for n in fp32.graph.node if n.name == node)
                for layer, (node, _) in layer_nodes(fp32, planned).items()}
@@ -188,8 +189,9 @@ def test_int8_artifact_gets_the_dense_int4_alternative(cli, cache_dir, tiny_mode
     assert res.exit_code == 0, res.output
     rows = {row["config"]: row for row in json.loads(bench.read_text())["decode"][0]["rows"]}
     assert {"compiled", "dense fp32", "dense int4-matmulnbits"} <= set(rows)
-    # int4 blocks read fewer weight bytes than the compiled int8 ones (LM head fp32 in both)
-    assert rows["dense int4-matmulnbits"]["weight_bytes_per_token"] < rows["compiled"]["weight_bytes_per_token"]
+    # int4 reads fewer weight bytes than fp32 (the compiled int8 plan may also hold an int8 LM head, which
+    # the quantize pass's head check decides, so on this tiny model it can read fewer bytes than int4 blocks)
+    assert rows["dense int4-matmulnbits"]["weight_bytes_per_token"] < rows["dense fp32"]["weight_bytes_per_token"]
 
 
 def test_input_dim_not_a_multiple_of_64_on_both_tools(tmp_path):
