@@ -141,7 +141,7 @@ def child_compile(model: str, out: str, mode: str, samples: int, seqlen: int, ma
     from compiler.streaming.memory import GIB, parse_size, peak_rss
 
     marks: list[tuple[str, int, float]] = []
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), cpu_seconds()
 
     def progress(what: str, done: int, total: int) -> None:
         marks.append((what, done, time.perf_counter() - started))
@@ -167,15 +167,24 @@ def child_compile(model: str, out: str, mode: str, samples: int, seqlen: int, ma
     disk = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
     rep = result.report
     peak = peak_rss()  # before the digest below (which holds one tensor at a time)
+    cpu = cpu_seconds()
     digest_started = time.perf_counter()
     weights = weights_digest(Path(out) / "model")
     return {"mode": mode, "plan_sha256": hashlib.sha256(json.dumps(result.manifest["plan"], sort_keys=True).encode()).hexdigest(),
             "weights_sha256": weights, "digest_s": round(time.perf_counter() - digest_started, 1),
-            "wall_s": round(wall, 1), "peak_rss_gib": round(peak / GIB, 3),
+            "wall_s": round(wall, 1), "cpu_s": round(cpu - cpu0, 1), "peak_rss_gib": round(peak / GIB, 3),
             "pass_seconds": {p["name"]: p.get("seconds") for p in rep.get("passes", []) if isinstance(p, dict)},
             "block_marks_s": [(w, d, round(t, 1)) for w, d, t in marks if w in ("outlier-analysis", "prune")],
             "per_block_s": per_block, "artifact_gib": round(disk / GIB, 3), "streaming": rep.get("streaming"),
             "sparsity": (rep.get("sparsity") or {}).get("overall_measured")}
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process: less sensitive than wall time to a shared machine's load."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def weights_digest(model_dir: Path) -> str:
@@ -207,11 +216,12 @@ def child_eval(model: str, mode: str, tokens: int, seqlen: int) -> dict:
     from compiler.evaluate import EvalConfig, EvalTarget, evaluate_models
     from compiler.streaming.memory import GIB, peak_rss
 
-    started = time.perf_counter()
+    started, cpu0 = time.perf_counter(), cpu_seconds()
     cfg = EvalConfig(seqlen=seqlen, stride=seqlen // 2, max_tokens=tokens, greedy_prompts=0)
     res = evaluate_models(EvalTarget(model, None), "eval", cfg, stream=STREAM[mode])
     return {"mode": mode, "streamed": res["streamed"], "perplexity": res["compiled"], "tokens": res["tokens"], "windows": res["windows"],
-            "wall_s": round(time.perf_counter() - started, 1), "peak_rss_gib": round(peak_rss() / GIB, 3)}
+            "wall_s": round(time.perf_counter() - started, 1), "cpu_s": round(cpu_seconds() - cpu0, 1),
+            "peak_rss_gib": round(peak_rss() / GIB, 3)}
 
 
 def spawn(args: list[str], timeout: float) -> dict:
@@ -228,6 +238,19 @@ def auto_decision(root: Path, samples: int, seqlen: int) -> dict:
     from compiler.streaming.runner import decide
 
     return decide(str(root), None, None, samples=samples, seqlen=seqlen).to_dict()
+
+
+def lower(out: Path, backend: str, timeout: float) -> dict:
+    """`sparsec lower OUT --backend B` under /usr/bin/time -v: its peak RSS, wall time and files written."""
+    sparsec = Path(sys.executable).parent / "sparsec"
+    started = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", str(sparsec), "lower", str(out), "--backend", backend], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - started
+    rss = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), 0)
+    onnx = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and "model" not in f.relative_to(out).parts[:1])
+    return {"backend": backend, "rc": proc.returncode, "wall_s": round(wall, 1), "peak_rss_gib": round(rss / 2**20, 3),
+            "files_gib_outside_model": round(onnx / 2**30, 3), "stderr_tail": proc.stderr.strip().splitlines()[-25:-20] if proc.returncode else []}
 
 
 def run(a: argparse.Namespace) -> Path:
@@ -248,6 +271,8 @@ def run(a: argparse.Namespace) -> Path:
                  "compile": spawn(["_compile", str(model), str(out), mode, str(a.samples), str(a.seqlen), a.max_memory or ""], a.timeout)}
         if a.eval_tokens and "error" not in entry["compile"]:
             entry["eval"] = spawn(["_eval", str(out / "model"), mode, str(a.eval_tokens), str(a.seqlen)], a.timeout)
+        if a.lower and mode == a.modes.split(",")[-1] and "error" not in entry["compile"]:
+            entry["lower"] = lower(out, a.lower, a.timeout)
         entry["machine_after"] = machine()
         record["runs"].append(entry)
         shutil.rmtree(out, ignore_errors=True)
@@ -256,7 +281,14 @@ def run(a: argparse.Namespace) -> Path:
     return path
 
 
+def interrupt(_signum, _frame):
+    raise KeyboardInterrupt  # SIGTERM (timeout, kill) unwinds: the compile removes its temp directories
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, interrupt)
     if len(sys.argv) > 1 and sys.argv[1] == "_compile":
         model, out, mode, samples, seqlen, cap = sys.argv[2:8]
         print(json.dumps(child_compile(model, out, mode, int(samples), int(seqlen), cap or None)))
@@ -274,6 +306,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens for the streamed perplexity (0: skip)")
     ap.add_argument("--max-memory", default=None)
+    ap.add_argument("--lower", default=None, help="after each compile: sparsec lower OUT --backend THIS (peak RSS of the ONNX lowering)")
     ap.add_argument("--timeout", type=float, default=3 * 3600)
     a = ap.parse_args()
     if a.action == "build":

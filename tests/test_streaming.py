@@ -45,6 +45,7 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     model.save_pretrained(root / "tied", max_shard_size="150KB")
     tok.save_pretrained(root / "tied")
     out["tied"] = root / "tied"
+    out["one-block"] = build_tiny_model("llama", root / "one-block", tokenizer=tok, layers=1)
     return out
 
 
@@ -171,3 +172,18 @@ def test_max_memory_chunks_and_refusals(checkpoints, tmp_path):
                                      backends=("onnxruntime",)))
     with pytest.raises(SpecError, match="local Hugging Face directory"):
         compile_model(CompileOptions(model="tests/no-such-model", out=tmp_path / "c", calib=CALIB, stream=True))
+
+
+def test_model_without_repeated_blocks_is_resident_whole(checkpoints, tmp_path):
+    """One decoder layer is no repeated container: the model is one block (the root), nothing can be
+    streamed, everything stays resident — and the compile and its evaluation still match memory mode."""
+    from compiler.evaluate import perplexity
+    from compiler.streaming.runner import decide, load_ir
+
+    mem, st, results = compile_both(checkpoints["one-block"], PIPELINES["owl-wanda"], tmp_path)
+    assert_same(mem, st, results)
+    assert results["stream"].report["streaming"]["blocks_streamed"] == 0
+    ids = torch.arange(300) % 500
+    model = str(results["stream"].out / "model")
+    values = [perplexity(load_ir(model, decide(model, s, None)).module, ids, 64, 32).value for s in (False, True)]
+    assert values[0] == values[1]

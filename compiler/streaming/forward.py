@@ -29,7 +29,12 @@ class PerSampleRunner(BlockRunner):
 
 
 def streamed_outputs(ir: StreamedIR, samples: list[dict[str, torch.Tensor]]) -> Iterator[Any]:
-    """The model's output for each sample, in order (block-major over all of `samples`)."""
+    """The model's output for each sample, in order (block-major over all of `samples`). A model without
+    a repeated container has nothing streamed (it is resident whole): plain forwards."""
+    if not ir.residency.block_names:
+        for sample in samples:
+            yield call_model(ir.module, sample)
+        return
     last_block = ir.module.get_submodule(ir.blocks[-1].name)
     form: dict[str, Any] = {}
 

@@ -8,9 +8,10 @@ at a time) and by `acquire` (the IR calls it when a pass reaches into a block) â
 block whose weights changed is written to the overlay (one safetensors file per block, compute dtype)
 and read from there afterwards; an unchanged one is simply dropped (the checkpoint still has it).
 
-A block counts as changed when the IR's `set_weight` marked it, or when its checksum (the integer
-sum of its weights' bits) or a tensor's storage differs from when it was loaded â€” so a pass that
-writes `module.weight.data` directly is not lost either.
+A block counts as changed when the IR's `set_weight` marked it, when a parameter was changed in place
+(its version counter moved: `p.copy_`, `p.mul_` ...), or when a parameter's storage was replaced. A
+pass that writes through `module.weight.data` without `ir.set_weight` bypasses all three (`.data`
+has its own version counter) and would be lost: passes change weights through the IR.
 """
 
 from __future__ import annotations
@@ -40,13 +41,6 @@ class StreamCounters:
     per_block_loads: dict[int, int] = field(default_factory=dict)
 
 
-def checksum(t: torch.Tensor) -> int:
-    """Integer sum of the tensor's bit patterns: exact, order-free, one pass over memory."""
-    flat = t.detach().contiguous().view(-1)
-    bits = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.int8}[flat.element_size()]
-    return int(torch.sum(flat.view(bits), dtype=torch.int64))
-
-
 class Residency:
     def __init__(self, index: CheckpointIndex, module: nn.Module, block_names: list[str], dtype: torch.dtype,
                  work_dir: Path | None, capacity: int = 1):
@@ -64,7 +58,7 @@ class Residency:
         self.outer_params = [n for n in self.params if n not in inside]
         self.resident: list[int] = []  # least recently used first
         self.dirty: set[int] = set()
-        self.loaded_state: dict[int, tuple[int, list[int]]] = {}
+        self.loaded_state: dict[int, list[tuple[int, int]]] = {}
         self.overlay: dict[int, Path] = {}
         self.zeros: dict[str, tuple[int, int]] = {}  # param -> (zeros, numel) when last seen
         self.counters = StreamCounters()
@@ -147,13 +141,12 @@ class Residency:
             self._swap(n, tensors.pop(n))
         self.resident.append(k)
         self.loaded_state[k] = self._state(k)
-        self.count_zeros(k)
         self.counters.loads += 1
         self.counters.per_block_loads[k] = self.counters.per_block_loads.get(k, 0) + 1
 
-    def _state(self, k: int) -> tuple[int, list[int]]:
-        params = [self.params[n] for n in self.block_params[k]]
-        return sum(checksum(p) for p in params), [p.data_ptr() for p in params]
+    def _state(self, k: int) -> list[tuple[int, int]]:
+        """(version counter, storage address) of each parameter: reading them costs nothing."""
+        return [(p._version, p.data_ptr()) for p in (self.params[n] for n in self.block_params[k])]
 
     def count_zeros(self, k: int) -> None:
         for n in self.block_params[k]:
@@ -171,9 +164,11 @@ class Residency:
         if k not in self.resident:
             return
         names = self.block_params[k]
-        if self.changed(k):
+        changed = self.changed(k)
+        if changed:
             self.write_overlay(k)
-        self.count_zeros(k)
+        if changed or any(n not in self.zeros for n in names):
+            self.count_zeros(k)
         for n in names:
             torch.utils.swap_tensors(self.params[n], meta_like(self.params[n]))
         self.resident.remove(k)

@@ -9,10 +9,11 @@ loads the outer part, and traces the execution order with one forward pass of a 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -84,9 +85,10 @@ def config_width(path: Path) -> int:
 
 
 def open_streamed(path: Path | None, source: str, dtype: torch.dtype = COMPUTE_DTYPE, work_dir: Path | None = None,
-                  structure: ModelIR | None = None) -> StreamedIR:
+                  structure: ModelIR | None = None, check: Callable[[Any, Any], None] | None = None) -> StreamedIR:
     """A StreamedIR over the checkpoint at `path`. `structure`: an IR of the same checkpoint whose
-    blocks and layers are reused (a dense copy needs no second trace)."""
+    blocks and layers are reused (a dense copy needs no second trace). `check(residency, config)` runs
+    once the blocks are known and before the trace reads them (the --max-memory check)."""
     from transformers import AutoConfig
 
     from compiler.streaming.meta_model import build_meta_model
@@ -110,6 +112,8 @@ def open_streamed(path: Path | None, source: str, dtype: torch.dtype = COMPUTE_D
         tokenizer = _tokenizer(path)
         example = hf_example_inputs(config, tokenizer)
     res = Residency(index, module, names, dtype, work_dir)
+    if check is not None:
+        check(res, config)
     if structure is not None:
         blocks, layers = structure.blocks, structure.layers
     else:
@@ -149,14 +153,25 @@ def load_ir(model: str, decision: ModeDecision, work_parent: Path | None = None,
     if work_parent is not None:
         work_parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".sparsec-stream-", dir=work_parent))
-    ir = open_streamed(decision.path, model, COMPUTE_DTYPE, work)
-    res = ir.residency
-    fixed = res.block_bytes() + res.outer_bytes() + BASELINE
     from compiler.block_batching import DEFAULT_MAX_TOKENS
 
-    budget = chunk_tokens(decision.max_memory, fixed, samples, seqlen, Shape.of(ir.config), DEFAULT_MAX_TOKENS) if samples else None
+    sized: dict[str, Any] = {}
+
+    def check(res: Any, config: Any) -> None:
+        fixed = res.block_bytes() + res.outer_bytes() + BASELINE
+        sized["budget"] = chunk_tokens(decision.max_memory, fixed, samples, seqlen, Shape.of(config), DEFAULT_MAX_TOKENS) if samples else None
+
+    try:
+        ir = open_streamed(decision.path, model, COMPUTE_DTYPE, work, check=check)
+    except BaseException:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    res = ir.residency
+    budget = sized["budget"]
     ir.batch_tokens = budget.chunk_tokens if budget and decision.max_memory else None
-    ir.info = {**decision.to_dict(), "block_gib": round(res.block_bytes() / GIB, 3), "outer_gib": round(res.outer_bytes() / GIB, 3),
+    ir.info = {**decision.to_dict(), "blocks_streamed": len(res.block_names),
+               "block_gib": round(res.block_bytes() / GIB, 3), "outer_gib": round(res.outer_bytes() / GIB, 3),
                "disk_dtypes": res.index.disk_dtypes(), "batch_tokens": ir.batch_tokens,
                "streamed_estimate_gib": round(budget.total(Shape.of(ir.config), seqlen) / GIB, 3) if budget else None}
     return ir

@@ -56,7 +56,7 @@ class StreamedIR(ModelIR):
     def refresh_measured_sparsity(self) -> None:
         res = self.residency
         for k in list(res.resident):
-            res.count_zeros(k)
+            res.count_zeros(k)  # the others were counted when evicted (the only time they can have changed)
         for name in self.layers:
             weight_name = f"{name}.weight"
             if weight_name in res.zeros:
