@@ -2,7 +2,7 @@
 
     python benchmarks/kernels_decode.py                      # SmolLM2-135M (built in), 70 % magnitude + int8
     python benchmarks/kernels_decode.py --model DIR --sparsity 0.7 --tokens 64
-    python benchmarks/kernels_decode.py --configs "torch fp32,sparsec int4,sparsec dense int4"
+    python benchmarks/kernels_decode.py --configs "torch fp32;sparsec int4;sparsec dense int4"
 
 Every Linear inside the decoder blocks is pruned by magnitude to --sparsity (per layer; tokens/s does not
 depend on which weights are zero), written as an artifact (model/ + manifest plan) and packed with int8
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated configurations to time")
+    ap.add_argument("--configs", default=";".join(CONFIGS), help="configurations to time, separated by ';'")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench-kernels-decode")
     ap.add_argument("--out", type=Path, default=RESULTS / "kernels_decode.json")
     return ap.parse_args(argv)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.sparsity < 1 or args.tokens <= 0 or args.runs <= 0:
         print("error: --sparsity in (0, 1), --tokens and --runs > 0", file=sys.stderr)
         return 2
-    labels = [c.strip() for c in args.configs.split(",") if c.strip()]
+    labels = [c.strip() for c in args.configs.split(";") if c.strip()]
     unknown = [c for c in labels if c != "torch fp32" and c not in PACKS]
     if unknown or "torch fp32" not in labels:
         print(f"error: --configs must include 'torch fp32' and name known configurations (unknown: {unknown}; "

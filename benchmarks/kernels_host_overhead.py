@@ -5,7 +5,9 @@
 
 Builds (or reuses) benchmarks/kernels_decode.py's pruned artifact and its sparse-int8 pack, loads it
 fused and unfused, and times single decode steps (one token, transformers' DynamicCache, 10-token
-prompt) INTERLEAVED: --rounds rounds of --steps steps each, per configuration. Then one profiled pass
+prompt) INTERLEAVED: --rounds rounds of --steps steps each, per configuration — wall time and the
+process's CPU time (on cores shared with other work the wall time includes time descheduled; the CPU
+time is the work the step did). Then one profiled pass
 per configuration (torch.profiler, self CPU time per op name): the sparsec:: ops' share of the step,
 the rest (HF's attention, norms, rotary, cache concatenation, dispatcher) and the number of op calls.
 Records `uptime` and the CPU. Writes --out (JSON).
@@ -62,19 +64,20 @@ def main(argv: list[str] | None = None) -> int:
              "unfused": load_host_model(arts["root"], arts["sparsec int8"], fuse=False)}
     prompt = torch.tensor([[1, 504, 3458, 282, 260, 1345, 28, 253, 1672, 314]])
 
-    def steps(model, n: int) -> tuple[float, list[int]]:
+    def steps(model, n: int) -> tuple[float, list[int], float]:
         cache = DynamicCache()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
         toks = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(n):
             out = model(input_ids=tok, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             toks.append(int(tok))
-        return (time.perf_counter() - start) / n, toks
+        return (time.perf_counter() - start) / n, toks, (time.process_time() - cpu) / n
 
     times: dict[str, list[float]] = {k: [] for k in hosts}
+    cpus: dict[str, list[float]] = {k: [] for k in hosts}
     tokens = {}
     rows = []
     with torch.inference_mode():
@@ -82,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             tokens[label] = steps(h.model, args.steps)[1]
         for r in range(args.rounds):
             for label in (list(hosts) if r % 2 == 0 else list(reversed(hosts))):
-                times[label].append(steps(hosts[label].model, args.steps)[0])
+                wall, _, cpu = steps(hosts[label].model, args.steps)
+                times[label].append(wall)
+                cpus[label].append(cpu)
         for label, h in hosts.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                per_step, _ = steps(h.model, args.steps)
+                per_step, _, _ = steps(h.model, args.steps)
             ka = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in ka) / args.steps / 1e3
             ours = sum(e.self_cpu_time_total for e in ka if e.key.startswith("sparsec::")) / args.steps / 1e3
@@ -94,12 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             top = sorted(ka, key=lambda e: -e.self_cpu_time_total)[:12]
             rows.append({"config": label, "step_ms_median": round(statistics.median(times[label]) * 1e3, 2),
                          "step_ms_min": round(min(times[label]) * 1e3, 2),
+                         "step_cpu_ms_median": round(statistics.median(cpus[label]) * 1e3, 2),
+                         "step_cpu_ms_min": round(min(cpus[label]) * 1e3, 2),
                          "profiled_step_ms": round(per_step * 1e3, 2), "profiled_self_cpu_ms": round(total, 2),
                          "sparsec_ops_self_ms": round(ours, 2), "sparsec_op_calls": our_calls,
                          "op_calls_per_step": all_calls,
                          "top_ops": [{"op": e.key, "calls": e.count / args.steps,
                                       "self_ms": round(e.self_cpu_time_total / args.steps / 1e3, 3)} for e in top]})
-            print(f"{label:8} step median {rows[-1]['step_ms_median']:.2f} ms (min {rows[-1]['step_ms_min']:.2f}); "
+            print(f"{label:8} step median {rows[-1]['step_ms_median']:.2f} ms (min {rows[-1]['step_ms_min']:.2f}), CPU "
+                  f"{rows[-1]['step_cpu_ms_median']:.2f} ms (min {rows[-1]['step_cpu_ms_min']:.2f}); "
                   f"profiled: self CPU {total:.2f} ms/step, sparsec ops {ours:.2f} ms in {our_calls:.0f} calls, "
                   f"{all_calls:.0f} op calls in all", flush=True)
     result = {"command": "python benchmarks/kernels_host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),

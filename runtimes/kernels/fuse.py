@@ -71,7 +71,7 @@ class FusedPackedLinear(nn.Module):
     def take(self, index: int, x: torch.Tensor) -> torch.Tensor:
         version = _version(x)
         if x is not self._x or version != self._version or self._outs[index] is None:
-            self._outs = list(torch.split(self.inner(x), self.sizes, dim=-1))
+            self._outs = [o.contiguous() for o in torch.split(self.inner(x), self.sizes, dim=-1)]
             self._x, self._version = x, version
         out = self._outs[index]
         self._outs[index] = None  # each member takes its output once; then the input is computed again
@@ -82,11 +82,9 @@ class FusedPackedLinear(nn.Module):
 
 def _version(x: torch.Tensor) -> int:
     """x's in-place version counter; inference tensors have none (and cannot be modified in place outside
-    inference mode, where HF's forward runs them)."""
-    try:
-        return x._version
-    except RuntimeError:
-        return -1
+    inference mode, where HF's forward runs them). Checked with is_inference(), not by catching the
+    error: building torch's exception (with its C++ backtrace) cost more than the fused op saved."""
+    return -1 if x.is_inference() else x._version
 
 
 class FusedMember(nn.Module):
