@@ -87,14 +87,15 @@ def test_int4_variants_per_backend():
         "int4-matmulnbits": ("onnxruntime",), "int4-openvino": ("openvino",)}
     # OpenVINO not requested: it is still written for (lowered by default), in onnxruntime's form
     assert variants_for_scheme("int4", ("onnxruntime",), reg) == {"int4-matmulnbits": ("onnxruntime", "openvino")}
+    # sparsec packs int4 itself (sparse-int4 / dense-int4 in runtimes/kernels), so it has a form
     assert backends_without_form("int4", ("onnxruntime", "deepsparse", "tensorrt", "sparsec"), reg) == [
-        "deepsparse", "tensorrt", "sparsec"]
+        "deepsparse", "tensorrt"]
     assert backends_without_form("int8", ("sparsec",), reg) == []  # int8 forms are not checked this way
 
 
 def test_int4_on_a_backend_without_int4_is_one_line_error(cli, tiny_model_dir, tmp_path):
     out = tmp_path / "bad"
-    for backend in ("deepsparse", "onnxruntime,sparsec"):  # refused whether the backend is installed or not
+    for backend in ("deepsparse", "onnxruntime,tensorrt"):  # refused whether the backend is installed or not
         r = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int4", "--backend", backend)
         assert r.exit_code != 0
         lines = [line for line in r.output.strip().splitlines() if line.strip() and not line.startswith("licence (")]
