@@ -187,3 +187,14 @@ def test_model_without_repeated_blocks_is_resident_whole(checkpoints, tmp_path):
     model = str(results["stream"].out / "model")
     values = [perplexity(load_ir(model, decide(model, s, None)).module, ids, 64, 32).value for s in (False, True)]
     assert values[0] == values[1]
+
+
+def test_cli_stream_flags(checkpoints, cli):
+    """`sparsec eval --stream` streams (and says so); a malformed --max-memory is a one-line error."""
+    model = str(checkpoints["fp16"])
+    res = cli("eval", model, "--stream", "--json", "--max-tokens", "300", "--greedy-prompts", "0")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["streamed"] is True and out["metric"] == "perplexity" and out["tokens"] == 299  # 300 ids, 299 predicted
+    bad = cli("eval", model, "--max-memory", "lots")
+    assert bad.exit_code != 0 and "error: --max-memory must be a size" in bad.output
