@@ -114,5 +114,5 @@ def test_bad_models(model, fragment):
 
 def test_hub_id_goes_through_from_pretrained_and_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="from the local Hugging Face cache only \(HF_HUB_OFFLINE is set"):
+    with pytest.raises(ModelLoadError, match=r"from the local Hugging Face cache only \(HF_HUB_OFFLINE is set"):
         load_model("some-org/some-model-that-is-not-cached")
