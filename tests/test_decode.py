@@ -169,9 +169,11 @@ def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
     assert fp32.elements - fp32.nonzeros == zeros  # every pruned zero of the prunable layers, nothing else
     assert fp32.dense_bytes == 4 * fp32.elements
     assert fp32.sparse_bytes < fp32.dense_bytes and fp32.per_token(True) < fp32.per_token(False)
-    # int8 blocks: 1 byte per element, the fp32 LM head unchanged (4 bytes)
+    # int8 layers: 1 byte per element; the LM head is int8 too when the quantize pass's head check put it in
+    # the plan (include_outside_blocks=auto), else fp32 (4 bytes)
     head = manifest["plan"]["lm_head"]["params"]
-    assert int8.dense_bytes == (fp32.elements - head) + 4 * head
+    head_bytes = 1 if manifest["plan"]["lm_head"]["quant"] else 4
+    assert int8.dense_bytes == (fp32.elements - head) + head_bytes * head
     assert fp32.embedding_row_bytes * int(json.loads((llama_artifact / "model/config.json").read_text())["vocab_size"]) \
         == fp32.embedding_bytes
 
