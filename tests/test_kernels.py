@@ -12,31 +12,20 @@ import sys
 
 import pytest
 import torch
+from kernel_helpers import ISAS, SHAPES, SPARSITIES, sparse_weight
 
 from runtimes.kernels import ops
 from runtimes.kernels.format import load_packed, pack_linear, save_packed, unpack_dense
 from runtimes.kernels.modules import PackedLinearModule
 
-ISAS = ops.available_isas()
-SHAPES = [(1, 64), (37, 100), (64, 129), (130, 1000), (96, 576)]
-SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 TOKENS = [1, 2, 5, 8, 11, 33]
-
-
-def sparse_weight(n: int, k: int, sparsity: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    w[torch.rand(n, k, generator=g) < sparsity] = 0.0
-    if n > 3:
-        w[1] = 0.0  # an all-zero row at every sparsity
-        w[n // 2, : k // 2] = 0.0
-    return w
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
     with ops.forced_isa(request.param):
         yield request.param
+
 
 
 def test_every_path_of_this_cpu_is_exercised():
