@@ -151,7 +151,7 @@ def _load_hf(name_or_path: str, torch_dtype: torch.dtype, *, local: bool, tokeni
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load model weights of '{name_or_path}': {exc}") from exc
     module.eval()
-    tok = explicit if explicit is not None else _own_tokenizer(name_or_path, kwargs)
+    tok = explicit if explicit is not None else own_tokenizer(name_or_path, kwargs)
     example = _hf_example_inputs(config, tok)
     return LoadedModel(module, task, config, tok, example, Path(name_or_path) if local else None)
 
@@ -160,7 +160,7 @@ TRACE_TEXT = "sparsec traces this model to find its structure."
 DUMMY_TRACE_TOKENS = 16
 
 
-def _own_tokenizer(name_or_path: str, kwargs: dict[str, Any]) -> Any:
+def own_tokenizer(name_or_path: str, kwargs: dict[str, Any]) -> Any:
     """The model's own tokenizer, or None. transformers 5 builds an *empty* tokenizer (no vocabulary: every
     text becomes zero tokens) for OPT, GPT-2 or Qwen2 directories without tokenizer files; that counts as none."""
     from transformers import AutoTokenizer

@@ -95,6 +95,18 @@ def test_bare_model_compiles_on_random_tokens_and_says_so(cli, bare_model_dir, t
     assert Artifact.load(out).report["sparsity"]["overall_measured"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_bare_model_compiles_streamed(cli, bare_model_dir, tmp_path):
+    """The streamed compile (compiler/streaming) treats an empty-vocabulary tokenizer as none, as the
+    in-memory load does (before: tracing failed on zero tokens)."""
+    out = tmp_path / "art"
+    r = cli("compile", bare_model_dir("gpt2"), "-o", out, "--stream", "--sparsity", "0.5", "--allocation", "uniform",
+            "--calib-samples", "2", "--calib-seqlen", "16")
+    assert r.exit_code == 0, r.output
+    from compiler.artifact import Artifact
+
+    assert Artifact.load(out).manifest["calibration"]["source"] == "random-tokens"
+
+
 def test_text_calibration_without_tokenizer_is_refused_before_loading(cli, bare_model_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("some text to calibrate on\n\nmore text")

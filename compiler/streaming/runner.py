@@ -93,7 +93,7 @@ def open_streamed(path: Path | None, source: str, dtype: torch.dtype = COMPUTE_D
 
     from compiler.streaming.meta_model import build_meta_model
     from compiler.streaming.residency import Residency
-    from compiler.trace import LoadedModel, find_block_container, hf_example_inputs, hf_task, trace
+    from compiler.trace import LoadedModel, find_block_container, hf_example_inputs, hf_task, own_tokenizer, trace
 
     if path is None:
         raise ModelLoadError(f"'{source}' is not a local safetensors checkpoint: it cannot be streamed")
@@ -109,7 +109,7 @@ def open_streamed(path: Path | None, source: str, dtype: torch.dtype = COMPUTE_D
 
         prunable = {n: m for n, m in module.named_modules() if n and layer_kind(m)}
         _, names = find_block_container(module, prunable)
-        tokenizer = _tokenizer(path)
+        tokenizer = own_tokenizer(str(path), {"local_files_only": True})
         example = hf_example_inputs(config, tokenizer)
     res = Residency(index, module, names, dtype, work_dir)
     if check is not None:
@@ -127,18 +127,6 @@ def open_streamed(path: Path | None, source: str, dtype: torch.dtype = COMPUTE_D
 def _dense_copy(ir: StreamedIR) -> StreamedIR:
     """A second StreamedIR over the same checkpoint, without the overlay: the dense model."""
     return open_streamed(ir.source_dir, ir.source, ir.residency.dtype, None, structure=ir)
-
-
-def _tokenizer(path: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception:  # noqa: BLE001 - a model without tokenizer is still compilable (as in compiler.trace)
-        return None
-    if tok is not None and tok.pad_token is None:
-        tok.pad_token = tok.eos_token or tok.unk_token
-    return tok
 
 
 def load_ir(model: str, decision: ModeDecision, work_parent: Path | None = None, samples: int = 0, seqlen: int = 0) -> ModelIR:
