@@ -42,7 +42,13 @@ def verify_once(artifact: Path, backend: str, runs: int, threads: int) -> dict:
     est = row["speedup_interval"]
     return {"median": est["median"], "low": est["low"], "high": est["high"], "verdict": est["verdict"],
             "reason": est["reason"], "rounds": est["rounds"], "load_before": load_before,
-            "load_after": os.getloadavg()[0], "wall_s": round(wall, 1), "exit_code": proc.returncode}
+            "load_after": os.getloadavg()[0], "wall_s": round(wall, 1), "exit_code": proc.returncode,
+            "contention": (row.get("timing") or {}).get("contention")}
+
+
+def foreign(row: dict) -> str:
+    c = row.get("contention") or {}
+    return f"other processes {c['foreign_cores']:.2f} cores" if c.get("available") else "contention not measured"
 
 
 def overlaps(a: dict, b: dict) -> bool:
@@ -70,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         calm.append(verify_once(args.artifact, args.backend, args.runs, args.threads))
         print(f"as is  {i + 1}: {calm[-1]['median']:.2f}x [{calm[-1]['low']:.2f}, {calm[-1]['high']:.2f}] "
-              f"{calm[-1]['verdict']} (load {calm[-1]['load_before']:.1f})", flush=True)
+              f"{calm[-1]['verdict']} (load {calm[-1]['load_before']:.1f}, {foreign(calm[-1])})", flush=True)
     for i in range(args.repeats):
         hogs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(args.hogs)]
         try:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 h.kill()
                 h.wait()
         print(f"hogged {i + 1}: {loaded[-1]['median']:.2f}x [{loaded[-1]['low']:.2f}, {loaded[-1]['high']:.2f}] "
-              f"{loaded[-1]['verdict']} (load {loaded[-1]['load_before']:.1f})", flush=True)
+              f"{loaded[-1]['verdict']} (load {loaded[-1]['load_before']:.1f}, {foreign(loaded[-1])})", flush=True)
     import numpy as np
 
     calm_median = float(np.median([r["median"] for r in calm]))

@@ -135,8 +135,8 @@ def compile_cmd(model, out, recipe, passes_spec, plugins, calib, tokenizer, cali
 
         for line in budget_lines(rep["accuracy_budget"]):
             click.echo(f"  {line}")
-    from compiler.cli_runtime import speedup_text
     from compiler.errors import raise_for_gates
+    from compiler.report import speedup_text
 
     for name, b in rep.get("backends", {}).items():
         click.echo(f"  {name}: dense {b.get('dense_p50_ms'):.2f} ms, compiled {b.get('compiled_p50_ms'):.2f} ms, "
@@ -275,7 +275,7 @@ def inspect_cmd(artifact, as_json):
     console.print(passes)
     _print_allocation_candidates(console, m.get("analyses", {}).get("allocation_candidates"))
     if report.get("backends"):
-        from compiler.cli_runtime import speedup_text
+        from compiler.report import speedup_text
         from runtimes.measure.machine import MachineRecord, same_machine
 
         bt = Table(box=box.SIMPLE_HEAD, pad_edge=False)

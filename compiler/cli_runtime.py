@@ -14,6 +14,7 @@ import click
 
 from compiler.cli_lower import registry_with
 from compiler.errors import SparsecError
+from compiler.report import inconclusive_lines, speedup_text
 
 
 def _backends(text: str | None, art) -> tuple[str, ...]:
@@ -111,6 +112,8 @@ def _print_results(results: dict) -> None:
         from runtimes.measure.machine import MachineRecord
 
         console.print(f"machine: {MachineRecord(**any_r['machine']).summary()}")
+    for line in inconclusive_lines(results):
+        console.print(line, style="bold yellow", markup=False)
     echo_quality({"backends": results})
     for name, r in results.items():
         if "decode" in r:
@@ -131,16 +134,6 @@ def echo_quality(report: dict) -> None:
     q = quality_verdict(report)
     if q:
         click.secho(quality_line(q), fg=QUALITY_COLOURS[q["verdict"]], bold=q["verdict"] != "good")
-
-
-def speedup_text(r: dict) -> str:
-    """"1.93x [1.85, 2.01] faster" (or the bare ratio for results recorded before intervals existed)."""
-    iv = r.get("speedup_interval")
-    if not iv:
-        return f"{r['speedup_vs_dense']:.2f}x"
-    if iv["verdict"] == "inconclusive" and iv["low"] != iv["low"]:  # NaN: too few rounds
-        return f"{iv['median']:.2f}x inconclusive"
-    return f"{iv['median']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
 
 
 @click.command("bench")

@@ -180,11 +180,13 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
         lines += [f"- {k}: {_fmt(v)}" for k, v in report["evaluation"].items()]
     if report.get("backends"):
         lines += ["", "## Backends (compiled vs dense on the same backend)", "",
-                  "| backend | dense p50 ms | compiled p50 ms | speedup | max abs diff | cosine | passed |",
+                  "| backend | dense p50 ms | compiled p50 ms | speedup [95% CI] verdict | max abs diff | cosine | passed |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for name, b in report["backends"].items():
+            speed = speedup_text(b) if b.get("speedup_vs_dense") is not None else _fmt(None)
             lines.append(f"| {name} | {_fmt(b.get('dense_p50_ms'))} | {_fmt(b.get('compiled_p50_ms'))} | "
-                         f"{_fmt(b.get('speedup_vs_dense'))} | {_fmt(b.get('max_abs_diff'))} | {_fmt(b.get('cosine'))} | {b.get('passed')} |")
+                         f"{speed} | {_fmt(b.get('max_abs_diff'))} | {_fmt(b.get('cosine'))} | {b.get('passed')} |")
+        lines += ["", *[f"- {line}" for line in inconclusive_lines(report["backends"])]]
     lines += ["", "## Per-layer plan", "", "| layer | block | params | target | measured | pattern | outlier ratio |",
               "|---|---:|---:|---:|---:|---|---:|"]
     ratios = manifest.get("analyses", {}).get("outlier_ratio", {})
@@ -197,6 +199,32 @@ def render_markdown(report: dict[str, Any], manifest: dict[str, Any]) -> str:
     if report.get("notes"):
         lines += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def speedup_text(r: dict[str, Any]) -> str:
+    """"1.93x [1.85, 2.01] faster" (or the bare ratio for results recorded before intervals existed)."""
+    iv = r.get("speedup_interval")
+    if not iv:
+        return f"{r['speedup_vs_dense']:.2f}x"
+    if iv["verdict"] == "inconclusive" and iv["low"] != iv["low"]:  # NaN: too few rounds
+        return f"{iv['median']:.2f}x inconclusive"
+    return f"{iv['median']:.2f}x [{iv['low']:.2f}, {iv['high']:.2f}] {iv['verdict']}"
+
+
+def inconclusive_lines(backends: dict[str, dict[str, Any]]) -> list[str]:
+    """Why each inconclusive verdict is inconclusive (too few rounds, too noisy, machine busy), and how
+    much CPU other processes took while each backend was timed."""
+    lines = []
+    for name, b in backends.items():
+        for what, r in (("", b), (" decode", b.get("decode") or {})):
+            iv = r.get("speedup_interval") or {}
+            if iv.get("verdict") == "inconclusive":
+                lines.append(f"{name}{what}: inconclusive — {iv.get('reason')}")
+        c = (b.get("timing") or {}).get("contention")
+        if c and c.get("available") and not c["contended"]:  # a contended one already said why above
+            lines.append(f"{name}: other processes used {c['foreign_cores']:.2f} of {c['usable_cpus']} cores while it was "
+                         f"timed (not contended: limit {c['limit_cores']:.2f})")
+    return lines
 
 
 def candidate_rows(auto: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:

@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from runtimes.measure.contention import FLOOR_CORES, ContentionMeter, ContentionRecord
 from runtimes.measure.machine import record_machine, same_machine
-from runtimes.measure.speedup import gate_passes, speedup
-from runtimes.measure.timing import TimingPlan, paired_timing
+from runtimes.measure.speedup import PROCESS_SPREAD, gate_passes, speedup
+from runtimes.measure.timing import TimingPlan, paired_timing, worker_clocks
 
 
 def _synthetic(rng: np.random.Generator, true_ratio: float, rounds: int, noise: float, drift: bool):
@@ -99,9 +100,46 @@ def test_cpu_hog_never_produces_a_fake_speedup():
     finally:
         for h in hogs:
             h.terminate()
-    est = speedup(series.wall_ms["a"], series.wall_ms["b"], load=os.getloadavg()[0])
+    est = speedup(series.wall_ms["a"], series.wall_ms["b"], load=os.getloadavg()[0], contention=series.contention)
     assert est.verdict == "inconclusive" or est.low <= 1.0 <= est.high, est
     assert series.rounds >= 10 and series.stopped
+    # the hogs are other processes: the contention gate sees them whatever the timings say
+    c = series.contention
+    assert c is not None and c.available and c.contended and c.foreign_cores > 0.5, c
+    assert est.verdict == "inconclusive" and est.reason.startswith("machine busy"), est
+    assert not gate_passes(est, 1.0)
+
+
+def test_contended_record_makes_a_tight_speedup_inconclusive():
+    tight_b, tight_c = [10.0, 10.1, 9.9, 10.0, 10.2, 9.8], [5.0, 5.05, 4.95, 5.0, 5.1, 4.9]
+    base = dict(available=True, wall_s=5.0, own_cores=1.9, steal_cores=0.0, usable_cpus=2, threads=2,
+                limit_cores=FLOOR_CORES, resolution_cores=0.02)
+    quiet = ContentionRecord(foreign_cores=0.05, contended=False, **base)
+    busy = ContentionRecord(foreign_cores=1.4, contended=True, **base)
+    assert speedup(tight_b, tight_c, contention=quiet).verdict == "faster"
+    est = speedup(tight_b, tight_c, contention=busy.to_dict())  # as stored in report.json
+    assert est.verdict == "inconclusive" and "1.40 of 2 cores" in est.reason and est.median == pytest.approx(2.0)
+
+
+def test_interval_includes_the_between_process_spread():
+    """Five identical rounds give a zero-width bootstrap interval; the reported one still has the
+    measured between-process spread (z * PROCESS_SPREAD of the median on each side)."""
+    est = speedup([10.0] * 6, [5.0] * 6)
+    half = 1.96 * PROCESS_SPREAD * 2.0
+    assert est.low == pytest.approx(2.0 - half) and est.high == pytest.approx(2.0 + half)
+    assert speedup([10.0] * 6, [5.0] * 6, process_spread=0.0).low == pytest.approx(2.0)
+
+
+def test_contention_meter_counts_own_threads_and_workers_as_ours():
+    """A busy loop in this process is ours, not foreign; a worker's clock joins ours, once."""
+    meter = ContentionMeter(threads=1).start()
+    _spin(0.6)
+    rec = meter.stop()
+    assert rec.available and rec.threads == 1 and rec.usable_cpus == len(os.sched_getaffinity(0))
+    assert rec.own_cores > 0.5, rec  # the spin ran here (a starved machine still gives it half a core)
+    assert rec.limit_cores == max(FLOOR_CORES, rec.usable_cpus - 1)
+    worker = lambda: 1.0  # noqa: E731 - a worker process's CPU clock
+    assert worker_clocks({"a": time.process_time, "b": worker, "c": worker}) == [worker]
 
 
 def test_adaptive_rounds_stop_when_tight_and_record_cpu_time():

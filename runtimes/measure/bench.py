@@ -72,7 +72,8 @@ def bench_artifact(root: Path, manifest: dict[str, Any], backends: tuple[str, ..
                     for label, c in measured["configs"].items():
                         if "accuracy" in c and (name, label) not in accuracy:
                             accuracy[(name, label)] = c["accuracy"]
-                        vs_dense = speedup(dense_rounds["rounds_ms"], c["prefill"]["rounds_ms"], load=load_average())
+                        vs_dense = speedup(dense_rounds["rounds_ms"], c["prefill"]["rounds_ms"], load=load_average(),
+                                           contention=(measured.get("timing") or {}).get("contention"))
                         rows.append({"backend": name, "config": label, "batch_size": bs, "threads": th,
                                      "seqlen": inputs.seqlen, **c["prefill"], "speedup_vs_dense": vs_dense.to_dict(),
                                      "timing": measured.get("timing"),

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from runtimes.decode.decoders import DecodeOptions, Decoder, open_decoder
+from runtimes.measure.contention import ContentionMeter
 from runtimes.measure.dense import COMPILED, DENSE
 from runtimes.measure.stats import compare_outputs, merge_accuracy, percentiles
-from runtimes.measure.timing import cpu_clocks, paired_timing, plan_from, summary
+from runtimes.measure.timing import cpu_clocks, paired_timing, plan_from, summary, worker_clocks
 
 DECODE_ROUNDS = 5  # paired decode rounds: the fewest a speedup interval is computed from (speedup.MIN_ROUNDS)
 
@@ -45,10 +46,21 @@ def _accuracy(decoders: dict[str, Decoder], reference: str, inputs: Any, task: s
 
 
 def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
-                   rounds: int) -> dict[str, dict[str, Any]]:
+                   rounds: int, threads: int | None = None) -> dict[str, dict[str, Any]]:
     """Paired decode rounds. One statistic throughout: each round's median step time per configuration;
     tokens/s is 1000 / the median of those, and the speedup is the median of per-round ratios (a round
-    with a stall moves both sides' medians alike instead of sinking one rate)."""
+    with a stall moves both sides' medians alike instead of sinking one rate). The rounds run inside a
+    ContentionMeter; every configuration carries its record (`contention`)."""
+    meter = ContentionMeter(threads, worker_clocks(cpu_clocks(decoders))).start()
+    try:
+        out = _paired_decode(decoders, ids, mask, new_tokens, rounds)
+    finally:
+        record = meter.stop().to_dict()
+    return {label: {**d, "contention": record} for label, d in out.items()}
+
+
+def _paired_decode(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
+                   rounds: int) -> dict[str, dict[str, Any]]:
     labels = list(decoders)
     steps: dict[str, list[float]] = {label: [] for label in labels}
     round_ms: dict[str, list[float]] = {label: [] for label in labels}
@@ -75,8 +87,9 @@ def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[st
             decoders[label] = open_decoder(backend, path, lowering, dopts, Path(workdir) / label.replace(" ", "_"))
         accuracy = _accuracy(decoders, DENSE, inputs, lowering["task"])
         series = paired_timing({label: (lambda d=d: d.generate(ids, mask, 1)) for label, d in decoders.items()},
-                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(decoders))
-        decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, DECODE_ROUNDS) \
+                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(decoders),
+                               threads=opts.threads)
+        decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, DECODE_ROUNDS, opts.threads) \
             if opts.decode else {}
         for d in decode.values():
             d["same_tokens_as_dense"] = d["tokens"] == decode[DENSE]["tokens"]

@@ -9,6 +9,16 @@ interval) — no normality assumption, robust to the heavy right tail that stall
 Why a verdict with the word *inconclusive*: three runs of one artifact on a busy machine once gave
 1.04×, 5.59× and 7.27×. An interval wider than `max_relative_width` of its own estimate says the
 machine, not the model, decided the number; then the verdict is `inconclusive` and no gate passes.
+A measurement during which other processes took the cores it needed (runtimes/measure/contention.py)
+is `inconclusive` too, however tight its interval: contention can shift the ratio systematically.
+
+Why the interval is widened by PROCESS_SPREAD: the bootstrap only sees round-to-round noise inside one
+process. Five quiet verifications of one artifact, each a fresh process (benchmarks/verify_noise.py),
+gave medians 1.89, 1.96, 1.84, 1.84, 1.83× — a between-process standard deviation of 2.9 % of the
+median, with within-run intervals that did not all overlap. That component (memory placement, thread
+placement, clocks) cannot be estimated from one run, so the reported interval adds it in quadrature:
+half-width = sqrt(bootstrap half-width² + (z · PROCESS_SPREAD · median)²). More rounds shrink only the
+bootstrap part; the stopping rule of runtimes/measure/timing.py therefore watches the bootstrap width.
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from runtimes.measure.contention import ContentionRecord
+
 Verdict = Literal["faster", "not faster", "inconclusive"]
 
 CONFIDENCE = 0.95
@@ -26,6 +38,9 @@ BOOTSTRAP_RESAMPLES = 2000
 MAX_RELATIVE_WIDTH = 0.25
 # Below this many paired rounds no interval is trusted.
 MIN_ROUNDS = 5
+# Between-process relative standard deviation of a speedup (measured: see the module docstring).
+PROCESS_SPREAD = 0.03
+_Z95 = 1.96
 
 
 @dataclass(frozen=True)
@@ -67,17 +82,28 @@ def bootstrap_median_interval(values: np.ndarray, confidence: float = CONFIDENCE
     return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1.0 - alpha))
 
 
+def widen(median: float, low: float, high: float, spread: float = PROCESS_SPREAD) -> tuple[float, float]:
+    """The bootstrap interval with the between-process spread added in quadrature on each side."""
+    extra = _Z95 * spread * median
+    return median - float(np.hypot(median - low, extra)), median + float(np.hypot(high - median, extra))
+
+
 def speedup(baseline_ms: list[float] | np.ndarray, candidate_ms: list[float] | np.ndarray, *,
             load: float | None = None, max_relative_width: float = MAX_RELATIVE_WIDTH,
-            confidence: float = CONFIDENCE) -> SpeedupEstimate:
-    """Speedup of candidate over baseline from paired rounds, with its interval and verdict."""
+            confidence: float = CONFIDENCE, contention: ContentionRecord | dict[str, Any] | None = None,
+            process_spread: float = PROCESS_SPREAD) -> SpeedupEstimate:
+    """Speedup of candidate over baseline from paired rounds, with its interval and verdict.
+    `contention`: the record of the span the rounds were timed in (a contended one is inconclusive)."""
     ratios = paired_ratios(baseline_ms, candidate_ms)
     med = float(np.median(ratios))
     if len(ratios) < MIN_ROUNDS:
         return SpeedupEstimate(med, float("nan"), float("nan"), len(ratios), confidence, float("inf"),
                                "inconclusive", f"only {len(ratios)} paired rounds (need {MIN_ROUNDS})")
-    low, high = bootstrap_median_interval(ratios, confidence)
+    low, high = widen(med, *bootstrap_median_interval(ratios, confidence), spread=process_spread)
     width = (high - low) / med
+    record = ContentionRecord.from_dict(contention) if isinstance(contention, dict) else contention
+    if record is not None and record.contended:
+        return SpeedupEstimate(med, low, high, len(ratios), confidence, width, "inconclusive", record.reason())
     if width > max_relative_width:
         spread = _spread(ratios)
         load_text = f"load {load:.2f}, " if load is not None else ""

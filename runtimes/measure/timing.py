@@ -8,6 +8,10 @@ Rounds continue past `min_rounds` until the speedup interval of every watched pa
 CPU time: a runner that computes in another process (the DeepSparse worker) exposes `cpu_seconds()`
 covering that process; otherwise the harness reads this process's CPU time (all its threads). CPU time
 beside wall time shows when a runtime burns cores spinning, or when the machine steals them.
+
+Contention: the timed rounds (not the warm-up) run inside a ContentionMeter
+(runtimes/measure/contention.py); its record — other processes' CPU use over the span — travels in
+`TimingSeries.contention` and turns a comparison timed on a shared machine into `inconclusive`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from runtimes.measure.contention import ContentionMeter, ContentionRecord
 from runtimes.measure.speedup import interval_width
 
 
@@ -36,10 +41,12 @@ class TimingSeries:
     seconds: float = 0.0
     stopped: str = ""
     widths: dict[str, float] = field(default_factory=dict)
+    contention: ContentionRecord | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "seconds": round(self.seconds, 3), "stopped": self.stopped,
-                "interval_widths": {k: round(v, 4) for k, v in self.widths.items()}}
+                "interval_widths": {k: round(v, 4) for k, v in self.widths.items()},
+                "contention": self.contention.to_dict() if self.contention else None}
 
 
 def summary(series: "TimingSeries", label: str) -> dict[str, Any]:
@@ -67,16 +74,37 @@ def cpu_clocks(owners: dict[str, Any]) -> dict[str, Callable[[], float]]:
     return out
 
 
+def worker_clocks(clocks: dict[str, Callable[[], float]]) -> list[Callable[[], float]]:
+    """The distinct CPU clocks of other processes (this process's own clock is always counted)."""
+    out: list[Callable[[], float]] = []
+    for clock in clocks.values():
+        if clock is not time.process_time and clock not in out:
+            out.append(clock)
+    return out
+
+
 def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
                   pairs: list[tuple[str, str]] | None = None,
-                  cpu_clocks: dict[str, Callable[[], float]] | None = None) -> TimingSeries:
-    """Time `calls` in interleaved rounds; `pairs` (baseline, candidate) decide when to stop."""
+                  cpu_clocks: dict[str, Callable[[], float]] | None = None,
+                  threads: int | None = None) -> TimingSeries:
+    """Time `calls` in interleaved rounds; `pairs` (baseline, candidate) decide when to stop.
+    `threads`: the threads the measured code was asked to use (None: every usable CPU)."""
     names = list(calls)
     clocks = {n: (cpu_clocks or {}).get(n) or time.process_time for n in names}
     for name in names:
         for _ in range(plan.warmup):
             calls[name]()
     series = TimingSeries({n: [] for n in names}, {n: [] for n in names})
+    meter = ContentionMeter(threads, worker_clocks(clocks)).start()
+    try:
+        _rounds(calls, names, clocks, plan, pairs, series)
+    finally:
+        series.contention = meter.stop()
+    return series
+
+
+def _rounds(calls: dict[str, Callable[[], Any]], names: list[str], clocks: dict[str, Callable[[], float]],
+            plan: TimingPlan, pairs: list[tuple[str, str]] | None, series: TimingSeries) -> None:
     start = time.perf_counter()
     while True:
         k = series.rounds % len(names)
@@ -103,4 +131,3 @@ def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
         if series.seconds >= plan.budget_s:
             series.stopped = f"time budget ({plan.budget_s:.0f} s)"
             break
-    return series

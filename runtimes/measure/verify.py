@@ -65,7 +65,8 @@ def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, 
             for label in accuracy:
                 accuracy[label].append(compare_outputs(task, ref, runners[label].infer(feeds)[first], valid))
         series = paired_timing({label: (lambda r=r: r.infer(inputs.timing)) for label, r in runners.items()},
-                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(runners))
+                               plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(runners),
+                               threads=opts.threads)
         result: dict[str, Any] = {
             "configs": {label: {"file": configs[label], "prefill": summary(series, label),
                                 **({"accuracy": merge_accuracy(accuracy[label])} if label in accuracy else {}),
@@ -103,7 +104,8 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
     comp = cfgs[COMPILED]
     acc = comp["accuracy"]
     dense_configs = {label: c[regime]["p50_ms"] for label, c in cfgs.items() if label != COMPILED}
-    est = paired_speedup(cfgs[DENSE][regime], comp[regime])
+    contention = (measured.get("timing") or {}).get("contention")
+    est = paired_speedup(cfgs[DENSE][regime], comp[regime], contention)
     out = {
         "dense_p50_ms": dense_p50,
         "compiled_p50_ms": comp[regime]["p50_ms"],
@@ -138,7 +140,7 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
         if label not in (COMPILED, DENSE) and "accuracy" in c:
             out.setdefault("dense_int8_accuracy", {})[label] = c["accuracy"]
     if "decode" in comp:
-        dest = paired_speedup(cfgs[DENSE]["decode"], comp["decode"])
+        dest = paired_speedup(cfgs[DENSE]["decode"], comp["decode"], comp["decode"].get("contention"))
         out["decode"] = {"dense_p50_ms": cfgs[DENSE]["decode"]["p50_ms"], "compiled_p50_ms": comp["decode"]["p50_ms"],
                          "speedup_vs_dense": dest.median, "speedup_interval": dest.to_dict(), "verdict": dest.verdict,
                          "dense_tokens_per_s": cfgs[DENSE]["decode"]["tokens_per_s"],
@@ -148,9 +150,11 @@ def summarize(root: Path, measured: dict[str, Any], sizes: dict[str, dict[str, i
     return out
 
 
-def paired_speedup(dense: dict[str, Any], compiled: dict[str, Any]) -> SpeedupEstimate:
-    """dense time / compiled time over the paired rounds both timings recorded."""
-    return speedup(dense["rounds_ms"], compiled["rounds_ms"], load=load_average())
+def paired_speedup(dense: dict[str, Any], compiled: dict[str, Any],
+                   contention: dict[str, Any] | None = None) -> SpeedupEstimate:
+    """dense time / compiled time over the paired rounds both timings recorded; `contention`: the
+    record of the span they were timed in (runtimes/measure/contention.py)."""
+    return speedup(dense["rounds_ms"], compiled["rounds_ms"], load=load_average(), contention=contention)
 
 
 def apply_gates(results: dict[str, dict[str, Any]], opts: VerifyOptions) -> None:
