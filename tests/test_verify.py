@@ -77,10 +77,12 @@ def test_compile_with_backends_reports_verification(minilm_artifact, cache_dir):
 
 def test_verify_gates_exit_2_and_update_the_report(cli, minilm_artifact):
     result = cli("verify", minilm_artifact, "--backend", "onnxruntime", *RUNS, "--min-speedup", "1000")
-    assert result.exit_code == 2
-    assert "gates missed" in result.output and "speedup" in result.output
     art = Artifact.load(minilm_artifact)  # report.json rewritten, manifest hashes refreshed
     r = art.report["backends"]["onnxruntime"]
+    # a missed gate exits 2; a measurement the machine spoiled (too noisy, other processes busy) exits 4
+    assert result.exit_code == (4 if r["verdict"] == "inconclusive" else 2), result.output
+    assert ("gates missed" if result.exit_code == 2 else "inconclusive") in result.output and "speedup" in result.output
+    assert r["timing"]["contention"]["available"] is True and r["timing"]["contention"]["own_cores"] > 0
     assert r["passed"] is False and r["gates"]["min_speedup"] == 1000
     assert "onnxruntime" in (minilm_artifact / "report.md").read_text()
     ok = cli("verify", minilm_artifact, "--backend", "onnxruntime", *RUNS, "--max-accuracy-drop", "0.9", "--json")
