@@ -27,7 +27,7 @@ from torch import nn
 
 from compiler.ir import state_dict_sha256
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key covers the scored token ids / texts + vocabulary
 
 
 def prompts_from_ids(ids: torch.Tensor, count: int, length: int) -> list[torch.Tensor]:
@@ -93,6 +93,18 @@ def retrieval_overlap(dense_nn: torch.Tensor, compiled_emb: torch.Tensor, k: int
 
 def cache_dir() -> Path:
     return Path(os.environ.get("SPARSEC_HOME") or Path.home() / ".cache" / "sparsec").expanduser() / "eval"
+
+
+def inputs_digest(ids: torch.Tensor | None, texts: list[str], tokenizer: Any) -> str:
+    """What an evaluation scores: the token ids (causal LMs), else the texts and the tokenizer's vocabulary."""
+    h = hashlib.sha256()
+    if ids is not None:
+        h.update(ids.to(torch.int64).numpy().tobytes())
+    else:
+        h.update("\x00".join(texts).encode())
+        vocab = tokenizer.get_vocab() if tokenizer is not None and hasattr(tokenizer, "get_vocab") else {}
+        h.update(json.dumps(sorted(vocab.items())).encode())
+    return h.hexdigest()[:16]
 
 
 def cache_key(module: nn.Module, data: str, settings: dict[str, Any]) -> str:

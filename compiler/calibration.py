@@ -96,6 +96,28 @@ def stdlib_corpus(split: str = "calib") -> list[str]:
         return _collect_docstrings(names)
 
 
+def _foreign(owner: Any) -> bool:
+    """Defined by a package outside the standard library (builtin methods have no module: not foreign)."""
+    return isinstance(owner, str) and owner.split(".")[0] not in sys.stdlib_module_names
+
+
+def _patched_original_doc(mod: Any, attr: str, owner: str | None) -> str | None:
+    """The source docstring of `mod.attr` when a non-stdlib package replaced it (None otherwise: an
+    imported name, or a C accelerator from the stdlib itself, was never part of the corpus)."""
+    if owner is not None and not _foreign(owner):
+        return None
+    import ast
+
+    try:
+        tree = ast.parse(inspect.getsource(mod))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr:
+            return ast.get_docstring(node)
+    return None
+
+
 def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
     texts: list[str] = []
     for mod_name in names:
@@ -107,16 +129,27 @@ def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
             texts.append(inspect.cleandoc(mod.__doc__))
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
+            owner = getattr(obj, "__module__", None)
+            if attr.startswith("_"):
+                continue
+            if owner != mod.__name__:
+                # a stdlib function another package replaced at run time (ray patches inspect.isgenerator):
+                # its docstring comes from the module's source, so the corpus does not depend on imports
+                original = _patched_original_doc(mod, attr, owner)
+                if original and len(original) > 40:
+                    texts.append(original)
                 continue
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 40:
                 texts.append(doc)
             if inspect.isclass(obj):
                 for meth in sorted(vars(obj)):
-                    if meth.startswith("_"):
+                    member = getattr(obj, meth, None)
+                    # methods other packages attach to stdlib classes (transformers adds Logger.warning_once
+                    # ...) would make the corpus depend on what the process imported before
+                    if meth.startswith("_") or _foreign(getattr(member, "__module__", None)):
                         continue
-                    mdoc = inspect.getdoc(getattr(obj, meth, None))
+                    mdoc = inspect.getdoc(member)
                     if mdoc and len(mdoc) > 40:
                         texts.append(mdoc)
     return texts

@@ -197,10 +197,14 @@ class Reference:
         if dense_ir.tokenizer is None:
             return cls(dense_ir, "example_inputs", cfg, "output_cosine", seqlen)
         texts = load_texts(data)
-        key = agreement.cache_key(dense_ir.module, data, {**asdict(cfg), "seqlen": seqlen, "type": dense_ir.model_type}) if use_cache else None
+        ids = corpus_ids(dense_ir.tokenizer, texts, cfg.max_tokens) if dense_ir.model_type == "causal-lm" else None
+        # the key covers what is scored (the token ids; the texts and the tokenizer's vocabulary for encoders),
+        # not only the data's name: the same weights with another tokenizer or corpus must not hit
+        scored = agreement.inputs_digest(ids, texts, dense_ir.tokenizer)
+        key = agreement.cache_key(dense_ir.module, data, {**asdict(cfg), "seqlen": seqlen, "type": dense_ir.model_type,
+                                                          "inputs": scored}) if use_cache else None
         hit = agreement.load_cached(key) if key else None
-        if dense_ir.model_type == "causal-lm":
-            ids = corpus_ids(dense_ir.tokenizer, texts, cfg.max_tokens)
+        if ids is not None:
             prompts = agreement.prompts_from_ids(ids, cfg.greedy_prompts, cfg.greedy_prompt_len)
             if hit is None:
                 ppl = perplexity(dense_ir.module, ids, seqlen, cfg.stride)

@@ -60,6 +60,22 @@ def test_dense_reference_is_cached_per_model_and_data(tiny_model_dir):
     assert not Reference.build(dense, "eval", SMALL).cached
 
 
+def test_same_weights_with_another_tokenizer_do_not_hit_the_cache(tiny_model_dir):
+    """The cache covers what is scored: the same weights under a tokenizer that maps the text to other ids
+    (another vocabulary, or a corpus that differs between machines) must be computed afresh."""
+    from compiler.tiny_models import train_tokenizer
+
+    dense = load_ir(tiny_model_dir("llama"))
+    first = Reference.build(dense, "eval", SMALL)
+    other_tok = train_tokenizer(vocab_size=300)  # fewer merges: the same text becomes other (more) ids
+    assert len(other_tok) <= dense.config.vocab_size
+    dense.tokenizer = other_tok
+    again = Reference.build(dense, "eval", SMALL)
+    assert not again.cached and not torch.equal(again.ids, first.ids)
+    assert again.dense_ppl.value != first.dense_ppl.value
+    assert Reference.build(dense, "eval", SMALL).cached  # and that one is cached under its own ids
+
+
 def test_encoder_retrieval_overlap(tiny_model_dir):
     dense = load_ir(tiny_model_dir("bert"))
     ref = Reference.build(dense.clone(), "eval", SMALL)
