@@ -93,3 +93,29 @@ def test_compile_with_self_calibration(cli, tiny_model_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["calibration"]["source"] == "self" and manifest["calibration"]["samples"] == 2
     assert manifest["plan"]["model.layers.0.mlp.up_proj"]["measured_sparsity"] > 0.3
+
+
+def test_stdlib_corpus_does_not_depend_on_what_the_process_imported(monkeypatch):
+    """Other packages patch the standard library (ray replaces inspect.isgenerator, transformers adds
+    Logger.warning_once): the corpus — and so every tokenizer and calibration set built from it — stays
+    the same text for text."""
+    import inspect
+    import logging
+
+    from compiler.calibration import stdlib_corpus
+
+    before = {split: stdlib_corpus(split) for split in ("calib", "eval")}
+
+    def isgenerator(obj):  # what a foreign package installs in its place
+        return False
+
+    def warning_once(self, msg):
+        """A method a foreign package attaches to a stdlib class, with a docstring long enough to count."""
+
+    isgenerator.__module__ = warning_once.__module__ = "somepackage.patches"
+    monkeypatch.setattr(inspect, "isgenerator", isgenerator)
+    monkeypatch.setattr(logging.Logger, "warning_once", warning_once, raising=False)
+    after = {split: stdlib_corpus(split) for split in ("calib", "eval")}
+    assert after == before
+    # inspect is a calibration module: its replaced function keeps its original text
+    assert any(t.startswith("Return true if the object is a generator.") for t in after["calib"])
