@@ -101,21 +101,15 @@ def _foreign(owner: Any) -> bool:
     return isinstance(owner, str) and owner.split(".")[0] not in sys.stdlib_module_names
 
 
-def _patched_original_doc(mod: Any, attr: str, owner: str | None) -> str | None:
-    """The source docstring of `mod.attr` when a non-stdlib package replaced it (None otherwise: an
-    imported name, or a C accelerator from the stdlib itself, was never part of the corpus)."""
-    if owner is not None and not _foreign(owner):
-        return None
+def _source_docstrings(mod: Any) -> dict[str, str | None]:
+    """Docstrings of the functions a module's source defines at top level (empty without source)."""
     import ast
 
     try:
         tree = ast.parse(inspect.getsource(mod))
     except (OSError, TypeError, SyntaxError):
-        return None
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == attr:
-            return ast.get_docstring(node)
-    return None
+        return {}
+    return {n.name: ast.get_docstring(n) for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
 
 
 def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
@@ -127,6 +121,7 @@ def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
             continue
         if mod.__doc__:
             texts.append(inspect.cleandoc(mod.__doc__))
+        source_docs: dict[str, str | None] | None = None
         for attr in sorted(vars(mod)):
             obj = getattr(mod, attr)
             owner = getattr(obj, "__module__", None)
@@ -135,9 +130,12 @@ def _collect_docstrings(names: tuple[str, ...]) -> list[str]:
             if owner != mod.__name__:
                 # a stdlib function another package replaced at run time (ray patches inspect.isgenerator):
                 # its docstring comes from the module's source, so the corpus does not depend on imports
-                original = _patched_original_doc(mod, attr, owner)
-                if original and len(original) > 40:
-                    texts.append(original)
+                if callable(obj) and (owner is None or _foreign(owner)):
+                    if source_docs is None:
+                        source_docs = _source_docstrings(mod)
+                    original = source_docs.get(attr)
+                    if original and len(original) > 40:
+                        texts.append(original)
                 continue
             doc = inspect.getdoc(obj)
             if doc and len(doc) > 40:
