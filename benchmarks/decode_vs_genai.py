@@ -6,13 +6,22 @@ and on a shared machine identical runs minutes apart differed by 1.6×.
         --genai int8 --threads 1 --rounds 12 --out benchmarks/results/decode_vs_genai.json
 
 Each round runs every configuration once, in a rotating order: each sparsec configuration (a lowered file
-of ART on a backend, through the decoder `sparsec bench --decode` uses; `backend:path[:cache][@OTHER_ART]`) in this
+of ART on a backend, through the decoder `sparsec bench --decode` uses; `backend:path[:cache[:nobind]][@OTHER_ART]`) in this
 process, and openvino-genai (`--genai`: the formats benchmarks/ovgenai_reference.py exports) in a child
 process of its venv that keeps its pipeline loaded between rounds. Every run decodes `--tokens` tokens
 greedily after the same `--prompt`-token prompt. The figure per run is decode ms per token (prefill
 excluded: the per-step times for sparsec, the pipeline's TPOT for openvino-genai); the ratio per round
 genai ms / sparsec ms (> 1: sparsec faster) gives a median with a bootstrap 95 % interval and a verdict
 (runtimes/measure/speedup.py). The machine record (load before/after) is written with the rows.
+
+Beside speed, each row carries what the issue's table asks for, so "is sparsity worth it, or is int4 the
+better buy?" is answered from one run: CPU ms per token (CPU time of the whole generate, prefill included,
+all threads of the process that runs it, divided by the new tokens) and the **held-out perplexity of the
+very format that decodes**, computed by the same runtime: `--ppl-tokens` tokens of the built-in held-out
+corpus (`eval`, never used for calibration), tokenized by the model's tokenizer and cut into windows of
+`--prompt` tokens; sparsec rows score each window through the decoder's own prefill logits, openvino-genai
+rows through the exported OpenVINO IR its pipeline loads (stateful model, state reset per window), llama.cpp
+rows through a second `Llama(logits_all=True)` on the same GGUF. Same windows, same tokens for every row.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -31,33 +41,90 @@ from repo_paths import RESULTS, ROOT, repo_relative
 sys.path.insert(0, str(ROOT))
 
 
-def genai_child(model_dir: str, prompt: int, tokens: int, threads: int) -> None:
+def window_nll(logits, window) -> tuple[float, int]:
+    """Summed negative log-likelihood of window[1:] under logits[:-1] (float64 log-softmax), tokens scored."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float64).reshape(len(window), -1)[:-1]
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-logp[np.arange(len(window) - 1), np.asarray(window[1:])].sum()), len(window) - 1
+
+
+def read_windows(path: str | None) -> list[list[int]]:
+    return json.loads(Path(path).read_text()) if path else []
+
+
+def genai_ppl(model_dir: str, windows: list[list[int]], threads: int) -> dict:
+    """Held-out NLL through the OpenVINO IR openvino-genai loads (stateful: state reset per window)."""
+    import numpy as np
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(Path(model_dir) / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads})
+    names = {p.get_any_name() for p in compiled.inputs}
+    req = compiled.create_infer_request()
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = np.asarray([w], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        if "position_ids" in names:
+            feeds["position_ids"] = np.arange(len(w), dtype=np.int64)[None]
+        if "beam_idx" in names:
+            feeds["beam_idx"] = np.zeros(1, dtype=np.int32)
+        if hasattr(req, "reset_state"):
+            req.reset_state()
+        out = req.infer({k: v for k, v in feeds.items() if k in names})
+        part = window_nll(out[compiled.output("logits")][0], w)
+        nll, n = nll + part[0], n + part[1]
+    return {"nll": nll, "ppl_tokens": n}
+
+
+def genai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
     """Runs inside the openvino-genai venv: one generate per line read on stdin, a JSON line out."""
     import numpy as np
     import openvino as ov
     import openvino_genai as ov_genai
 
+    ppl = genai_ppl(model_dir, windows, threads) if windows else {}
     pipe = ov_genai.LLMPipeline(model_dir, "CPU", INFERENCE_NUM_THREADS=threads)
     ids = np.random.default_rng(0).integers(3, 8000, size=(1, prompt)).astype(np.int64)
     inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
     config = ov_genai.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, ignore_eos=True, do_sample=False)
     pipe.generate(inputs, config)  # warm-up
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, **ppl}), flush=True)
     for _ in sys.stdin:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         res = pipe.generate(inputs, config)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
         m = res.perf_metrics
-        print(json.dumps({"tpot_ms": float(m.get_tpot().mean), "ttft_ms": float(m.get_ttft().mean), "wall_s": wall}),
-              flush=True)
+        print(json.dumps({"tpot_ms": float(m.get_tpot().mean), "ttft_ms": float(m.get_ttft().mean), "wall_s": wall,
+                          "cpu_ms_per_token": 1e3 * cpu / tokens}), flush=True)
 
 
-def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int) -> None:
+def llamacpp_ppl(gguf: str, windows: list[list[int]], threads: int) -> dict:
+    """Held-out NLL through llama.cpp on the same GGUF (a second context with every position's logits)."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=max(map(len, windows)) + 8,
+                logits_all=True, verbose=False)
+    nll, n = 0.0, 0
+    for w in windows:
+        llm.reset()
+        llm.eval(w)
+        part = window_nll(llm.scores[: len(w)], w)
+        nll, n = nll + part[0], n + part[1]
+    del llm
+    return {"nll": nll, "ppl_tokens": n}
+
+
+def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
     """Runs inside the llama-cpp-python venv: one greedy decode per stdin line, mean ms per decode step out
     (each step = one `eval` of the previous token + argmax, as sparsec's steps are timed)."""
     import numpy as np
     from llama_cpp import Llama
 
+    ppl = llamacpp_ppl(gguf, windows, threads) if windows else {}
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=prompt + tokens + 16, verbose=False)
     ids = np.random.default_rng(0).integers(3, 8000, size=prompt).tolist()
 
@@ -74,9 +141,11 @@ def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int) -> None:
         return 1e3 * sum(steps) / len(steps)
 
     once()  # warm-up
-    print(json.dumps({"ready": True}), flush=True)
+    print(json.dumps({"ready": True, **ppl}), flush=True)
     for _ in sys.stdin:
-        print(json.dumps({"tpot_ms": once()}), flush=True)
+        cpu = time.process_time()
+        tpot = once()
+        print(json.dumps({"tpot_ms": tpot, "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / tokens}), flush=True)
 
 
 def requantize_gguf(venv: Path, src: Path, out: Path, ftype: str) -> Path:
@@ -96,13 +165,17 @@ def requantize_gguf(venv: Path, src: Path, out: Path, ftype: str) -> Path:
 
 
 class ChildRun:
-    """A persistent child (openvino-genai or llama.cpp in its venv): `once()` → decode ms per token."""
+    """A persistent child (openvino-genai or llama.cpp in its venv): `once()` → (decode ms per token, CPU ms
+    per token); `ppl` the held-out NLL it computed before saying ready."""
 
-    def __init__(self, venv: Path, flag: str, model: Path, prompt: int, tokens: int, threads: int):
+    def __init__(self, venv: Path, flag: str, model: Path, prompt: int, tokens: int, threads: int,
+                 windows_file: Path | None):
+        extra = ["--ppl-windows", str(windows_file)] if windows_file else []
         self.proc = subprocess.Popen([str(venv / "bin" / "python"), __file__, flag, str(model),
-                                      "--prompt", str(prompt), "--tokens", str(tokens), "--threads", str(threads)],
+                                      "--prompt", str(prompt), "--tokens", str(tokens), "--threads", str(threads), *extra],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._read()  # ready
+        ready = self._read()
+        self.ppl = {k: ready[k] for k in ("nll", "ppl_tokens") if k in ready}
 
     def _read(self) -> dict:
         while True:
@@ -116,10 +189,11 @@ class ChildRun:
             if line.startswith("{"):
                 return json.loads(line)
 
-    def once(self) -> float:
+    def once(self) -> tuple[float, float]:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        return self._read()["tpot_ms"]
+        out = self._read()
+        return out["tpot_ms"], out["cpu_ms_per_token"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -129,13 +203,15 @@ class ChildRun:
 class SparsecRun:
     """One lowered file of the artifact on a backend, through `open_decoder` (what bench --decode runs)."""
 
-    def __init__(self, artifact: Path, spec: str, prompt: int, tokens: int, threads: int, workdir: Path):
+    def __init__(self, artifact: Path, spec: str, prompt: int, tokens: int, threads: int, workdir: Path,
+                 windows: list[list[int]]):
         import numpy as np
 
         from compiler.registry import Registry
         from runtimes.decode.decoders import DecodeOptions, open_decoder
 
-        backend_name, rel, *cache = spec.split(":")
+        backend_name, rel, *rest = spec.split(":")
+        cache = [rest[0]] if rest and rest[0] else []
         manifest = json.loads((artifact / "manifest.json").read_text()) if (artifact / "manifest.json").is_file() \
             else {"lowering": json.loads((artifact / "lowering.json").read_text())}
         backend = Registry.default().get_backend(backend_name)()
@@ -143,18 +219,25 @@ class SparsecRun:
             from compiler.lowering.files import model_file
 
             rel = model_file(manifest["lowering"], backend_name)
-        opts = DecodeOptions(prompt_len=prompt, new_tokens=tokens, threads=threads, cache=cache[0] if cache else "auto")
+        opts = DecodeOptions(prompt_len=prompt, new_tokens=tokens, threads=threads, cache=cache[0] if cache else "auto",
+                             io_binding="nobind" not in rest[1:])
         self.decoder = open_decoder(backend, artifact / rel, manifest["lowering"], opts, workdir)
         self.ids = np.random.default_rng(0).integers(3, 8000, size=(1, prompt)).astype(np.int64)
         self.tokens = tokens
         self.decoder.generate(self.ids, np.ones_like(self.ids), 4)  # warm-up
-        self.cache = self.decoder.cache
+        self.cache = self.decoder.cache + (", IO binding" if self.decoder.details.get("io_binding") else "")
+        self.ppl: dict = {}
+        if windows:
+            parts = [window_nll(self.decoder.prefill_logits(np.asarray([w], dtype=np.int64),
+                                                            np.ones((1, len(w)), dtype=np.int64))[0], w) for w in windows]
+            self.ppl = {"nll": sum(p[0] for p in parts), "ppl_tokens": sum(p[1] for p in parts)}
 
-    def once(self) -> float:
+    def once(self) -> tuple[float, float]:
         import numpy as np
 
+        cpu = time.process_time()
         trace = self.decoder.generate(self.ids, np.ones_like(self.ids), self.tokens)
-        return float(sum(trace.step_ms) / len(trace.step_ms))
+        return float(sum(trace.step_ms) / len(trace.step_ms)), 1e3 * (time.process_time() - cpu) / self.tokens
 
     def close(self) -> None:
         self.decoder.close()
@@ -172,11 +255,27 @@ def llamacpp_model(venv: Path, ftype: str) -> Path:
     return requantize_gguf(venv, src, out, ftype.upper())
 
 
+def heldout_windows(artifact: Path | None, tokens: int, window: int) -> list[list[int]]:
+    """The first `tokens` tokens of the held-out corpus in the artifact's tokenizer, as whole windows."""
+    if not tokens or artifact is None:
+        return []
+    from transformers import AutoTokenizer
+
+    from compiler.evaluate import corpus_ids, load_texts
+
+    tok_dir = next((d for d in (artifact / "onnx", artifact / "model", artifact) if (d / "tokenizer_config.json").is_file()), None)
+    if tok_dir is None:
+        raise SystemExit(f"error: no tokenizer in {artifact} (onnx/ or model/): pass --ppl-tokens 0")
+    ids = corpus_ids(AutoTokenizer.from_pretrained(str(tok_dir)), load_texts("eval"), tokens).tolist()
+    return [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", type=Path, help="a lowered causal-LM artifact (manifest.json or lowering.json)")
     ap.add_argument("--configs", default="openvino:onnx/int8-qdq/model.onnx",
-                    help="comma-separated backend:relative/path[:cache][@OTHER_ARTIFACT] (path 'auto': the backend's file)")
+                    help="comma-separated backend:relative/path[:cache[:nobind]][@OTHER_ARTIFACT] (path 'auto': the backend's "
+                         "file; nobind: onnxruntime without IO binding)")
     ap.add_argument("--genai", default="int8", help="openvino-genai formats (exported by ovgenai_reference.py)")
     ap.add_argument("--venv", type=Path, default=None, help="the openvino-genai venv (default: SPARSEC_HOME/venvs/ovgenai)")
     ap.add_argument("--prompt", type=int, default=128)
@@ -187,14 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--llamacpp", default="", help="llama.cpp GGUF types, e.g. Q4_1,Q8_0 (the built-in SmolLM2 GGUF, requantized)")
     ap.add_argument("--llamacpp-venv", type=Path, default=None,
                     help="a venv with llama-cpp-python (default: SPARSEC_HOME/venvs/llamacpp)")
+    ap.add_argument("--ppl-tokens", type=int, default=1024,
+                    help="held-out tokens scored for each row's perplexity, in windows of --prompt tokens (0: none)")
+    ap.add_argument("--ppl-windows", help=argparse.SUPPRESS)
     ap.add_argument("--genai-child", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.genai_child:
-        genai_child(args.genai_child, args.prompt, args.tokens, args.threads)
+        genai_child(args.genai_child, args.prompt, args.tokens, args.threads, read_windows(args.ppl_windows))
         return 0
     if args.llamacpp_child:
-        llamacpp_child(args.llamacpp_child, args.prompt, args.tokens, args.threads)
+        llamacpp_child(args.llamacpp_child, args.prompt, args.tokens, args.threads, read_windows(args.ppl_windows))
         return 0
     os.environ.setdefault("GOMP_SPINCOUNT", "10000")
     from ovgenai_reference import home
@@ -220,24 +322,34 @@ def main(argv: list[str] | None = None) -> int:
     machine = record_machine(threads=args.threads)
     runs: dict[str, object] = {}
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode_vs_genai-{os.getpid()}"
+    work.mkdir(parents=True, exist_ok=True)
+    windows = heldout_windows(args.artifact, args.ppl_tokens, args.prompt)
+    windows_file = None
+    if windows:
+        windows_file = work / "ppl_windows.json"
+        windows_file.write_text(json.dumps(windows))
     try:
         for fmt in formats:
             runs[f"openvino-genai {fmt}"] = ChildRun(venv, "--genai-child", home() / "ovgenai" / f"smollm2-{fmt}",
-                                                     args.prompt, args.tokens, args.threads)
+                                                     args.prompt, args.tokens, args.threads, windows_file)
         for ftype in llama_types:
             gguf = llamacpp_model(llama_venv, ftype)
-            runs[f"llama.cpp {ftype}"] = ChildRun(llama_venv, "--llamacpp-child", gguf, args.prompt, args.tokens, args.threads)
+            runs[f"llama.cpp {ftype}"] = ChildRun(llama_venv, "--llamacpp-child", gguf, args.prompt, args.tokens, args.threads,
+                                                  windows_file)
         for i, spec in enumerate(c for c in args.configs.split(",") if c):
             spec, _, other = spec.partition("@")
             artifact = Path(other) if other else args.artifact
-            run = SparsecRun(artifact, spec, args.prompt, args.tokens, args.threads, work / str(i))
+            run = SparsecRun(artifact, spec, args.prompt, args.tokens, args.threads, work / str(i), windows)
             runs[f"sparsec {spec.split(':')[0]} {spec.split(':')[1]} ({run.cache}) [{artifact.name}]"] = run
         names = list(runs)
         ms: dict[str, list[float]] = {n: [] for n in names}
+        cpu_ms: dict[str, list[float]] = {n: [] for n in names}
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
-                ms[n].append(runs[n].once())
+                wall, cpu = runs[n].once()
+                ms[n].append(wall)
+                cpu_ms[n].append(cpu)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {1e3 / ms[n][-1]:.1f} tok/s" for n in names),
                   flush=True)
     finally:
@@ -245,9 +357,22 @@ def main(argv: list[str] | None = None) -> int:
             run.close()
     import numpy as np
 
+    from runtimes.measure.speedup import bootstrap_median_interval
+
     rows = []
     for n in names:
-        rows.append({"config": n, "tokens_per_s": float(1e3 / np.median(ms[n])), "ms_per_token_rounds": ms[n]})
+        rates = 1e3 / np.asarray(ms[n])
+        low, high = bootstrap_median_interval(rates)
+        ppl = getattr(runs[n], "ppl", {})
+        rows.append({"config": n, "tokens_per_s": float(1e3 / np.median(ms[n])), "tokens_per_s_interval": [low, high],
+                     "cpu_ms_per_token": float(np.median(cpu_ms[n])), "ms_per_token_rounds": ms[n],
+                     "perplexity": math.exp(ppl["nll"] / ppl["ppl_tokens"]) if ppl.get("ppl_tokens") else None,
+                     "ppl_tokens": ppl.get("ppl_tokens")})
+    print(f"\n{'configuration':<72} {'tok/s [95% CI]':>22} {'CPU ms/tok':>10} {'perplexity':>10}")
+    for row in rows:
+        lo, hi = row["tokens_per_s_interval"]
+        ppl_text = f"{row['perplexity']:.2f}" if row["perplexity"] else "-"
+        print(f"{row['config']:<72} {row['tokens_per_s']:6.1f} [{lo:5.1f}, {hi:5.1f}] {row['cpu_ms_per_token']:10.1f} {ppl_text:>10}")
     comparisons = []
     for ref in (n for n in names if not n.startswith("sparsec")):
         for n in (m for m in names if m.startswith("sparsec")):
@@ -257,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     record = machine.finish().to_dict()
     args.out.write_text(json.dumps({"machine": record, "rows": rows, "comparisons": comparisons,
                                     "prompt": args.prompt, "tokens": args.tokens, "threads": args.threads,
+                                    "ppl": {"data": "eval (held out)", "tokens_requested": args.ppl_tokens,
+                                            "window": args.prompt, "windows": len(windows)},
                                     "artifact": repo_relative(args.artifact),
                                     "command": "python benchmarks/decode_vs_genai.py " + " ".join(argv or sys.argv[1:])},
                                    indent=1) + "\n")

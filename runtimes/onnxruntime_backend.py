@@ -75,3 +75,12 @@ class OnnxRuntimeBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise explain_rejection(self.name, Path(model_path), exc) from exc
         return OnnxRuntimeRunner(session, options)
+
+    def decoder(self, model_path: Path, lowering: dict[str, Any], options: Any, workdir: Path) -> Any:
+        """The growing-cache decoder with the KV cache bound in place between steps (IO binding); the
+        generic decoders otherwise (fixed-shape graphs, or `io_binding=False`)."""
+        if options.cache_for(self) != "dynamic" or not options.io_binding:
+            return None
+        from runtimes.decode.onnxruntime_bound import BoundDynamicDecoder
+
+        return BoundDynamicDecoder(self, model_path, lowering, options, workdir)

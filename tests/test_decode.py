@@ -159,6 +159,32 @@ def test_openvino_stateful_batch_drops_finished_rows(llama_artifact, tmp_path):
     assert [list(r.tokens) for r in batch] == alone
 
 
+def test_onnxruntime_io_binding_keeps_tokens_and_drops_rows(llama_artifact, tmp_path):
+    """The IO-bound decoder (KV cache left in onnxruntime's memory between steps) gives the tokens and
+    logits of the host-array loop, alone and in a batch whose rows finish at different steps."""
+    from runtimes.decode.decoders import DecodeOptions, open_decoder
+    from runtimes.decode.loop import GenRequest, SamplingParams
+
+    backend = _backend("onnxruntime")
+    lowering = _manifest(llama_artifact)["lowering"]
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(6, 500, size=n).tolist() for n in (5, 11, 8)]
+    budgets = (3, 9, 6)
+    runs = {}
+    for bind in (True, False):
+        opts = DecodeOptions(prompt_len=32, new_tokens=NEW, threads=1, cache="dynamic", io_binding=bind)
+        with closing(open_decoder(backend, llama_artifact / "onnx/model.onnx", lowering, opts, tmp_path / str(bind))) as dec:
+            assert bool(dec.details.get("io_binding")) is bind
+            ids, mask = _prompt()
+            single = dec.generate(ids, mask, NEW).tokens
+            batch = dec.complete([GenRequest(p, SamplingParams(max_tokens=b)) for p, b in zip(prompts, budgets)],
+                                 pad_id=0, eos_ids=())
+            runs[bind] = (list(single), [list(r.tokens) for r in batch], dec.prefill_logits(ids, mask))
+    assert runs[True][0] == runs[False][0] and runs[True][1] == runs[False][1]
+    assert [len(t) for t in runs[True][1]] == list(budgets)
+    np.testing.assert_array_equal(runs[True][2], runs[False][2])
+
+
 def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
     from runtimes.decode.traffic import weight_traffic
 

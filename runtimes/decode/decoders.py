@@ -64,6 +64,7 @@ class DecodeOptions:
     cache: str = "auto"
     prefill: str = "engine"
     release_prefill: bool = False
+    io_binding: bool = True  # onnxruntime: keep the KV cache in its memory between steps (onnxruntime_bound.py)
 
     def __post_init__(self) -> None:
         for key in ("prompt_len", "new_tokens", "threads"):
