@@ -8,7 +8,8 @@ the head's input over the calibration text (one forward per sample, a hook on th
 torch —
 - `int8` / `int8-dynamic`: int8 weights per output channel (symmetric), activations u8 asymmetric per
   token (dynamic) or per tensor over the checked tokens (static), as the lowered graphs run them;
-- `int4`: 4-bit asymmetric weights in groups of 64 along the input dimension, activations float —
+- `int4` / `int8-weight`: 4- / 8-bit asymmetric weights in groups of 64 along the input dimension,
+  activations float —
 and the cross-entropy of each on the text's actual next tokens. The criterion is the perplexity the
 head alone adds, exp(CE_quantized − CE_fp32) − 1 ≤ `MAX_PPL_INCREASE` (1 %): the unit the quality
 budget is written in (issue 14: within 50 % of dense), so a head that passes spends at most 1/50 of it;
@@ -94,22 +95,26 @@ def head_inputs(ir: ModelIR, name: str, samples: list[dict[str, Any]],
     return torch.cat(rows)[:max_tokens], torch.cat(labels)[:max_tokens].long()
 
 
+WEIGHT_ONLY_BITS = {"int4": 4, "int8-weight": 8}
+
+
 def fake_quant_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
-    if scheme == "int4":
+    if scheme in WEIGHT_ONLY_BITS:
+        levels = (1 << WEIGHT_ONLY_BITS[scheme]) - 1
         out, k = w.shape
         pad = (-k) % INT4_GROUP
         g = torch.nn.functional.pad(w, (0, pad)).reshape(out, -1, INT4_GROUP)
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        scale = ((hi - lo) / levels).clamp_min(1e-12)
         zero = torch.round(-lo / scale)
-        q = (torch.clamp(torch.round(g / scale) + zero, 0, 15) - zero) * scale
+        q = (torch.clamp(torch.round(g / scale) + zero, 0, levels) - zero) * scale
         return q.reshape(out, -1)[:, :k]
     scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)
     return torch.clamp(torch.round(w / scale), -127, 127) * scale
 
 
 def fake_quant_activations(x: torch.Tensor, scheme: str, static_range: tuple[float, float] | None) -> torch.Tensor:
-    if scheme == "int4":
+    if scheme in WEIGHT_ONLY_BITS:
         return x
     if scheme == "int8" and static_range is not None:
         lo = torch.tensor(min(static_range[0], 0.0))

@@ -40,12 +40,14 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     device = "cpu"
     install_hint = "pip install onnxruntime"
-    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-dynamic", "int4": "int4-matmulnbits"}
+    quant_forms = {"int8": "int8-qdq", "int8-dynamic": "int8-dynamic", "int4": "int4-matmulnbits",
+                   "int8-weight": "int8-matmulnbits"}
     lowered_by_default = True
     distributions = ("onnxruntime",)
     # the fastest dense int8 form known on onnxruntime (DESIGN §5): MatMulInteger on every block layer;
-    # and int4 weight-only (MatMulNBits), what a CPU LLM user picks first (issue 13)
-    dense_alternatives = {"int8-dynamic": "int8-dynamic", "int4-matmulnbits": "int4"}
+    # int4 weight-only (MatMulNBits), what a CPU LLM user picks first, and 8-bit weight-only, the dense int8
+    # of openvino-genai's accuracy (issue 13)
+    dense_alternatives = {"int8-dynamic": "int8-dynamic", "int4-matmulnbits": "int4", "int8-matmulnbits": "int8-weight"}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

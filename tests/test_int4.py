@@ -224,3 +224,33 @@ def test_input_dim_not_a_multiple_of_64_on_both_tools(tmp_path):
         got_ov = np.asarray(ov.Core().compile_model(str(out), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({"x": x})[0])
         for got in (got_ort, got_ov):
             assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.15, compress.__name__
+
+
+def test_int8_weight_only_on_onnxruntime_and_sparsec(cli, cache_dir, tiny_model_dir, tmp_path):
+    """`--quantize int8-weight`: onnxruntime runs 8-bit MatMulNBits on every planned layer (pruned zeros
+    exact, logits near fp32 — closer than int4), our kernels run it as their int8 form, and verify times
+    the dense 8-bit weight-only form beside dense fp32; backends with no form refuse it up front."""
+    reg = Registry.default(kinds=("backend",))
+    assert backends_without_form("int8-weight", ("onnxruntime", "sparsec", "openvino", "deepsparse"), reg) == [
+        "openvino", "deepsparse"]
+    out = tmp_path / "llama-w8"
+    result = cli("compile", tiny_model_dir("llama"), "-o", out, *COMPILE, "--quantize", "int8-weight",
+                 "--backend", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    art = Artifact.load(out)
+    variant = art.manifest["lowering"]["variants"]["int8-matmulnbits"]
+    planned = {n for n, p in art.manifest["plan"].items() if p.get("quant") == "int8-weight"}
+    assert planned and variant["layers_quantized"] == len(planned) and variant["weights"].startswith("int8 asymmetric")
+    q = onnx.load(str(out / variant["file"]))
+    bits = {onnx.helper.get_attribute_value(a) for n in q.graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "bits"}
+    assert bits == {8} and sum(n.op_type == "MatMulNBits" for n in q.graph.node) == len(planned)
+    assert variant["zeros"]["preserved"] and variant["zeros"]["int4_zeros"] >= variant["zeros"]["torch_zeros"] > 0
+    feeds = _feeds(out / MODEL_FILE)
+    logits = _outputs(out / variant["file"], feeds, out / MODEL_FILE)
+    assert compare_outputs("text-generation", logits["fp32"], logits["int4"], np.ones((1, 16), bool))["cosine"] > 0.999
+    r = art.report["backends"]["onnxruntime"]
+    assert r["files"]["compiled"] == variant["file"] and "dense int8-matmulnbits" in r["dense_configs_p50_ms"]
+    bad = cli("compile", tiny_model_dir("llama"), "-o", tmp_path / "ov", *COMPILE, "--quantize", "int8-weight",
+              "--backend", "openvino")
+    assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and "openvino" in bad.output

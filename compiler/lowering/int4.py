@@ -1,10 +1,17 @@
-"""int4 weight-only variants: the planned layers' MatMuls become `MatMulNBits` (com.microsoft), weights
-4-bit in blocks of `INT4_BLOCK` along the input dimension, activations float in the graph.
+"""Weight-only variants: the planned layers' MatMuls become `MatMulNBits` (com.microsoft), weights
+4-bit (scheme `int4`) or 8-bit (scheme `int8-weight`) in blocks of `INT4_BLOCK` along the input
+dimension, activations float in the graph.
 
 | variant            | tool                                   | runs on     |
 |--------------------|----------------------------------------|-------------|
 | `int4-matmulnbits` | onnxruntime `MatMulNBitsQuantizer` (RTN) | onnxruntime (and OpenVINO without NNCF) |
 | `int4-openvino`    | NNCF `compress_weights` (INT4_ASYM)      | openvino    |
+| `int8-matmulnbits` | onnxruntime `MatMulNBitsQuantizer` (RTN, bits=8) | onnxruntime |
+
+Why 8-bit weight-only beside the W8A8 `int8-dynamic`: on SmolLM2-135M (1,024 held-out tokens, windows of
+128; benchmarks/decode_vs_genai.py) `int8-dynamic` — activations quantized to uint8 per tensor at run
+time — raised perplexity from 26.35 (fp32) to 39.35 (+49 %), while 8-bit weights alone gave 26.53
+(+0.7 %, openvino-genai's weight-only int8: 26.41) and decoded as fast (43.2 tok/s vs 47.4, 1 thread).
 
 Settings, one for both tools so their accuracy compares like with like (and with openvino-genai's
 int4 reference, `optimum-cli --weight-format int4 --group-size 64`, benchmarks/ovgenai_reference.py):
@@ -41,12 +48,12 @@ INT4_SYMMETRIC = False
 ORT_ACCURACY_LEVEL = 4
 
 
-def weights_label() -> str:
-    return f"int4 {'symmetric' if INT4_SYMMETRIC else 'asymmetric'}, blocks of {INT4_BLOCK} along the input dim"
+def weights_label(bits: int = 4) -> str:
+    return f"int{bits} {'symmetric' if INT4_SYMMETRIC else 'asymmetric'}, blocks of {INT4_BLOCK} along the input dim"
 
 
-def compress_matmulnbits(src: Path, out: Path, nodes: list[str], external: bool) -> None:
-    """onnxruntime's int4 form: round-to-nearest blockwise 4-bit weights in MatMulNBits, planned nodes only
+def compress_matmulnbits(src: Path, out: Path, nodes: list[str], external: bool, bits: int = 4) -> None:
+    """onnxruntime's weight-only form: round-to-nearest blockwise `bits`-bit weights in MatMulNBits, planned nodes only
     (its `nodes_to_include` adds to the op types rather than restricting them: every other MatMul is
     excluded by name instead)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -58,12 +65,12 @@ def compress_matmulnbits(src: Path, out: Path, nodes: list[str], external: bool)
     level = ort_logger.level
     try:
         ort_logger.setLevel(logging.ERROR)  # it logs one INFO line per node
-        quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=INT4_BLOCK, is_symmetric=INT4_SYMMETRIC,
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=INT4_BLOCK, is_symmetric=INT4_SYMMETRIC,
                                          accuracy_level=ORT_ACCURACY_LEVEL, nodes_to_exclude=exclude,
                                          op_types_to_quantize=("MatMul",))
         quantizer.process()
     except Exception as exc:  # noqa: BLE001 - onnxruntime's quantizer raises anything
-        raise LoweringError(f"onnxruntime quantization to 'int4-matmulnbits' failed: {type(exc).__name__}: {exc}") from exc
+        raise LoweringError(f"onnxruntime quantization to 'int{bits}-matmulnbits' failed: {type(exc).__name__}: {exc}") from exc
     finally:
         ort_logger.setLevel(level)
     save_onnx(quantizer.model.model, out, external=external or None)
@@ -144,17 +151,18 @@ def int4_nodes(qmodel: Any, outputs: dict[str, str]) -> dict[str, Any]:
 
 
 def unpack_int4(qmodel: Any, node: Any) -> tuple[np.ndarray, np.ndarray] | None:
-    """(q, zero point per element) of a MatMulNBits node's weight, shape [N, K]; None when its
-    zero points are not packed uint8 (then exact zeros cannot be read off the codes)."""
+    """(q, zero point per element) of a MatMulNBits node's weight (4- or 8-bit), shape [N, K]; None when
+    its zero points are not integer codes (then exact zeros cannot be read off the codes)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in qmodel.graph.initializer}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if attrs.get("bits", 4) != 4 or node.input[1] not in inits:
+    bits = int(attrs.get("bits", 4))
+    if bits not in (4, 8) or node.input[1] not in inits:
         return None
     k, n, bs = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
     packed = numpy_helper.to_array(inits[node.input[1]]).reshape(n, -1)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, :k]
+    q = (np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1) if bits == 4 else packed)[:, :k]
     blocks = -(-k // bs)
     if len(node.input) > 3 and node.input[3]:
         if node.input[3] not in inits:
@@ -162,10 +170,12 @@ def unpack_int4(qmodel: Any, node: Any) -> tuple[np.ndarray, np.ndarray] | None:
         zp = numpy_helper.to_array(inits[node.input[3]])
         if zp.dtype != np.uint8:
             return None
-        zp = np.stack([zp.reshape(n, -1) & 0x0F, zp.reshape(n, -1) >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-        zero = np.repeat(zp, bs, axis=1)[:, :k]
+        zp = zp.reshape(n, -1)
+        if bits == 4:
+            zp = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)
+        zero = np.repeat(zp[:, :blocks], bs, axis=1)[:, :k]
     else:
-        zero = np.full((n, k), 8, dtype=np.uint8)
+        zero = np.full((n, k), 1 << (bits - 1), dtype=np.uint8)
     return q, zero
 
 

@@ -1,6 +1,6 @@
 """int8 variants of a lowered graph, each in the form its backend runs fast.
 
-The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic" | "int4"`); here the decision
+The `quantize` pass only decides (`plan[layer].quant = "int8" | "int8-dynamic" | "int4" | "int8-weight"`); here the decision
 is materialised with onnxruntime's quantization tools, restricted to the MatMul nodes of the planned
 layers (found by module scope, `compiler.lowering.rules.layer_nodes`):
 
@@ -13,9 +13,12 @@ layers (found by module scope, `compiler.lowering.rules.layer_nodes`):
 | `int8-openvino`  | QDQ by NNCF (TRANSFORMER preset, SmoothQuant) | openvino    | NNCF        |
 | `int4-matmulnbits` | MatMulNBits, int4 weights only (compiler/lowering/int4.py) | onnxruntime | none |
 | `int4-openvino`  | MatMulNBits by NNCF `compress_weights` (INT4_ASYM, group 64) | openvino | none    |
+| `int8-matmulnbits` | MatMulNBits, 8-bit weights only, blocks of 64 (compiler/lowering/int4.py) | onnxruntime | none |
 
 Scheme `int4` (weight-only) gives onnxruntime `int4-matmulnbits` and OpenVINO `int4-openvino`
-(compiler/lowering/int4.py says which settings and why); no other backend runs it.
+(compiler/lowering/int4.py says which settings and why); no other backend runs it. Scheme `int8-weight`
+(8-bit weights, float activations: the accuracy of openvino-genai's int8, issue 13) gives onnxruntime
+`int8-matmulnbits`; our kernels (`--backend sparsec`) run it as their int8 form; other backends refuse it.
 Scheme `int8` (static) gives onnxruntime `int8-qdq`; `int8-dynamic` gives onnxruntime `int8-dynamic`.
 OpenVINO gets `int8-openvino` when it is requested and NNCF is installed (OpenVINO's own int8 tool:
 on MiniLM it keeps embedding cosine 0.994 vs fp32 with every layer int8, where onnxruntime's MinMax
@@ -56,10 +59,10 @@ from compiler.lowering.format import LoweringError, load_onnx
 from compiler.lowering.rules import graph_rules, layer_nodes
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 
-SCHEMES = ("int8", "int8-dynamic", "int4")
+SCHEMES = ("int8", "int8-dynamic", "int4", "int8-weight")
 # weight-only schemes: no backend runs them without a declared form, so a compile that requests one on
 # such a backend is refused up front (`backends_without_form`) instead of silently running fp32 there
-WEIGHT_ONLY_SCHEMES = ("int4",)
+WEIGHT_ONLY_SCHEMES = ("int4", "int8-weight")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class VariantKind:
     symmetric_activations: bool = False
     per_channel: bool = True  # weight scales per output channel (else one per tensor)
     tool: str = "onnxruntime.quantization"
-    weight_bits: int = 8  # 4: weight-only MatMulNBits (compiler/lowering/int4.py), activations float
+    weight_bits: int = 8
+    weight_only: bool = False  # MatMulNBits of `weight_bits` bits (compiler/lowering/int4.py), activations float
 
 
 # The int8 forms lowering can write. Which backend runs which is declared by the backend itself
@@ -82,9 +86,11 @@ VARIANTS = {
     "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", calibrated=True, symmetric_activations=True),
     "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", calibrated=True, tool="nncf"),
     "int4-matmulnbits": VariantKind("int4-matmulnbits", "MatMulNBits", calibrated=False, weight_bits=4,
-                                    tool="onnxruntime.quantization.matmul_nbits_quantizer"),
+                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer"),
     "int4-openvino": VariantKind("int4-openvino", "MatMulNBits (NNCF compress_weights)", calibrated=False,
-                                 weight_bits=4, tool="nncf"),
+                                 weight_bits=4, weight_only=True, tool="nncf"),
+    "int8-matmulnbits": VariantKind("int8-matmulnbits", "MatMulNBits (8-bit)", calibrated=False, weight_bits=8,
+                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer"),
 }
 
 
@@ -250,7 +256,7 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
             out = root / "onnx" / name / "model.onnx"
             out.parent.mkdir(parents=True, exist_ok=True)
             used = static_mapping if kind.calibrated and kind.tool != "nncf" else mapping
-            if kind.weight_bits == 4:
+            if kind.weight_only:
                 entries[name] = _write_int4(ir, kind, prepared, out, used, node_outputs, scheme, runs_on, len(layers), gemms,
                                             external)
                 continue
@@ -280,12 +286,15 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
 def _write_int4(ir: ModelIR, kind: VariantKind, src: Path, out: Path, mapping: dict[str, tuple[str, str]],
                node_outputs: dict[str, str], scheme: str, runs_on: tuple[str, ...], planned: int, gemms: int,
                external: bool) -> dict[str, Any]:
-    """Write one int4 weight-only variant and its manifest entry; every planned layer must have become
-    a MatMulNBits node (checked: a layer left float would make the variant's figures lie)."""
+    """Write one weight-only variant (int4 or 8-bit MatMulNBits) and its manifest entry; every planned layer
+    must have become a MatMulNBits node (checked: a layer left float would make the variant's figures lie)."""
     from compiler.lowering.int4 import compress_matmulnbits, compress_nncf, int4_nodes, int4_zeros, weights_label
 
     nodes = [node for node, _ in mapping.values()]
-    (compress_nncf if kind.tool == "nncf" else compress_matmulnbits)(src, out, nodes, external)
+    if kind.tool == "nncf":
+        compress_nncf(src, out, nodes, external)
+    else:
+        compress_matmulnbits(src, out, nodes, external, bits=kind.weight_bits)
     qmodel = load_onnx(out)
     failed = [c for c in graph_rules(qmodel) if not c["ok"]]
     if failed:
@@ -295,13 +304,13 @@ def _write_int4(ir: ModelIR, kind: VariantKind, src: Path, out: Path, mapping: d
     left = sorted(set(outputs) - set(done))
     if left:
         raise LoweringError(f"variant '{kind.name}': {len(left)} planned layers did not become MatMulNBits "
-                            f"(first: {left[0]}); int4 needs each weight's input dim to allow its blocks")
+                            f"(first: {left[0]}); MatMulNBits needs each weight's input dim to allow its blocks")
     extra = sum(n.op_type == "MatMulNBits" for n in qmodel.graph.node) - len(done)
     if extra:
-        raise LoweringError(f"variant '{kind.name}': {extra} layers outside the plan became int4 (the plan keeps them float)")
+        raise LoweringError(f"variant '{kind.name}': {extra} layers outside the plan became MatMulNBits (the plan keeps them float)")
     return {
         "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
-        "weights": weights_label(), "tool": kind.tool, "activations": "float (weight-only)",
+        "weights": weights_label(kind.weight_bits), "tool": kind.tool, "activations": "float (weight-only)",
         "layers_quantized": len(done), "layers_planned": planned, "gemm_rewritten": gemms,
         "layers_fp32_activation_outliers": [], "calibration": None, "zeros": int4_zeros(ir, qmodel, outputs),
     }

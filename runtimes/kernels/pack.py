@@ -25,7 +25,7 @@ from runtimes.kernels.format import PackedLinear, pack_linear, save_packed
 PACKED_DIR = "sparsec"
 WEIGHTS = "weights.safetensors"
 SUMMARY = "format.json"
-INT8_SCHEMES = ("int8", "int8-dynamic")
+INT8_SCHEMES = ("int8", "int8-dynamic", "int8-weight")  # int8-weight: our int8 kernels (activations per token)
 INT4_SCHEMES = ("int4",)
 
 
