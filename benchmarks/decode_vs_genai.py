@@ -102,6 +102,48 @@ def genai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows:
                           "cpu_ms_per_token": 1e3 * cpu / tokens}), flush=True)
 
 
+def ortgenai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
+    """Runs inside the onnxruntime-genai venv (its model builder's int4 export: MatMulNBits, GroupQueryAttention
+    with the KV cache in place): held-out NLL from the prefill logits, then one greedy generate per stdin line."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(model_dir)
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
+                                                                         "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
+
+    def generator(length: int) -> "og.Generator":
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        return og.Generator(model, params)
+
+    nll, n = 0.0, 0
+    for w in windows:
+        gen = generator(len(w) + 1)
+        gen.append_tokens(w)
+        part = window_nll(np.asarray(gen.get_output("logits"))[0], w)
+        nll, n = nll + part[0], n + part[1]
+    ids = np.random.default_rng(0).integers(3, 8000, size=prompt).tolist()
+
+    def once() -> float:
+        gen = generator(prompt + tokens)
+        gen.append_tokens(ids)
+        steps = []
+        while not gen.is_done():
+            start = time.perf_counter()
+            gen.generate_next_token()
+            steps.append(time.perf_counter() - start)
+        return 1e3 * sum(steps) / len(steps)
+
+    once()  # warm-up
+    print(json.dumps({"ready": True, **({"nll": nll, "ppl_tokens": n} if windows else {})}), flush=True)
+    for _ in sys.stdin:
+        cpu = time.process_time()
+        tpot = once()
+        print(json.dumps({"tpot_ms": tpot, "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / tokens}), flush=True)
+
+
 def llamacpp_ppl(gguf: str, windows: list[list[int]], threads: int) -> dict:
     """Held-out NLL through llama.cpp on the same GGUF (a second context with every position's logits)."""
     from llama_cpp import Llama
@@ -289,11 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl-tokens", type=int, default=1024,
                     help="held-out tokens scored for each row's perplexity, in windows of --prompt tokens (0: none)")
     ap.add_argument("--ppl-windows", help=argparse.SUPPRESS)
+    ap.add_argument("--ortgenai", default="", help="onnxruntime-genai formats built by its model builder, e.g. int4 "
+                    "(SPARSEC_HOME/ortgenai/smollm2-FORMAT; see docs/measurement.md)")
+    ap.add_argument("--ortgenai-venv", type=Path, default=None,
+                    help="a venv with onnxruntime-genai (default: SPARSEC_HOME/venvs/ortgenai)")
+    ap.add_argument("--ortgenai-child", help=argparse.SUPPRESS)
     ap.add_argument("--genai-child", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.genai_child:
         genai_child(args.genai_child, args.prompt, args.tokens, args.threads, read_windows(args.ppl_windows))
+        return 0
+    if args.ortgenai_child:
+        ortgenai_child(args.ortgenai_child, args.prompt, args.tokens, args.threads, read_windows(args.ppl_windows))
         return 0
     if args.llamacpp_child:
         llamacpp_child(args.llamacpp_child, args.prompt, args.tokens, args.threads, read_windows(args.ppl_windows))
@@ -319,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     if llama_types and not (llama_venv / "bin" / "python").is_file():
         print(f"error: no llama-cpp-python venv at {llama_venv} (pip install llama-cpp-python there)", file=sys.stderr)
         return 2
+    og_formats = [f for f in args.ortgenai.split(",") if f]
+    og_venv = args.ortgenai_venv or home() / "venvs" / "ortgenai"
+    og_missing = [f for f in og_formats if not (home() / "ortgenai" / f"smollm2-{f}" / "genai_config.json").is_file()]
+    if og_formats and (og_missing or not (og_venv / "bin" / "python").is_file()):
+        print(f"error: onnxruntime-genai venv {og_venv} or model builds missing ({og_missing}): see docs/measurement.md",
+              file=sys.stderr)
+        return 2
     machine = record_machine(threads=args.threads)
     runs: dict[str, object] = {}
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode_vs_genai-{os.getpid()}"
@@ -332,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         for fmt in formats:
             runs[f"openvino-genai {fmt}"] = ChildRun(venv, "--genai-child", home() / "ovgenai" / f"smollm2-{fmt}",
                                                      args.prompt, args.tokens, args.threads, windows_file)
+        for fmt in og_formats:
+            runs[f"onnxruntime-genai {fmt}"] = ChildRun(og_venv, "--ortgenai-child", home() / "ortgenai" / f"smollm2-{fmt}",
+                                                        args.prompt, args.tokens, args.threads, windows_file)
         for ftype in llama_types:
             gguf = llamacpp_model(llama_venv, ftype)
             runs[f"llama.cpp {ftype}"] = ChildRun(llama_venv, "--llamacpp-child", gguf, args.prompt, args.tokens, args.threads,
