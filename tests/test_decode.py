@@ -227,6 +227,8 @@ def test_bench_decode_cli(llama_artifact, cli, tmp_path):
         assert r["new_tokens"] == 8 and r["tokens_per_s"] > 0
         assert r["achieved_gbps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)
         assert r["fraction_of_membw"] == pytest.approx(r["achieved_gbps"] / result["membw"]["best_gbps"], rel=0.01)
+        assert r["contention"]["available"] and r["contention"]["own_cores"] > 0 \
+            and r["contention"]["threads"] == min(2, r["contention"]["usable_cpus"])
     assert rows["dense fp32"]["same_tokens_as_dense"] is True
     # the compiled int8 graph (blocks int8, LM head fp32) streams fewer bytes than dense fp32
     assert rows["compiled"]["weight_bytes_per_token"] < 0.6 * rows["dense fp32"]["weight_bytes_per_token"]

@@ -7,7 +7,11 @@ tokens/s (decode steps only), prefill ms, the weight bytes one token reads (runt
 dense for dense kernels, non-zeros + bitmask where the backend runs sparse kernels), the achieved
 bandwidth = bytes/token × tokens/s and its fraction of the machine's streaming-read bandwidth
 (runtimes/measure/membw.py, same thread count), peak RSS while decoding, the memory the model took at load,
-the file size on disk, and whether its greedy tokens equal those of dense fp32 on the same backend.
+the file size on disk, whether its greedy tokens equal those of dense fp32 on the same backend, and the
+contention record of its timed generate (other processes' CPU meanwhile: runtimes/measure/contention.py).
+Rows run one after another (one model in memory at a time, so a 7B artifact fits): `speedup_vs_fastest_dense`
+compares runs seconds to minutes apart and carries no interval — the paired decode speedup with its interval
+and verdict is `sparsec verify`'s `decode` section.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import numpy as np
 from compiler.errors import SparsecError
 from runtimes.decode.decoders import DecodeOptions, open_decoder
 from runtimes.decode.traffic import kv_bytes_per_token, weight_traffic
+from runtimes.measure.contention import ContentionMeter
 from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
 from runtimes.measure.inputs import VerifyOptions, build_inputs, max_positions
 from runtimes.measure.machine import record_machine
 from runtimes.measure.membw import measure_read_bandwidth
 from runtimes.measure.stats import tokens_per_s
+from runtimes.measure.timing import cpu_clocks, worker_clocks
 
 WARMUP_TOKENS = 4
 
@@ -77,7 +83,9 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         traffic = decoder.weight_traffic() if callable(getattr(decoder, "weight_traffic", None)) else weight_traffic(path)
         if warmup:
             decoder.generate(ids, mask, min(WARMUP_TOKENS, opts.new_tokens))
+        meter = ContentionMeter(opts.threads, worker_clocks(cpu_clocks({label: decoder}))).start()
         trace = decoder.generate(ids, mask, opts.new_tokens)
+        contention = meter.stop()
         sparse = uses_sparse_kernels(decoder, traffic.sparsity)
         details = dict(decoder.details)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -100,6 +108,9 @@ def decode_row(backend: Any, label: str, path: Path, lowering: dict[str, Any], o
         "rss_process": details.get("rss_process"), "disk_bytes": disk_bytes(path),
         "cache": details.get("cache"), "load_seconds": details.get("load_seconds"),
         "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        # other processes' CPU while this row decoded (runtimes/measure/contention.py): a contended row's
+        # rate is the machine's, not the model's
+        "contention": contention.to_dict(),
     }
 
 
@@ -170,6 +181,13 @@ def print_decode_bench(result: dict[str, Any], out: Path) -> None:
         console.print(f"fastest: {f['backend']} / {f['config']} {f['tokens_per_s']:.2f} tokens/s "
                       f"({100 * f['fraction_of_membw']:.0f}% of memory bandwidth); fastest dense: "
                       f"{d['backend']} / {d['config']} {d['tokens_per_s']:.2f} tokens/s")
+    for r in result["rows"]:
+        c = r.get("contention") or {}
+        if c.get("contended"):
+            console.print(f"{r['backend']} / {r['config']}: machine busy while it decoded — other processes used "
+                          f"{c['foreign_cores']:.2f} of {c['usable_cpus']} cores: its rate is not the model's",
+                          style="bold yellow", markup=False)
+    console.print("rows run one after another (no interval); the paired decode speedup is `sparsec verify`'s")
     console.print(f"wrote {out}")
 
 
