@@ -276,7 +276,7 @@ def inspect_cmd(artifact, as_json):
     console.print(passes)
     _print_allocation_candidates(console, m.get("analyses", {}).get("allocation_candidates"))
     if report.get("backends"):
-        from compiler.report import speedup_text
+        from compiler.report import inconclusive_lines, speedup_text
         from runtimes.measure.machine import MachineRecord, same_machine
 
         bt = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -291,6 +291,8 @@ def inspect_cmd(artifact, as_json):
             if b.get("machine"):
                 where = "this machine" if same_machine(b["machine"]) else "ANOTHER machine (not comparable here)"
                 console.print(f"{name} measured on {where}: {MachineRecord(**b['machine']).summary()}")
+        for line in inconclusive_lines(report["backends"]):
+            console.print(line, markup=False)
     s = report.get("sparsity", {})
     from compiler.report import headline
 
