@@ -51,6 +51,22 @@ def window_nll(logits, window) -> tuple[float, int]:
     return float(-logp[np.arange(len(window) - 1), np.asarray(window[1:])].sum()), len(window) - 1
 
 
+def heldout_nll(windows: list[list[int]], logits_of) -> dict:
+    """{"nll", "ppl_tokens"} summed over the windows, `logits_of(window)` giving that window's (len, vocab) logits."""
+    parts = [window_nll(logits_of(w), w) for w in windows]
+    return {"nll": sum(p[0] for p in parts), "ppl_tokens": sum(p[1] for p in parts)}
+
+
+def serve_rounds(once, tokens: int, ready: dict) -> None:
+    """A child's protocol: say ready (with its held-out NLL), then per stdin line one decode, its ms per step
+    and its CPU ms per new token (all threads of the child) as a JSON line."""
+    print(json.dumps({"ready": True, **ready}), flush=True)
+    for _ in sys.stdin:
+        cpu = time.process_time()
+        tpot = once()
+        print(json.dumps({"tpot_ms": tpot, "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / tokens}), flush=True)
+
+
 def read_windows(path: str | None) -> list[list[int]]:
     return json.loads(Path(path).read_text()) if path else []
 
@@ -64,8 +80,8 @@ def genai_ppl(model_dir: str, windows: list[list[int]], threads: int) -> dict:
     compiled = core.compile_model(str(Path(model_dir) / "openvino_model.xml"), "CPU", {"INFERENCE_NUM_THREADS": threads})
     names = {p.get_any_name() for p in compiled.inputs}
     req = compiled.create_infer_request()
-    nll, n = 0.0, 0
-    for w in windows:
+
+    def logits_of(w: list[int]):
         ids = np.asarray([w], dtype=np.int64)
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         if "position_ids" in names:
@@ -74,10 +90,9 @@ def genai_ppl(model_dir: str, windows: list[list[int]], threads: int) -> dict:
             feeds["beam_idx"] = np.zeros(1, dtype=np.int32)
         if hasattr(req, "reset_state"):
             req.reset_state()
-        out = req.infer({k: v for k, v in feeds.items() if k in names})
-        part = window_nll(out[compiled.output("logits")][0], w)
-        nll, n = nll + part[0], n + part[1]
-    return {"nll": nll, "ppl_tokens": n}
+        return req.infer({k: v for k, v in feeds.items() if k in names})[compiled.output("logits")][0]
+
+    return heldout_nll(windows, logits_of)
 
 
 def genai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
@@ -92,14 +107,7 @@ def genai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows:
     inputs = ov_genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))
     config = ov_genai.GenerationConfig(max_new_tokens=tokens, min_new_tokens=tokens, ignore_eos=True, do_sample=False)
     pipe.generate(inputs, config)  # warm-up
-    print(json.dumps({"ready": True, **ppl}), flush=True)
-    for _ in sys.stdin:
-        start, cpu = time.perf_counter(), time.process_time()
-        res = pipe.generate(inputs, config)
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        m = res.perf_metrics
-        print(json.dumps({"tpot_ms": float(m.get_tpot().mean), "ttft_ms": float(m.get_ttft().mean), "wall_s": wall,
-                          "cpu_ms_per_token": 1e3 * cpu / tokens}), flush=True)
+    serve_rounds(lambda: float(pipe.generate(inputs, config).perf_metrics.get_tpot().mean), tokens, ppl)
 
 
 def ortgenai_child(model_dir: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
@@ -118,12 +126,12 @@ def ortgenai_child(model_dir: str, prompt: int, tokens: int, threads: int, windo
         params.set_search_options(max_length=length, min_length=length, do_sample=False)
         return og.Generator(model, params)
 
-    nll, n = 0.0, 0
-    for w in windows:
+    def logits_of(w: list[int]):
         gen = generator(len(w) + 1)
         gen.append_tokens(w)
-        part = window_nll(np.asarray(gen.get_output("logits"))[0], w)
-        nll, n = nll + part[0], n + part[1]
+        return np.asarray(gen.get_output("logits"))[0]
+
+    ppl = heldout_nll(windows, logits_of) if windows else {}
     ids = np.random.default_rng(0).integers(3, 8000, size=prompt).tolist()
 
     def once() -> float:
@@ -137,11 +145,7 @@ def ortgenai_child(model_dir: str, prompt: int, tokens: int, threads: int, windo
         return 1e3 * sum(steps) / len(steps)
 
     once()  # warm-up
-    print(json.dumps({"ready": True, **({"nll": nll, "ppl_tokens": n} if windows else {})}), flush=True)
-    for _ in sys.stdin:
-        cpu = time.process_time()
-        tpot = once()
-        print(json.dumps({"tpot_ms": tpot, "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / tokens}), flush=True)
+    serve_rounds(once, tokens, ppl)
 
 
 def llamacpp_ppl(gguf: str, windows: list[list[int]], threads: int) -> dict:
@@ -150,14 +154,12 @@ def llamacpp_ppl(gguf: str, windows: list[list[int]], threads: int) -> dict:
 
     llm = Llama(model_path=gguf, n_threads=threads, n_threads_batch=threads, n_ctx=max(map(len, windows)) + 8,
                 logits_all=True, verbose=False)
-    nll, n = 0.0, 0
-    for w in windows:
+    def logits_of(w: list[int]):
         llm.reset()
         llm.eval(w)
-        part = window_nll(llm.scores[: len(w)], w)
-        nll, n = nll + part[0], n + part[1]
-    del llm
-    return {"nll": nll, "ppl_tokens": n}
+        return llm.scores[: len(w)]
+
+    return heldout_nll(windows, logits_of)
 
 
 def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int, windows: list[list[int]]) -> None:
@@ -183,11 +185,7 @@ def llamacpp_child(gguf: str, prompt: int, tokens: int, threads: int, windows: l
         return 1e3 * sum(steps) / len(steps)
 
     once()  # warm-up
-    print(json.dumps({"ready": True, **ppl}), flush=True)
-    for _ in sys.stdin:
-        cpu = time.process_time()
-        tpot = once()
-        print(json.dumps({"tpot_ms": tpot, "cpu_ms_per_token": 1e3 * (time.process_time() - cpu) / tokens}), flush=True)
+    serve_rounds(once, tokens, ppl)
 
 
 def requantize_gguf(venv: Path, src: Path, out: Path, ftype: str) -> Path:
@@ -268,11 +266,8 @@ class SparsecRun:
         self.tokens = tokens
         self.decoder.generate(self.ids, np.ones_like(self.ids), 4)  # warm-up
         self.cache = self.decoder.cache + (", IO binding" if self.decoder.details.get("io_binding") else "")
-        self.ppl: dict = {}
-        if windows:
-            parts = [window_nll(self.decoder.prefill_logits(np.asarray([w], dtype=np.int64),
-                                                            np.ones((1, len(w)), dtype=np.int64))[0], w) for w in windows]
-            self.ppl = {"nll": sum(p[0] for p in parts), "ppl_tokens": sum(p[1] for p in parts)}
+        self.ppl = heldout_nll(windows, lambda w: self.decoder.prefill_logits(
+            np.asarray([w], dtype=np.int64), np.ones((1, len(w)), dtype=np.int64))[0]) if windows else {}
 
     def once(self) -> tuple[float, float]:
         import numpy as np
