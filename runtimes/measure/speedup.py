@@ -15,7 +15,8 @@ is `inconclusive` too, however tight its interval: contention can shift the rati
 Why the interval is widened by PROCESS_SPREAD: the bootstrap only sees round-to-round noise inside one
 process. Five quiet verifications of one artifact, each a fresh process (benchmarks/verify_noise.py),
 gave medians 1.89, 1.96, 1.84, 1.84, 1.83× — a between-process standard deviation of 2.9 % of the
-median, with within-run intervals that did not all overlap. That component (memory placement, thread
+median, with within-run intervals that did not all overlap (`git show 3fd4da8:benchmarks/results/verify_noise.json`;
+the file now holds the run with this widening and the contention gate). That component (memory placement, thread
 placement, clocks) cannot be estimated from one run, so the reported interval adds it in quadrature:
 half-width = sqrt(bootstrap half-width² + (z · PROCESS_SPREAD · median)²). More rounds shrink only the
 bootstrap part; the stopping rule of runtimes/measure/timing.py therefore watches the bootstrap width.
