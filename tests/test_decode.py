@@ -185,6 +185,41 @@ def test_onnxruntime_io_binding_keeps_tokens_and_drops_rows(llama_artifact, tmp_
     np.testing.assert_array_equal(runs[True][2], runs[False][2])
 
 
+def test_onnxruntime_decodes_on_the_fused_graph_by_default(llama_artifact, reference, tmp_path):
+    """Lowering wrote the fused decode graph beside model.onnx and beside the onnxruntime int8 variant;
+    `cache="auto"` decodes on it, in place: the torch model's tokens, the portable graph's logits, and the
+    server's batch of requests (run one by one) gives the portable batched decoder's tokens."""
+    from runtimes.decode.decoders import DecodeOptions, open_decoder
+    from runtimes.decode.loop import GenRequest, SamplingParams
+
+    lowering = _manifest(llama_artifact)["lowering"]
+    assert lowering["decode_graph"]["file"] == "onnx/decode_gqa.onnx"
+    assert lowering["decode_graph"]["numerics"]["logits"] < 1e-4
+    variant = lowering["variants"]["int8-qdq"]
+    assert variant["decode_graph"]["file"] == "onnx/int8-qdq/decode_gqa.onnx"
+    assert variant["decode_graph"]["layers_quantized"] == variant["layers_quantized"]
+    assert (llama_artifact / variant["decode_graph"]["file"]).is_file()
+    backend = _backend("onnxruntime")
+    trace, fused_logits, details = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "f")
+    assert details["cache"].startswith("in-place") and details["graph"] == "decode_gqa.onnx"
+    assert trace.tokens == reference
+    _, portable_logits, _ = _generate(backend, llama_artifact, "onnx/model.onnx", tmp_path / "p", cache="dynamic")
+    np.testing.assert_allclose(fused_logits, portable_logits, atol=1e-4)
+    rng = np.random.default_rng(2)
+    requests = [GenRequest(rng.integers(6, 500, size=n).tolist(), SamplingParams(max_tokens=b))
+                for n, b in ((5, 3), (11, 9), (8, 6))]
+    tokens = {}
+    for cache in ("auto", "dynamic"):
+        opts = DecodeOptions(prompt_len=32, new_tokens=NEW, threads=1, cache=cache)
+        for rel in ("onnx/model.onnx", variant["file"]):
+            with closing(open_decoder(backend, llama_artifact / rel, lowering, opts, tmp_path / cache)) as dec:
+                tokens[cache, rel] = [list(r.tokens) for r in dec.complete(requests, pad_id=0, eos_ids=())]
+    assert tokens["auto", "onnx/model.onnx"] == tokens["dynamic", "onnx/model.onnx"]
+    # int8: the fused and portable graphs quantize the same MatMuls from their own calibration runs
+    same = sum(a == b for a, b in zip(tokens["auto", variant["file"]], tokens["dynamic", variant["file"]]))
+    assert same >= 2, tokens
+
+
 def test_weight_traffic_counts_zeros_and_int8(llama_artifact):
     from runtimes.decode.traffic import weight_traffic
 

@@ -314,8 +314,8 @@ def _declare_opset(model: Any, version: int) -> None:
             imp.version = version
 
 
-def save_onnx(model: Any, path: Path, external: bool | None = None) -> None:
-    """Save an ONNX model; its weights go to `model.onnx.data` beside it above 1.5 GB."""
+def save_onnx(model: Any, path: Path, external: bool | None = None, data_file: str = EXTERNAL_DATA_FILE) -> None:
+    """Save an ONNX model; its weights go to `data_file` (`model.onnx.data`) beside it above 1.5 GB."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,7 +323,7 @@ def save_onnx(model: Any, path: Path, external: bool | None = None) -> None:
         external = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
     if external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
+                        location=data_file, size_threshold=1024)
     else:
         onnx.save_model(model, str(path))
 

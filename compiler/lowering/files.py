@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_FILE = "onnx/model.onnx"
+# the fused decode graph beside a graph onnxruntime runs (compiler/lowering/gqa.py); its decoder looks here
+GQA_FILE = "decode_gqa.onnx"
 
 
 def file_sizes(path: Path, cache: bool = False) -> dict[str, int]:

@@ -74,7 +74,7 @@ def compress_matmulnbits(src: Path, out: Path, nodes: list[str], external: bool,
         raise LoweringError(f"onnxruntime quantization to 'int{bits}-matmulnbits' failed: {type(exc).__name__}: {exc}") from exc
     finally:
         ort_logger.setLevel(level)
-    save_onnx(quantizer.model.model, out, external=external or None)
+    save_onnx(quantizer.model.model, out, external=external or None, data_file=out.name + ".data")
 
 
 def compress_nncf(src: Path, out: Path, nodes: list[str], external: bool) -> None:
@@ -102,7 +102,7 @@ def compress_nncf(src: Path, out: Path, nodes: list[str], external: bool) -> Non
     finally:
         nncf_logger.setLevel(level)
     pack_zero_points(compressed)
-    save_onnx(compressed, out, external=external or None)
+    save_onnx(compressed, out, external=external or None, data_file=out.name + ".data")
 
 
 def _adjust_group_size() -> Any:

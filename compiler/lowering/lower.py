@@ -9,6 +9,10 @@ Contract (relied on by compile.py, the runtimes, DeepSparse and the server):
 - `root/onnx/<variant>/model.onnx`: int8 variants when the plan quantizes (`quantize` pass), each in
   the form its backend runs fast (see compiler/lowering/quant.py): `int8-dynamic` (ORT
   MatMulInteger), `int8-qdq` (ORT static QDQ, OpenVINO), `int8-qoperator` (QLinearMatMul, DeepSparse);
+- causal LMs of the Llama family: beside `model.onnx` and each onnxruntime variant, `decode_gqa.onnx`, the
+  same model as onnxruntime's fused decode graph (GroupQueryAttention, in-place KV cache;
+  compiler/lowering/gqa.py) — onnxruntime's decoder runs it; `"decode_graph"` in the section says
+  whether it was written, or why not;
 - beside every graph (`onnx/` and each variant directory) the Hugging Face files that make it load as
   it is in optimum's `ORTModel*` classes under transformers 4.x and 5.x: `config.json`, the tokenizer,
   `generation_config.json` (causal LMs), the sentence-transformers pooling config (sentence encoders)
@@ -42,11 +46,12 @@ from compiler.lowering.export import GraphSpec, export_onnx, torch_outputs
 from compiler.lowering.feeds import graph_feeds, lm_feeds, present_to_past, text_batch
 from compiler.lowering.files import MODEL_FILE, file_sizes, path_rel
 from compiler.lowering.format import OPSET, LoweringError, load_onnx
+from compiler.lowering.gqa import write_fused_graph
 from compiler.lowering.hf_files import copy_hf_files, write_hf_files
 from compiler.lowering.quant import planned_scheme, variants_for_scheme, write_variants
 from compiler.lowering.rules import graph_rules, zeros_report
 
-LOWERING_FORMAT = 2  # bump when the exported graph changes, invalidates the dense cache
+LOWERING_FORMAT = 3  # bump when the exported graph changes, invalidates the dense cache
 NUMERICS_TEXTS = ("sparsec lowers this model to ONNX and checks the numbers.",
                   "Short text.", "A third, somewhat longer sentence that makes the padding visible in the batch.")
 
@@ -102,10 +107,21 @@ def lower_model(ir: ModelIR, path: Path) -> tuple[GraphSpec, dict[str, Any]]:
     }
     if spec.kv is not None:
         section["kv"] = spec.kv.to_dict()
+        section["decode_graph"] = write_fused_graph(ir, spec, path, _numerics_prompt(ir))
     data = path.parent / "model.onnx.data"
     if data.exists():
         section["files"]["model_data"] = path_rel(data)
     return spec, section
+
+
+def _numerics_prompt(ir: ModelIR) -> np.ndarray:
+    """One unpadded prompt (1, n) of real text (or fixed ids without a tokenizer) for the fused graph's check."""
+    if ir.tokenizer is not None:
+        ids = ir.tokenizer(NUMERICS_TEXTS[0])["input_ids"]
+        if len(ids) >= 2:
+            return np.asarray([ids], dtype=np.int64)
+    vocab = int(getattr(ir.config, "vocab_size", 100) or 100)
+    return (np.arange(12).reshape(1, 12) * 7 % vocab).astype(np.int64)
 
 
 def numerics_vs_torch(ir: ModelIR, spec: GraphSpec, path: Path) -> dict[str, float]:

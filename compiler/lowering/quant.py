@@ -54,7 +54,7 @@ import numpy as np
 from compiler.ir import ModelIR
 from compiler.lowering.export import save_onnx
 from compiler.lowering.feeds import graph_feeds
-from compiler.lowering.files import path_rel
+from compiler.lowering.files import GQA_FILE, path_rel
 from compiler.lowering.format import LoweringError, load_onnx
 from compiler.lowering.rules import graph_rules, layer_nodes
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
@@ -75,22 +75,27 @@ class VariantKind:
     tool: str = "onnxruntime.quantization"
     weight_bits: int = 8
     weight_only: bool = False  # MatMulNBits of `weight_bits` bits (compiler/lowering/int4.py), activations float
+    # an onnxruntime format: the same variant of the fused decode graph (`decode_gqa.onnx`, compiler/lowering/gqa.py)
+    # is written beside it when the fp32 graph has one (only onnxruntime runs GroupQueryAttention)
+    fused_decode: bool = False
 
 
 # The int8 forms lowering can write. Which backend runs which is declared by the backend itself
 # (`Backend.quant_forms`, runtimes/base.py), never listed here.
 VARIANTS = {
-    "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", calibrated=False),
-    "int8-qdq": VariantKind("int8-qdq", "QDQ", calibrated=True),
+    "int8-dynamic": VariantKind("int8-dynamic", "MatMulInteger", calibrated=False, fused_decode=True),
+    "int8-qdq": VariantKind("int8-qdq", "QDQ", calibrated=True, fused_decode=True),
     "int8-qoperator": VariantKind("int8-qoperator", "QOperator", calibrated=True, per_channel=False),
     "int8-qdq-sym": VariantKind("int8-qdq-sym", "QDQ", calibrated=True, symmetric_activations=True),
     "int8-openvino": VariantKind("int8-openvino", "QDQ (NNCF)", calibrated=True, tool="nncf"),
     "int4-matmulnbits": VariantKind("int4-matmulnbits", "MatMulNBits", calibrated=False, weight_bits=4,
-                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer"),
+                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer",
+                                    fused_decode=True),
     "int4-openvino": VariantKind("int4-openvino", "MatMulNBits (NNCF compress_weights)", calibrated=False,
                                  weight_bits=4, weight_only=True, tool="nncf"),
     "int8-matmulnbits": VariantKind("int8-matmulnbits", "MatMulNBits (8-bit)", calibrated=False, weight_bits=8,
-                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer"),
+                                    weight_only=True, tool="onnxruntime.quantization.matmul_nbits_quantizer",
+                                    fused_decode=True),
 }
 
 
@@ -227,9 +232,22 @@ def calibration_feeds(ir: ModelIR, section: dict[str, Any], calib: Any) -> tuple
 
 # -- variants --------------------------------------------------------------------------------------
 def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], scheme: str, calib: Any,
-                   wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, Any]]:
+                   wanted: dict[str, tuple[str, ...]], file_name: str = "model.onnx") -> dict[str, dict[str, Any]]:
     """Write `wanted` (variant → backends that run it; `variants_for_scheme`) under
-    `root/onnx/<variant>/model.onnx`; returns their manifest entries."""
+    `root/onnx/<variant>/<file_name>`; returns their manifest entries. When `src` has the fused decode
+    graph beside it, the `fused_decode` variants get theirs too (entry key `decode_graph`)."""
+    entries = _write_variants(ir, src, root, section, scheme, calib, wanted, file_name)
+    fused_src = src.parent / GQA_FILE
+    fused = {v: b for v, b in wanted.items() if VARIANTS[v].fused_decode}
+    if file_name != GQA_FILE and fused and fused_src.is_file():
+        for name, entry in _write_variants(ir, fused_src, root, section, scheme, calib, fused, GQA_FILE).items():
+            entries[name]["decode_graph"] = {"file": entry["file"], "layers_quantized": entry["layers_quantized"],
+                                             "zeros": entry["zeros"]}
+    return entries
+
+
+def _write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], scheme: str, calib: Any,
+                    wanted: dict[str, tuple[str, ...]], file_name: str) -> dict[str, dict[str, Any]]:
     layers = quantized_layers(ir)
     model = load_onnx(src)
     gemms = gemm_to_matmul(model)
@@ -238,10 +256,12 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
         raise LoweringError(f"none of the {len(layers)} layers planned for {scheme} maps to a MatMul node of the graph")
     fp32_nodes = [node for layer, (node, _) in layer_nodes(model, [n for n in ir.layers if n not in set(layers)]).items()]
     node_outputs = {n.name: n.output[0] for n in model.graph.node}
-    external = (src.parent / "model.onnx.data").exists()
+    external = src.with_name(src.name + ".data").exists()
     feeds, cal_info, static_mapping = [], {}, mapping
     if any(VARIANTS[v].calibrated for v in wanted):
         feeds, cal_info, calib = calibration_feeds(ir, section, calib)
+        graph_inputs = {i.name for i in model.graph.input}  # the fused graph takes no position_ids
+        feeds = [{k: v for k, v in f.items() if k in graph_inputs} for f in feeds]
         if scheme == "int8-dynamic":  # the pass did not screen layers for static int8: do it for these variants
             ratios = activation_ratios(ir, list(mapping), calib.samples)
             static_mapping = {n: v for n, v in mapping.items() if ratios[n] <= STATIC_MAX_ACTIVATION_RATIO}
@@ -250,10 +270,10 @@ def write_variants(ir: ModelIR, src: Path, root: Path, section: dict[str, Any], 
     work = Path(tempfile.mkdtemp(prefix=".quant-", dir=root))
     try:
         prepared = work / "prepared.onnx"
-        save_onnx(model, prepared, external=external)
+        save_onnx(model, prepared, external=external, data_file=prepared.name + ".data")
         for name, runs_on in wanted.items():
             kind = VARIANTS[name]
-            out = root / "onnx" / name / "model.onnx"
+            out = root / "onnx" / name / file_name
             out.parent.mkdir(parents=True, exist_ok=True)
             used = static_mapping if kind.calibrated and kind.tool != "nncf" else mapping
             if kind.weight_only:
@@ -409,4 +429,4 @@ def _quantize_nncf(src: Path, out: Path, fp32_nodes: list[str], feeds: list[dict
         raise LoweringError(f"NNCF quantization to 'int8-openvino' failed: {type(exc).__name__}: {exc}") from exc
     finally:
         nncf_logger.setLevel(level)
-    save_onnx(quantized, out, external=external or None)
+    save_onnx(quantized, out, external=external or None, data_file=out.name + ".data")
