@@ -51,8 +51,9 @@ class HeadCheck:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def describe(self) -> str:
-        verdict = "quantized" if self.passed else "stays fp32"
+    def describe(self, failed: str = "stays fp32") -> str:
+        """`failed`: what a failed check means (the fallback scheme's check may still follow)."""
+        verdict = "quantized" if self.passed else failed
         return (f"{self.layer} {verdict} ({self.scheme}): perplexity {self.ppl_increase:+.2%} "
                 f"(limit +{MAX_PPL_INCREASE:.0%}), KL {self.mean_kl:.4f} (limit {MAX_KL}), top-1 agreement {self.top1_agreement:.4f} "
                 f"on {self.tokens} calibration tokens")

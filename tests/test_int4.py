@@ -254,3 +254,38 @@ def test_int8_weight_only_on_onnxruntime_and_sparsec(cli, cache_dir, tiny_model_
     bad = cli("compile", tiny_model_dir("llama"), "-o", tmp_path / "ov", *COMPILE, "--quantize", "int8-weight",
               "--backend", "openvino")
     assert bad.exit_code != 0 and len(bad.output.strip().splitlines()) == 1 and "openvino" in bad.output
+
+
+def test_int4_plan_with_an_8bit_head(tiny_model_dir, tmp_path):
+    """A head that fails the int4 check but passes at 8 bits (passes/quantization.py HEAD_FALLBACK) is planned
+    `int8-weight` inside the int4 plan: onnxruntime's variant (and its fused decode graph) holds it as 8-bit
+    MatMulNBits beside the 4-bit blocks, OpenVINO's (NNCF: int4 only) keeps it float and says so; logits stay
+    close to fp32's."""
+    pytest.importorskip("nncf", reason="nncf is not installed (pip install 'sparsec[openvino]')")
+    import torch
+
+    from compiler.calibration import CalibrationConfig, build_calibration
+    from compiler.lowering.lower import lower_artifact
+    from compiler.pass_infra import PassContext
+    from compiler.trace import load_and_trace
+    from passes.quantization import Quantize
+
+    ir = load_and_trace(str(tiny_model_dir("llama")))
+    with torch.no_grad():
+        ir.get_module("lm_head").weight.mul_(30.0)
+    calib = build_calibration(ir, CalibrationConfig(samples=4, seqlen=32))
+    Quantize(scheme="int4")(ir, PassContext(calibration=calib))
+    assert ir.plan["lm_head"].quant == "int8-weight"
+    section = lower_artifact(ir, tmp_path, ("onnxruntime", "openvino"), calib)
+    ort_variant, ov_variant = section["variants"]["int4-matmulnbits"], section["variants"]["int4-openvino"]
+    blocks = len(ir.layers) - 1
+    assert ort_variant["layers_by_bits"] == {"4": blocks, "8": 1} and ort_variant["layers_quantized"] == blocks + 1
+    assert ov_variant["layers_by_bits"] == {"4": blocks} and ov_variant["layers_kept_float"] == ["lm_head"]
+    for rel in (ort_variant["file"], ort_variant["decode_graph"]["file"]):
+        q = onnx.load(str(tmp_path / rel))
+        bits = sorted(next(onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "bits")
+                      for n in q.graph.node if n.op_type == "MatMulNBits")
+        assert bits == [4] * blocks + [8], rel
+    feeds = _feeds(tmp_path / MODEL_FILE)
+    out = _outputs(tmp_path / ort_variant["file"], feeds, tmp_path / MODEL_FILE)
+    assert compare_outputs("text-generation", out["fp32"], out["int4"], np.ones((1, 16), bool))["cosine"] > 0.98

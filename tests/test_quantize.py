@@ -166,6 +166,7 @@ def test_auto_quantizes_a_causal_lm_head_only_when_it_costs_under_1pct_perplexit
     assert ir.plan["lm_head"].quant == "int8-dynamic"
     assert any(d.startswith("lm_head quantized (int8-dynamic): perplexity") for d in result.diagnostics)
 
+    # int4: a head with confident logits (30x scaled) fails at 4 bits, passes at 8 (HEAD_FALLBACK); 300x fails both
     ir = load_and_trace(str(tiny_model_dir("llama")))
     with torch.no_grad():
         ir.get_module("lm_head").weight.mul_(30.0)
@@ -173,8 +174,20 @@ def test_auto_quantizes_a_causal_lm_head_only_when_it_costs_under_1pct_perplexit
     result = Quantize(scheme="int4")(ir, ctx)
     check = result.metrics["head_check"]["lm_head"]
     assert not check["passed"] and check["mean_kl"] > 0.01
+    assert result.metrics["head_check_fallback"]["lm_head"]["passed"]
+    assert ir.plan["lm_head"].quant == "int8-weight"
+    assert all(ir.plan[n].quant == "int4" for n in ir.layers if n != "lm_head")
+    assert any(d.startswith("lm_head fails at this scheme, checked at 8 bits next (int4)") for d in result.diagnostics)
+    assert any(d.startswith("lm_head quantized (int8-weight)") for d in result.diagnostics)
+    ir = load_and_trace(str(tiny_model_dir("llama")))
+    with torch.no_grad():
+        ir.get_module("lm_head").weight.mul_(300.0)
+    ctx, _ = _ctx(ir)
+    result = Quantize(scheme="int4")(ir, ctx)
     assert ir.plan["lm_head"].quant is None
+    assert not result.metrics["head_check_fallback"]["lm_head"]["passed"]
     assert any(d.startswith("lm_head stays fp32 (int4)") for d in result.diagnostics)
+    assert any(d.startswith("lm_head stays fp32 (int8-weight)") for d in result.diagnostics)
     # forced: true quantizes it without a check, false never
     ir2 = load_and_trace(str(tiny_model_dir("llama")))
     Quantize(scheme="int8-dynamic", include_outside_blocks=True)(ir2, PassContext())

@@ -143,11 +143,24 @@ def backends_without_form(scheme: str, backends: tuple[str, ...], registry: Any)
     return [b for b in backends if registry.get_backend(b).quant_form(scheme, True) is None]
 
 
+# the one mixed plan lowering accepts: a weight-only int4 body whose LM head failed the int4 check but
+# passed at 8 bits (passes/quantization.py HEAD_FALLBACK); its MatMulNBits variants carry both bit widths
+MIXED_WEIGHT_ONLY = {frozenset({"int4", "int8-weight"}): "int4"}
+
+
 def planned_scheme(ir: ModelIR) -> str | None:
     schemes = {p.quant for p in ir.plan.values() if p.quant}
+    if frozenset(schemes) in MIXED_WEIGHT_ONLY:
+        return MIXED_WEIGHT_ONLY[frozenset(schemes)]
     if len(schemes) > 1:
         raise LoweringError(f"the plan mixes quantization schemes {sorted(schemes)}: lowering supports one per model")
     return schemes.pop() if schemes else None
+
+
+def layer_bits(ir: ModelIR, layers: Any, kind: "VariantKind") -> dict[str, int]:
+    """Weight bits per planned layer of a weight-only variant: the variant's, or 8 for a head planned
+    `int8-weight` inside an int4 plan."""
+    return {n: 8 if ir.plan[n].quant == "int8-weight" else kind.weight_bits for n in layers}
 
 
 def quantized_layers(ir: ModelIR) -> list[str]:
@@ -310,11 +323,22 @@ def _write_int4(ir: ModelIR, kind: VariantKind, src: Path, out: Path, mapping: d
     must have become a MatMulNBits node (checked: a layer left float would make the variant's figures lie)."""
     from compiler.lowering.int4 import compress_matmulnbits, compress_nncf, int4_nodes, int4_zeros, weights_label
 
-    nodes = [node for node, _ in mapping.values()]
-    if kind.tool == "nncf":
-        compress_nncf(src, out, nodes, external)
+    bits = layer_bits(ir, mapping, kind)
+    kept_float: list[str] = []
+    if kind.tool == "nncf":  # NNCF writes int4 only: an 8-bit head stays float in OpenVINO's variant
+        kept_float = sorted(n for n in mapping if bits[n] != kind.weight_bits)
+        mapping = {n: v for n, v in mapping.items() if bits[n] == kind.weight_bits}
+        compress_nncf(src, out, [node for node, _ in mapping.values()], external)
     else:
-        compress_matmulnbits(src, out, nodes, external, bits=kind.weight_bits)
+        groups = sorted({b for b in bits.values()})
+        step_src = src
+        for i, b in enumerate(groups):  # one quantizer pass per bit width (MatMuls already packed are left alone)
+            step_out = out if i == len(groups) - 1 else out.with_name(f".{b}bit-{out.name}")
+            compress_matmulnbits(step_src, step_out, [node for n, (node, _) in mapping.items() if bits[n] == b], external, bits=b)
+            if step_src != src:
+                step_src.unlink(missing_ok=True)
+                step_src.with_name(step_src.name + ".data").unlink(missing_ok=True)
+            step_src = step_out
     qmodel = load_onnx(out)
     failed = [c for c in graph_rules(qmodel) if not c["ok"]]
     if failed:
@@ -328,9 +352,14 @@ def _write_int4(ir: ModelIR, kind: VariantKind, src: Path, out: Path, mapping: d
     extra = sum(n.op_type == "MatMulNBits" for n in qmodel.graph.node) - len(done)
     if extra:
         raise LoweringError(f"variant '{kind.name}': {extra} layers outside the plan became MatMulNBits (the plan keeps them float)")
+    widths = {b: sum(1 for n in done if bits[n] == b) for b in sorted(set(bits[n] for n in done))}
     return {
         "file": path_rel(out), "format": kind.format, "scheme": scheme, "backends": list(runs_on),
-        "weights": weights_label(kind.weight_bits), "tool": kind.tool, "activations": "float (weight-only)",
+        "weights": weights_label(kind.weight_bits) + ("" if len(widths) < 2 else
+                                                      f"; layers per bit width {widths} (an 8-bit head)"),
+        "layers_by_bits": {str(b): c for b, c in widths.items()},
+        **({"layers_kept_float": kept_float} if kept_float else {}),
+        "tool": kind.tool, "activations": "float (weight-only)",
         "layers_quantized": len(done), "layers_planned": planned, "gemm_rewritten": gemms,
         "layers_fp32_activation_outliers": [], "calibration": None, "zeros": int4_zeros(ir, qmodel, outputs),
     }

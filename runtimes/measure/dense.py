@@ -27,7 +27,7 @@ from compiler.errors import SparsecError
 from compiler.ir import ModelIR, state_dict_sha256
 from compiler.lowering.files import MODEL_FILE, model_file
 from compiler.lowering.lower import LOWERING_FORMAT, lower_model
-from compiler.lowering.quant import QUANT_FORMAT, variants_for_scheme, write_variants
+from compiler.lowering.quant import MIXED_WEIGHT_ONLY, QUANT_FORMAT, variants_for_scheme, write_variants
 
 SOURCE_MODEL_DIR = "model"
 COMPILED = "compiled"
@@ -108,7 +108,8 @@ class DenseQuant:
 
     @property
     def scheme(self) -> str:
-        return next(iter(set(self.quant.values())))
+        schemes = frozenset(self.quant.values())
+        return MIXED_WEIGHT_ONLY.get(schemes) or next(iter(schemes))
 
 
 def dense_variant_files(target: Path, dq: DenseQuant) -> dict[str, Path]:
