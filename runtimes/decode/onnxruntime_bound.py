@@ -6,8 +6,9 @@ each step moves the whole cache across the Python boundary twice (SmolLM2 at 192
 2 × 3 heads × 192 × 64 fp32 = 8.8 MB per step). With an `IOBinding` the present tensors are bound to
 onnxruntime-allocated CPU buffers, and the next step binds those same `OrtValue`s as its past inputs:
 no copy, no numpy wrapper; only the logits (and the few ids/mask/position inputs) cross. The cache
-still grows by one slot per step (the graph concatenates past and new keys) — a fixed in-place buffer
-would need onnxruntime's GroupQueryAttention with a shared buffer, which our exported graphs do not use.
+still grows by one slot per step (the portable graph concatenates past and new keys). Llama-family models
+decode on the fused graph instead (runtimes/decode/onnxruntime_gqa.py: GroupQueryAttention appends into
+one preallocated buffer); this decoder serves the other causal LMs and `cache="dynamic"`.
 
 Row selection (a finished request dropped from the batch) is the one place the cache must be copied
 out; `BoundKV[rows]` does it only when rows actually drop.
