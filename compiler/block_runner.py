@@ -73,10 +73,18 @@ class BlockStep:
         self.modified = True
 
     def layer_stats(self, hessian: bool = False, layers: list[str] | None = None) -> dict[str, LayerStats]:
-        """Run the block over all samples with hooks on its layers; returns stats per layer name."""
+        """Run the block over all samples with hooks on its layers; returns stats per layer name.
+
+        Layers fed the very same input tensor (a Llama block's q/k/v projections, gate/up) share one
+        `LayerStats` object: their statistics are identical by definition, so the Hessian (an in×in
+        matrix product per sample) is accumulated once per distinct input, not once per layer. Sharing
+        is decided on the first sample (the hook of a layer sees the tensor object the previous hook saw)
+        and checked on every later one."""
         ir = self.runner.ir
         names = layers if layers is not None else list(self.block.layers)
         stats: dict[str, LayerStats] = {}
+        owner: dict[str, str] = {}  # layer -> the layer whose stats it shares
+        last: dict[str, Any] = {"x": None, "name": None}
         handles = []
         for name in names:
             layer = ir.layers[name]
@@ -85,6 +93,17 @@ class BlockStep:
                                      hessian=torch.zeros(layer.in_features, layer.in_features) if hessian else None)
 
             def hook(m, inp, _out, name=name, layer=layer):
+                same = inp[0] is last["x"] and ir.layers[last["name"]].in_features == layer.in_features \
+                    and type(ir.get_module(last["name"])) is type(m)
+                first = stats[name].tokens == 0 and name not in owner
+                if first and same:
+                    owner[name] = owner.get(last["name"], last["name"])
+                if name in owner:
+                    if not same or owner.get(last["name"], last["name"]) != owner[name]:
+                        raise NumericsError(f"layer '{name}' shared its input with '{owner[name]}' on the first "
+                                            f"calibration sample but not on a later one")
+                    return
+                last["x"], last["name"] = inp[0], name
                 x = inp[0].detach().float()
                 if not torch.isfinite(x).all():
                     raise NumericsError(f"NaN/Inf in the calibration activations entering layer '{name}'")
@@ -105,6 +124,9 @@ class BlockStep:
         finally:
             for h in handles:
                 h.remove()
+            last["x"] = None
+        for name, source in owner.items():
+            stats[name] = stats[source]
         if not self.modified:
             self._outputs = outputs
         return stats

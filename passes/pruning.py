@@ -77,9 +77,9 @@ class Prune(Pass):
                 if not names:
                     continue
                 stats = step.layer_stats(hessian=self.method == "sparsegpt", layers=names)
-                for name in names:
+                for name in names:  # layers with one input share one LayerStats (and Hessian): freed with `stats`
                     self._prune_layer(ir, name, stats[name], sgpt, notes)
-                    stats[name].hessian = None  # free the Hessian as soon as it is used
+                del stats
                 step.mark_modified()
         ir.refresh_measured_sparsity()
         # honest `modified`: SparseGPT updates the kept weights of every layer it runs on; the others

@@ -98,3 +98,22 @@ def test_batched_block_calls_match_per_sample_calls(tiny_model_dir):
         batched.max_batch_tokens = 32  # two samples of 16 tokens per call
         batched.check_batching(inputs)
         assert batched.groups == [[0, 1], [2, 3], [4]]
+
+
+def test_layers_fed_one_input_share_their_stats(tiny_model_dir):
+    """q/k/v (and gate/up) see the same tensor: one LayerStats object, its Hessian accumulated once and
+    equal to each layer's own (computed with that layer hooked alone); o/down keep their own."""
+    ir, samples = _ir_and_samples(tiny_model_dir, samples=3, seqlen=12)
+    block = ir.blocks[0]
+    names = {n.rsplit(".", 1)[-1]: n for n in block.layers}
+    for step in BlockRunner(ir, samples):
+        shared = step.layer_stats(hessian=True)
+        alone = {n: step.layer_stats(hessian=True, layers=[n])[n] for n in (names["k_proj"], names["up_proj"])}
+        break
+    assert shared[names["q_proj"]] is shared[names["k_proj"]] is shared[names["v_proj"]]
+    assert shared[names["gate_proj"]] is shared[names["up_proj"]]
+    assert shared[names["o_proj"]] is not shared[names["q_proj"]] and shared[names["down_proj"]] is not shared[names["up_proj"]]
+    for n, own in alone.items():
+        assert shared[n].tokens == own.tokens == 36
+        torch.testing.assert_close(shared[n].hessian, own.hessian)
+        torch.testing.assert_close(shared[n].sq_norm, own.sq_norm)

@@ -67,35 +67,69 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     losses = torch.zeros(rows)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d1 = torch.diag(Hinv1)
         if nm:
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            Q1, Err1 = _columns_nm(W[:, i1:i2].clone(), Hinv1, keep_n, group_m)
         else:
-            score = W1.square() / d1.unsqueeze(0).square()
-            mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
-            k = prune_count(W1.numel(), sparsity)
-            if k:
-                mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
-            mask1 = mask1.view_as(W1)
-        for i in range(count):
-            w = W1[:, i]
-            d = Hinv1[i, i]
-            if nm and (i1 + i) % group_m == 0:
-                score = W1[:, i:i + group_m].square() / d1[i:i + group_m].unsqueeze(0).square()
-                drop = group_m - keep_n
-                mask1.scatter_(1, i + torch.topk(score, drop, dim=1, largest=False).indices, True)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            losses += (w - q).square() / d.square() / 2
-            err = (w - q) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            Q1, Err1 = _block_unstructured(W[:, i1:i2], Hinv1, sparsity)
+        losses += Err1.square().sum(1) / 2
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return SparseGPTResult(W.to(weight.dtype), float(losses.sum()), damp, retries, int(dead.sum()))
+
+
+ROW_CHUNK = 256  # rows solved at once: (rows, block, block) matrices, 16 MB at blocksize 128
+
+
+def _block_unstructured(W1: torch.Tensor, Hinv1: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column block, unstructured: (kept weights Q1, scaled errors Err1), by triangular solves.
+
+    The mask is fixed at the block's start (w² / [H⁻¹]_jj², the reference's adaptive selection), so the
+    reference's column loop — err_i = m_i·w_i/U_ii, then w_j −= err_i·U_ij for j > i, with U the upper
+    factor — is, per row, the triangular system E·A = m ⊙ W1 where A's column i is U's column i for a
+    pruned weight and the unit vector e_i for a kept one (E_i = 0 there). One batched solve per chunk of
+    rows instead of `blocksize` Python iterations of small ops (the loop was 41 % of SparseGPT's time on
+    SmolLM2); same arithmetic, float rounding aside (tests/test_pruning.py compares the two)."""
+    rows, count = W1.shape
+    d1 = torch.diag(Hinv1)
+    score = W1.square() / d1.unsqueeze(0).square()
+    mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
+    k = prune_count(W1.numel(), sparsity)
+    if k:
+        mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
+    mask1 = mask1.view_as(W1)
+    Err1 = torch.zeros_like(W1)
+    eye = torch.eye(count, dtype=W1.dtype)
+    for r1 in range(0, rows, ROW_CHUNK):
+        m = mask1[r1:r1 + ROW_CHUNK]
+        if not m.any():
+            continue
+        A = torch.where(m.unsqueeze(1), Hinv1.unsqueeze(0), eye.unsqueeze(0))  # (r, count, count), upper
+        rhs = (W1[r1:r1 + ROW_CHUNK] * m).unsqueeze(1)  # (r, 1, count): E A = rhs
+        Err1[r1:r1 + ROW_CHUNK] = torch.linalg.solve_triangular(A, rhs, upper=True, left=False).squeeze(1)
+    Q1 = (W1 - Err1 @ Hinv1).masked_fill(mask1, 0.0)
+    return Q1, Err1
+
+
+def _columns_nm(W1: torch.Tensor, Hinv1: torch.Tensor, keep_n: int, group_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One column block, N:M: the reference's column loop (each group's mask is chosen from the weights as
+    updated when the group's first column is reached, so the columns cannot be solved at once)."""
+    count = W1.shape[1]
+    d1 = torch.diag(Hinv1)
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    mask1 = torch.zeros_like(W1, dtype=torch.bool)
+    for i in range(count):
+        w = W1[:, i]
+        d = Hinv1[i, i]
+        if i % group_m == 0:
+            score = W1[:, i:i + group_m].square() / d1[i:i + group_m].unsqueeze(0).square()
+            drop = group_m - keep_n
+            mask1.scatter_(1, i + torch.topk(score, drop, dim=1, largest=False).indices, True)
+        q = w.clone()
+        q[mask1[:, i]] = 0
+        Q1[:, i] = q
+        err = (w - q) / d
+        W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+    return Q1, Err1
