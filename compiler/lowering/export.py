@@ -296,7 +296,7 @@ def export_onnx(ir: ModelIR, path: Path, spec: GraphSpec | None = None) -> Graph
                               input_names=list(spec.inputs), output_names=list(spec.outputs),
                               dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
         model = load_onnx(tmp / path.name)
-        _declare_opset(model, OPSET)
+        declare_opset(model, OPSET)
         save_onnx(model, path, external=big)
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; keep the message
         first = str(exc).splitlines()[0] if str(exc) else ""
@@ -307,7 +307,7 @@ def export_onnx(ir: ModelIR, path: Path, spec: GraphSpec | None = None) -> Graph
     return spec
 
 
-def _declare_opset(model: Any, version: int) -> None:
+def declare_opset(model: Any, version: int) -> None:
     """Stamp the default-domain opset (valid upward from 16 to 17: opset 17 only added operators)."""
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from compiler.ir import ModelIR
-from compiler.lowering.export import EXPORT_OPSET, GraphSpec, KVSpec, _declare_opset, param_bytes, save_onnx
+from compiler.lowering.export import EXPORT_OPSET, GraphSpec, KVSpec, declare_opset, param_bytes, save_onnx
 from compiler.lowering.files import GQA_FILE, path_rel
 from compiler.lowering.format import OPSET, LoweringError, load_onnx
 
@@ -270,7 +270,7 @@ def export_gqa(ir: ModelIR, path: Path, layout: GQALayout) -> GraphSpec:
                               input_names=list(spec.inputs), output_names=list(spec.outputs),
                               dynamic_axes=spec.dynamic_axes, do_constant_folding=True)
         model = load_onnx(tmp / path.name)
-        _declare_opset(model, OPSET)
+        declare_opset(model, OPSET)
         name_by_module(model, ir.module)
         save_onnx(model, path, external=param_bytes(ir.module) > 1.5 * 2**30, data_file=path.name + ".data")
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; keep the message
