@@ -9,7 +9,10 @@ TensorRT) loads it. After onnxruntime's own fusions SmolLM2-135M still holds 2,9
 of the same model holds 343 (30 × {GroupQueryAttention, 5 MatMuls, 2 SkipSimplifiedLayerNormalization,
 SiLU}). At batch 1 a decode step is a few hundred microseconds of real work per layer, so the
 per-node dispatch cost of the extra ~2,600 nodes was most of the 2× by which onnxruntime-genai int4
-out-ran our onnxruntime int4 (75.0 vs 38.8 tok/s; benchmarks/results/decode_table_smollm2.json).
+out-ran our onnxruntime int4 (75.0 vs 38.8 tok/s in the table before this graph existed, git history of
+benchmarks/results/decode_table_smollm2.json). With it, paired, 1 thread (docs/measurement.md): the same
+8-bit-weight file decodes 1.40× [1.31, 1.48] faster than on the portable graph, and our int4 reaches 0.82× of
+onnxruntime-genai int4 (65.7 vs 79.9 tok/s).
 
 How: the same TorchScript exporter as the portable graph, on a wrapper that walks the Hugging Face
 model's own modules (so node scopes, weight names and the planned layers' MatMuls are the same, and

@@ -10,8 +10,9 @@ dimension, activations float in the graph.
 
 Why 8-bit weight-only beside the W8A8 `int8-dynamic`: on SmolLM2-135M (1,024 held-out tokens, windows of
 128; benchmarks/decode_vs_genai.py) `int8-dynamic` — activations quantized to uint8 per tensor at run
-time — raised perplexity from 26.35 (fp32) to 39.35 (+49 %), while 8-bit weights alone gave 26.53
-(+0.7 %, openvino-genai's weight-only int8: 26.41) and decoded as fast (37.2 vs 38.8 tok/s, 1 thread, paired
+time — raised perplexity from 26.35 (fp32) to 39.35 (+49 %; and unstably: 42.13 from the fused graph, whose
+layers agree with the portable one to 7e-6), while 8-bit weights alone gave 26.53 (+0.7 %, openvino-genai's
+weight-only int8: 26.41) and decoded nearly as fast (53.9 vs 58.8 tok/s on the fused graph, 1 thread, paired
 rounds; benchmarks/results/decode_table_smollm2.json, docs/measurement.md).
 
 Settings, one for both tools so their accuracy compares like with like (and with openvino-genai's
