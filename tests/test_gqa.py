@@ -73,9 +73,10 @@ def test_other_architectures_get_a_reason(tiny_model_dir, arch):
     assert isinstance(reason, str) and f"'{arch}'" in reason
 
 
-def test_decoder_strips_padding_and_refuses_batches(tiny_model_dir, tmp_path):
+def test_decoder_strips_padding_and_decodes_batches(tiny_model_dir, tmp_path):
     """A left-padded prompt decodes as the bare prompt; prefill logits of a padded batch equal each row's
-    own, zeros at the padding; more than one request per call, or more tokens than positions: one-line errors."""
+    own, zeros at the padding; a batch of requests of different lengths and budgets (rows leaving the batch
+    as they finish) gives each request's tokens when run alone; too many tokens: a one-line error."""
     from compiler.lowering.gqa import export_gqa, gqa_layout
     from runtimes.decode.loop import GenRequest, SamplingParams
 
@@ -94,9 +95,11 @@ def test_decoder_strips_padding_and_refuses_batches(tiny_model_dir, tmp_path):
         np.testing.assert_allclose(batch[0, 3:], dec.prefill_logits(short, np.ones_like(short))[0], atol=1e-5)
         np.testing.assert_allclose(batch[1], dec.prefill_logits(long, np.ones_like(long))[0], atol=1e-5)
         assert not batch[0, :3].any()
-        two = [GenRequest([], SamplingParams(max_tokens=2))] * 2
-        with pytest.raises(SparsecError, match="one request at a time"):
-            dec.run(np.concatenate([long, long]), np.ones((2, 9), dtype=np.int64), two, ())
+        requests = [GenRequest(rng.integers(6, 500, size=n).tolist(), SamplingParams(max_tokens=b))
+                    for n, b in ((5, 3), (11, 9), (8, 6), (2, 9))]
+        together = [list(r.tokens) for r in dec.complete(requests, pad_id=0, eos_ids=())]
+        alone = [list(dec.complete([r], pad_id=0, eos_ids=())[0].tokens) for r in requests]
+        assert together == alone and [len(t) for t in together] == [3, 9, 6, 9]
         assert "exceed" in dec.check_request(layout.positions, 1)
         with pytest.raises(SparsecError, match="positions"):
             dec.generate(long, np.ones_like(long), layout.positions)

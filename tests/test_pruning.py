@@ -105,9 +105,9 @@ def _column_loop_sparsegpt(w, h, sparsity, blocksize):
 
 
 @pytest.mark.parametrize("sparsity,blocksize", [(0.5, 32), (0.7, 128), (0.6, 24)])
-def test_sparsegpt_block_solve_equals_the_column_loop(sparsity, blocksize):
-    """The unstructured block is solved as batched triangular systems (passes/math/sparsegpt.py): the same
-    masks and weights as the reference's column-by-column loop (rows > ROW_CHUNK: chunks too)."""
+def test_sparsegpt_lean_loop_equals_the_reference_loop(sparsity, blocksize):
+    """The unstructured block's lean column loop (passes/math/sparsegpt.py: mask by kthvalue, one rank-1
+    update per column) gives the masks and weights of the reference's column-by-column loop."""
     g = torch.Generator().manual_seed(3)
     w = torch.randn(300, 96, generator=g)
     h = _hessian(_calib(tokens=400, cols=96))

@@ -250,10 +250,11 @@ def name_by_module(model: Any, module: nn.Module) -> None:
 def gqa_spec(layout: GQALayout) -> GraphSpec:
     past = [f"past_key_values.{i}.{t}" for i in range(layout.layers) for t in ("key", "value")]
     present = [f"present.{i}.{t}" for i in range(layout.layers) for t in ("key", "value")]
-    axes: dict[str, dict[int, str]] = {"input_ids": {1: "sequence_length"}, "attention_mask": {1: "total_sequence_length"},
-                                       "logits": {1: "sequence_length"}}
-    axes.update({n: {2: "past_sequence_length"} for n in past})
-    axes.update({n: {2: "total_sequence_length"} for n in present})
+    axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch_size", 1: "sequence_length"},
+                                       "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+                                       "logits": {0: "batch_size", 1: "sequence_length"}}
+    axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past})
+    axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present})
     return GraphSpec("text-generation", ("input_ids", "attention_mask", *past), ("logits", *present), axes, layout.kv)
 
 

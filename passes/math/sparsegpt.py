@@ -78,37 +78,29 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return SparseGPTResult(W.to(weight.dtype), float(losses.sum()), damp, retries, int(dead.sum()))
 
 
-ROW_CHUNK = 256  # rows solved at once: (rows, block, block) matrices, 16 MB at blocksize 128
-
-
 def _block_unstructured(W1: torch.Tensor, Hinv1: torch.Tensor, sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One column block, unstructured: (kept weights Q1, scaled errors Err1), by triangular solves.
-
-    The mask is fixed at the block's start (w² / [H⁻¹]_jj², the reference's adaptive selection), so the
-    reference's column loop — err_i = m_i·w_i/U_ii, then w_j −= err_i·U_ij for j > i, with U the upper
-    factor — is, per row, the triangular system E·A = m ⊙ W1 where A's column i is U's column i for a
-    pruned weight and the unit vector e_i for a kept one (E_i = 0 there). One batched solve per chunk of
-    rows instead of `blocksize` Python iterations of small ops (the loop was 41 % of SparseGPT's time on
-    SmolLM2); same arithmetic, float rounding aside (tests/test_pruning.py compares the two)."""
-    rows, count = W1.shape
+    """One column block, unstructured: (kept weights Q1, scaled errors Err1) — the reference's column loop,
+    lean: the mask is fixed at the block's start (w² / [H⁻¹]_jj², the reference's adaptive selection),
+    so each column costs one masked scale and one rank-1 update (`addr_`), and the updated block itself
+    ends as Q1 (column i's own update turns w_i into q_i; pruned entries are then set to exact zeros). The pruned set is the k smallest scores,
+    found by `kthvalue` (ties at the threshold broken by position), not a top-k sort of half the block."""
+    W1 = W1.clone()
     d1 = torch.diag(Hinv1)
-    score = W1.square() / d1.unsqueeze(0).square()
-    mask1 = torch.zeros(W1.numel(), dtype=torch.bool)
-    k = prune_count(W1.numel(), sparsity)
+    score = (W1.square() / d1.unsqueeze(0).square()).flatten()
+    k = prune_count(score.numel(), sparsity)
+    mask1 = torch.zeros(score.numel(), dtype=torch.bool)
     if k:
-        mask1[torch.topk(score.flatten(), k, largest=False).indices] = True
-    mask1 = mask1.view_as(W1)
+        threshold = torch.kthvalue(score, k).values
+        mask1 = score < threshold
+        ties = torch.nonzero(score == threshold).flatten()[: k - int(mask1.sum())]
+        mask1[ties] = True
+    scale = mask1.view_as(W1).to(W1.dtype) / d1.unsqueeze(0)  # err_i = w_i · m_i / U_ii
     Err1 = torch.zeros_like(W1)
-    eye = torch.eye(count, dtype=W1.dtype)
-    for r1 in range(0, rows, ROW_CHUNK):
-        m = mask1[r1:r1 + ROW_CHUNK]
-        if not m.any():
-            continue
-        A = torch.where(m.unsqueeze(1), Hinv1.unsqueeze(0), eye.unsqueeze(0))  # (r, count, count), upper
-        rhs = (W1[r1:r1 + ROW_CHUNK] * m).unsqueeze(1)  # (r, 1, count): E A = rhs
-        Err1[r1:r1 + ROW_CHUNK] = torch.linalg.solve_triangular(A, rhs, upper=True, left=False).squeeze(1)
-    Q1 = (W1 - Err1 @ Hinv1).masked_fill(mask1, 0.0)
-    return Q1, Err1
+    for i in range(W1.shape[1]):
+        err = W1[:, i] * scale[:, i]
+        Err1[:, i] = err
+        W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+    return W1.masked_fill_(mask1.view_as(W1), 0.0), Err1  # w − (w/d)·d is 0 only up to rounding
 
 
 def _columns_nm(W1: torch.Tensor, Hinv1: torch.Tensor, keep_n: int, group_m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,10 @@ The graph's `past_key_values.{i}.*` input and its `present.{i}.*` output are bou
 and copies nothing; the positions come from the attention mask inside the graph. What crosses the
 Python boundary per step is the new token, a mask of ones and the logits.
 
-Batch 1 by construction (GroupQueryAttention computes rotary positions from the valid length, so a
-padded prompt would be rotated wrongly): `run` strips a left-padded prompt to its tokens, the server's
-`complete` sends one request per call (`batched = False`), `prefill_logits` runs row by row and leaves
-zeros at padded positions.
+Batches (the server's concurrent completions): GroupQueryAttention rotates a prompt by positions counted
+from its first token, so each prompt is prefilled alone, stripped of its padding, straight into its row of
+the batch cache; the decode steps then run every row at once, each with its own valid length
+(`InPlaceCache`). `prefill_logits` runs row by row and leaves zeros at padded positions.
 """
 
 from __future__ import annotations
@@ -27,45 +27,61 @@ from runtimes.decode.loop import DecodeTrace, GenRequest, GenResult, generate, r
 
 
 class InPlaceCache:
-    """`loop.Cache` on the fused graph: one request, a preallocated cache that the graph updates in place."""
+    """`loop.Cache` on the fused graph: a batch of requests on one preallocated cache per KV tensor,
+    (rows, kv_heads, capacity, head_dim), that GroupQueryAttention appends to in place.
 
-    def __init__(self, session: Any, past: tuple[str, ...], kv_shape: tuple[int, int], ids: np.ndarray,
+    The cache arrays are numpy memory wrapped as OrtValues (no copy), so each prompt is prefilled alone
+    (GroupQueryAttention rotates a prompt by positions counted from 0, so prompts of different lengths
+    cannot share a call) straight into its row — a contiguous view of the batch arrays — and the decode
+    steps then run all rows at once, each row's valid length given by its attention mask (ones up to its
+    own length: `seqlens_k` per row in the graph). A finished row is dropped by compacting the arrays."""
+
+    def __init__(self, session: Any, past: tuple[str, ...], kv_shape: tuple[int, int], prompts: list[np.ndarray],
                  capacity: int):
+        self.session = session
+        self.past = past
+        self.prompts = [np.asarray(p, dtype=np.int64) for p in prompts]
+        self.lengths = [len(p) for p in self.prompts]
+        heads, head_dim = kv_shape
+        self.arrays = [np.zeros((len(prompts), heads, capacity, head_dim), dtype=np.float32) for _ in past]
+        self.binding = self._bind(self.arrays)
+
+    def _bind(self, arrays: list[np.ndarray]) -> Any:
         import onnxruntime as ort
 
-        self.session = session
-        self.tokens = int(ids.shape[1])
-        self.ids = ids.astype(np.int64)
-        self.binding = session.io_binding()
-        self.binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
-        self.buffers = []
-        heads, head_dim = kv_shape
-        for name in past:
-            buf = ort.OrtValue.ortvalue_from_shape_and_type((1, heads, capacity, head_dim), np.float32, "cpu", 0)
-            self.buffers.append(buf)
-            self.binding.bind_ortvalue_input(name, buf)
-            self.binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), buf)
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first: get_outputs() follows the binding order
+        for name, array in zip(self.past, arrays):
+            value = ort.OrtValue.ortvalue_from_numpy(array)  # wraps the array's memory: it must stay alive
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        return binding
 
     def prefill(self) -> np.ndarray:
-        return self._call(self.ids)
+        return np.stack([self.row_logits(r)[-1] for r in range(len(self.prompts))])
+
+    def row_logits(self, row: int) -> np.ndarray:
+        """Prefill one prompt into its row of the cache; all its positions' logits (tokens, vocab)."""
+        binding = self._bind([a[row:row + 1] for a in self.arrays])
+        return self._run(binding, self.prompts[row][None, :], np.ones((1, self.lengths[row]), dtype=np.int64))[0]
 
     def step(self, keep_rows: list[int], tokens: list[int]) -> np.ndarray:
-        self.tokens += 1
-        return self._call(np.asarray([tokens[:1]], dtype=np.int64))
+        if len(keep_rows) != len(self.lengths):  # finished requests leave the batch: compact the cache
+            self.arrays = [np.ascontiguousarray(a[keep_rows]) for a in self.arrays]
+            self.lengths = [self.lengths[r] for r in keep_rows]
+            self.binding = self._bind(self.arrays)
+        self.lengths = [n + 1 for n in self.lengths]
+        mask = (np.arange(max(self.lengths))[None, :] < np.asarray(self.lengths)[:, None]).astype(np.int64)
+        return self._run(self.binding, np.asarray(tokens, dtype=np.int64)[:, None], mask)[:, -1, :]
 
-    def _call(self, ids: np.ndarray) -> np.ndarray:
-        # bind_cpu_input binds the array's memory without a copy: keep both arrays alive through the run
-        self.feeds = (np.ascontiguousarray(ids, dtype=np.int64), np.ones((1, self.tokens), dtype=np.int64))
-        self.binding.bind_cpu_input("input_ids", self.feeds[0])
-        self.binding.bind_cpu_input("attention_mask", self.feeds[1])
-        self.binding.bind_output("logits", "cpu")  # a fresh buffer: its shape changes after the prompt
-        self.session.run_with_iobinding(self.binding)
-        return self.binding.get_outputs()[0].numpy()[:, -1, :]
-
-    def logits(self) -> np.ndarray:
-        """All positions' logits of the prompt (one call, for accuracy checks)."""
-        self._call(self.ids)
-        return self.binding.get_outputs()[0].numpy()[0]
+    def _run(self, binding: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        # bind_cpu_input binds the arrays' memory without a copy: keep them alive through the run
+        self.feeds = (np.ascontiguousarray(ids), np.ascontiguousarray(mask))
+        binding.bind_cpu_input("input_ids", self.feeds[0])
+        binding.bind_cpu_input("attention_mask", self.feeds[1])
+        binding.bind_output("logits", "cpu")  # a fresh buffer: its shape changes after the prompt
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
 
 class GQADecoder(Decoder):
@@ -73,7 +89,7 @@ class GQADecoder(Decoder):
 
     backend = "onnxruntime"
     cache = "in-place (GroupQueryAttention)"
-    batched = False
+    batched = True
 
     def __init__(self, backend: Any, graph: Path, lowering: dict[str, Any], opts: DecodeOptions):
         import time
@@ -94,13 +110,11 @@ class GQADecoder(Decoder):
 
     def run(self, ids: np.ndarray, mask: np.ndarray, requests: list[GenRequest], eos_ids: tuple[int, ...],
             pad_id: int = 0) -> tuple[list[GenResult], DecodeTrace]:
-        if ids.shape[0] != 1 or len(requests) != 1:
-            raise SparsecError(f"the fused onnxruntime decoder runs one request at a time, got {ids.shape[0]}")
-        prompt = ids[:, mask[0].astype(bool)]
-        capacity = prompt.shape[1] + max(r.params.max_tokens for r in requests)
+        prompts = [row[m.astype(bool)] for row, m in zip(ids, mask)]  # left padding stripped per row
+        capacity = max(len(p) for p in prompts) + max(r.params.max_tokens for r in requests)
         if self.positions and capacity > self.positions:
             raise SparsecError(f"{capacity} tokens exceed the model's {self.positions} positions")
-        return generate(InPlaceCache(self.session, self.past, self.kv_shape, prompt, capacity), requests, eos_ids)
+        return generate(InPlaceCache(self.session, self.past, self.kv_shape, prompts, capacity), requests, eos_ids)
 
     def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
         if self.positions and prompt_len + max_tokens > self.positions:
@@ -108,14 +122,15 @@ class GQADecoder(Decoder):
         return None
 
     def prefill_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        rows = []
-        for row_ids, row_mask in zip(ids, mask):
-            valid = row_mask.astype(bool)
-            logits = InPlaceCache(self.session, self.past, self.kv_shape, row_ids[valid][None, :], int(valid.sum())).logits()
-            full = np.zeros((len(row_mask), logits.shape[-1]), dtype=logits.dtype)
-            full[valid] = logits
-            rows.append(full)
-        return np.stack(rows)
+        """(rows, width, vocab): each row's prompt run alone, its logits at its valid positions, zeros elsewhere."""
+        valid = mask.astype(bool)
+        cache = InPlaceCache(self.session, self.past, self.kv_shape, [row[m] for row, m in zip(ids, valid)],
+                             max(1, int(valid.sum(1).max())))
+        rows = [cache.row_logits(r) for r in range(len(ids))]
+        out = np.zeros((*ids.shape, rows[0].shape[-1]), dtype=rows[0].dtype)
+        for r, logits in enumerate(rows):
+            out[r, valid[r]] = logits
+        return out
 
     def close(self) -> None:
         self.runner.close()
