@@ -81,10 +81,10 @@ class OnnxRuntimeBackend(Backend):
 
     def decoder(self, model_path: Path, lowering: dict[str, Any], options: Any, workdir: Path) -> Any:
         """`cache="auto"` on a graph with the fused decode graph beside it (`decode_gqa.onnx`, Llama-family
-        LMs): that graph, its KV cache updated in place (runtimes/decode/onnxruntime_gqa.py; 1.7x the
-        tokens/s of the portable graph on SmolLM2 fp32). Otherwise the growing-cache decoder with the KV
-        cache bound between steps (IO binding); the generic decoders for fixed-shape graphs or
-        `io_binding=False`."""
+        LMs): that graph, its KV cache updated in place (runtimes/decode/onnxruntime_gqa.py; SmolLM2 8-bit
+        weights, paired: 1.40x [1.31, 1.48] the tokens/s of the portable graph, docs/measurement.md).
+        Otherwise the growing-cache decoder with the KV cache bound between steps (IO binding); the
+        generic decoders for fixed-shape graphs or `io_binding=False`."""
         fused = Path(model_path).parent / GQA_FILE
         if options.cache == "auto" and options.io_binding and fused.is_file():
             from runtimes.decode.onnxruntime_gqa import GQADecoder
