@@ -154,6 +154,15 @@ def test_openvino_runs_its_int8_variant(tiny_model_dir, tmp_path):
     assert compare_outputs("feature-extraction", ref, got, valid)["cosine"] > 0.98
 
 
+def _int4_with_scaled_head(tiny_model_dir, scale: float):
+    """The int4 quantize pass's result on the tiny Llama whose LM head is multiplied by `scale`."""
+    ir = load_and_trace(str(tiny_model_dir("llama")))
+    with torch.no_grad():
+        ir.get_module("lm_head").weight.mul_(scale)
+    ctx, _ = _ctx(ir)
+    return Quantize(scheme="int4")(ir, ctx)
+
+
 def test_auto_quantizes_a_causal_lm_head_only_when_it_costs_under_1pct_perplexity(tiny_model_dir):
     """`include_outside_blocks=auto` (the default): the head check runs on the calibration text; an int8
     head passes, an int4 head with confident logits (a 30x scaled head) moves the distribution too much
@@ -167,27 +176,19 @@ def test_auto_quantizes_a_causal_lm_head_only_when_it_costs_under_1pct_perplexit
     assert any(d.startswith("lm_head quantized (int8-dynamic): perplexity") for d in result.diagnostics)
 
     # int4: a head with confident logits (30x scaled) fails at 4 bits, passes at 8 (HEAD_FALLBACK); 300x fails both
-    ir = load_and_trace(str(tiny_model_dir("llama")))
-    with torch.no_grad():
-        ir.get_module("lm_head").weight.mul_(30.0)
-    ctx, _ = _ctx(ir)
-    result = Quantize(scheme="int4")(ir, ctx)
-    check = result.metrics["head_check"]["lm_head"]
+    int4_30 = _int4_with_scaled_head(tiny_model_dir, 30.0)
+    check = int4_30.metrics["head_check"]["lm_head"]
     assert not check["passed"] and check["mean_kl"] > 0.01
-    assert result.metrics["head_check_fallback"]["lm_head"]["passed"]
-    assert ir.plan["lm_head"].quant == "int8-weight"
-    assert all(ir.plan[n].quant == "int4" for n in ir.layers if n != "lm_head")
-    assert any(d.startswith("lm_head fails at this scheme, checked at 8 bits next (int4)") for d in result.diagnostics)
-    assert any(d.startswith("lm_head quantized (int8-weight)") for d in result.diagnostics)
-    ir = load_and_trace(str(tiny_model_dir("llama")))
-    with torch.no_grad():
-        ir.get_module("lm_head").weight.mul_(300.0)
-    ctx, _ = _ctx(ir)
-    result = Quantize(scheme="int4")(ir, ctx)
-    assert ir.plan["lm_head"].quant is None
-    assert not result.metrics["head_check_fallback"]["lm_head"]["passed"]
-    assert any(d.startswith("lm_head stays fp32 (int4)") for d in result.diagnostics)
-    assert any(d.startswith("lm_head stays fp32 (int8-weight)") for d in result.diagnostics)
+    assert int4_30.metrics["head_check_fallback"]["lm_head"]["passed"]
+    assert int4_30.ir.plan["lm_head"].quant == "int8-weight"
+    assert all(int4_30.ir.plan[n].quant == "int4" for n in int4_30.ir.layers if n != "lm_head")
+    assert any(d.startswith("lm_head fails at this scheme, checked at 8 bits next (int4)") for d in int4_30.diagnostics)
+    assert any(d.startswith("lm_head quantized (int8-weight)") for d in int4_30.diagnostics)
+    int4_300 = _int4_with_scaled_head(tiny_model_dir, 300.0)
+    assert int4_300.ir.plan["lm_head"].quant is None
+    assert not int4_300.metrics["head_check_fallback"]["lm_head"]["passed"]
+    assert any(d.startswith("lm_head stays fp32 (int4)") for d in int4_300.diagnostics)
+    assert any(d.startswith("lm_head stays fp32 (int8-weight)") for d in int4_300.diagnostics)
     # forced: true quantizes it without a check, false never
     ir2 = load_and_trace(str(tiny_model_dir("llama")))
     Quantize(scheme="int8-dynamic", include_outside_blocks=True)(ir2, PassContext())
