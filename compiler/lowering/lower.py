@@ -51,7 +51,7 @@ from compiler.lowering.hf_files import copy_hf_files, write_hf_files
 from compiler.lowering.quant import planned_scheme, variants_for_scheme, write_variants
 from compiler.lowering.rules import graph_rules, zeros_report
 
-LOWERING_FORMAT = 3  # bump when the exported graph changes, invalidates the dense cache
+LOWERING_FORMAT = 4  # bump when the exported graph changes, invalidates the dense cache
 NUMERICS_TEXTS = ("sparsec lowers this model to ONNX and checks the numbers.",
                   "Short text.", "A third, somewhat longer sentence that makes the padding visible in the batch.")
 

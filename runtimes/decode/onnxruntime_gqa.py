@@ -104,6 +104,9 @@ class GQADecoder(Decoder):
         ropts = RunnerOptions(threads=opts.threads, batch_size=1, seqlen=opts.prompt_len)
         self.runner = backend.runner(graph, ropts)
         self.session = self.runner.session
+        # a graph exported with a fixed batch of 1 (before the batch axis was dynamic) serves one request per call
+        batch = self.session.get_inputs()[0].shape[0]
+        self.batched = not isinstance(batch, int) or batch != 1
         self.details = {"cache": self.cache, "graph": graph.name, "io_binding": True,
                         "load_seconds": time.perf_counter() - start, "rss_load_delta_bytes": rss_bytes() - before,
                         "rss_process": "this process", **getattr(self.runner, "details", {})}
