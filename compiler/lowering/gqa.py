@@ -4,7 +4,8 @@ onnxruntime backend runs, as `decode_gqa.onnx` — the graph form onnxruntime-ge
 
 Why (issue 13): the portable graph (`model.onnx`, compiler/lowering/export.py) spells attention, rotary
 embeddings, masks and RMSNorm out of plain ONNX ops so that every runtime (DeepSparse, OpenVINO,
-TensorRT) loads it. After onnxruntime's own fusions SmolLM2-135M still holds 2,934 nodes per call
+TensorRT) loads it. After onnxruntime's own fusions (its `optimized_model_filepath` at ENABLE_EXTENDED)
+SmolLM2-135M still holds 2,934 nodes per call
 (Unsqueeze/Gather/Concat/Reshape/Slice shape arithmetic, rotary, mask building); onnxruntime-genai's graph
 of the same model holds 343 (30 × {GroupQueryAttention, 5 MatMuls, 2 SkipSimplifiedLayerNormalization,
 SiLU}). At batch 1 a decode step is a few hundred microseconds of real work per layer, so the
@@ -50,7 +51,7 @@ import torch
 from torch import nn
 
 from compiler.ir import ModelIR
-from compiler.lowering.export import EXPORT_OPSET, GraphSpec, KVSpec, declare_opset, param_bytes, save_onnx
+from compiler.lowering.export import EXPORT_OPSET, EXTERNAL_DATA_BYTES, GraphSpec, KVSpec, declare_opset, param_bytes, save_onnx
 from compiler.lowering.files import GQA_FILE, path_rel
 from compiler.lowering.format import OPSET, LoweringError, load_onnx
 
@@ -276,7 +277,7 @@ def export_gqa(ir: ModelIR, path: Path, layout: GQALayout) -> GraphSpec:
         model = load_onnx(tmp / path.name)
         declare_opset(model, OPSET)
         name_by_module(model, ir.module)
-        save_onnx(model, path, external=param_bytes(ir.module) > 1.5 * 2**30, data_file=path.name + ".data")
+        save_onnx(model, path, external=param_bytes(ir.module) > EXTERNAL_DATA_BYTES, data_file=path.name + ".data")
     except Exception as exc:  # noqa: BLE001 - the exporter raises anything; keep the message
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise LoweringError(f"fused (GroupQueryAttention) export failed for {type(ir.module).__name__}: "
@@ -329,8 +330,10 @@ def write_fused_graph(ir: ModelIR, portable: GraphSpec, portable_path: Path, ids
     path = portable_path.parent / GQA_FILE
     export_gqa(ir, path, layout)
     numerics = gqa_numerics(ir, portable, path, ids)
-    model = load_onnx(path)
-    entry = {"file": path_rel(path), "op": "GroupQueryAttention", "nodes": len(model.graph.node),
+    import onnx
+
+    nodes = len(onnx.load(str(path), load_external_data=False).graph.node)  # the graph only, not the weights again
+    entry = {"file": path_rel(path), "op": "GroupQueryAttention", "nodes": nodes,
              "positions": layout.positions, "numerics": numerics}
     if not numerics["logits"] <= MAX_LOGITS_DIFF:
         for f in (path, path.with_name(path.name + ".data")):
