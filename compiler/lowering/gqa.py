@@ -79,15 +79,16 @@ class GQALayout:
         return KVSpec(self.layers, self.kv_heads, self.head_dim)
 
 
-def gqa_layout(module: nn.Module) -> GQALayout | str:
-    """The model's fused-graph layout, or why it has none (one line)."""
+def gqa_layout(module: nn.Module, linears: tuple[type, ...] = (nn.Linear,)) -> GQALayout | str:
+    """The model's fused-graph layout, or why it has none (one line). `linears`: the module types that count
+    as a projection (the lean decoder host, runtimes/kernels/lean_decoder.py, also accepts packed layers)."""
     config: Any = getattr(module, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in MODEL_TYPES:
         return f"model type '{model_type}' is not one of {', '.join(MODEL_TYPES)}"
     inner = getattr(module, "model", None)
     parts = ("layers", "embed_tokens", "norm", "rotary_emb")
-    if inner is None or not all(hasattr(inner, p) for p in parts) or not isinstance(getattr(module, "lm_head", None), nn.Linear):
+    if inner is None or not all(hasattr(inner, p) for p in parts) or not isinstance(getattr(module, "lm_head", None), linears):
         return "the model does not have the model.{layers, embed_tokens, norm, rotary_emb} + lm_head structure"
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) and window < config.max_position_embeddings:
@@ -98,9 +99,9 @@ def gqa_layout(module: nn.Module) -> GQALayout | str:
         return f"rotary embedding type '{rope_type}' changes with the sequence length"
     for i, layer in enumerate(inner.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        projections = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
                   [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-        if not all(isinstance(m, nn.Linear) for m in linears):
+        if not all(isinstance(m, linears) for m in projections):
             return f"layer {i} lacks the q/k/v/o and gate/up/down projections"
         if hasattr(attn, "q_norm") or getattr(config, "hidden_act", None) not in ("silu", "swish"):
             return f"layer {i}: per-head q/k norms or a non-SiLU MLP"

@@ -10,7 +10,9 @@ the fastest dense fp32 path in this process) or with the same layers on our dens
 The runner answers the lowered graph's contract (input names, `last_hidden_state` / `logits`), so
 verification compares it with every other backend unchanged. The decoder implements the generation
 loop's cache protocol (`runtimes.decode.loop.Cache`) on transformers' DynamicCache: prefill, then one
-token per step, rows dropped as requests finish (`batch_select_indices`).
+token per step, rows dropped as requests finish (`batch_select_indices`) — or, for Llama-family models, on the lean decoder host
+(runtimes/kernels/lean_decoder.py: ~8 op calls per block, an in-place cache), the default where the model
+allows it (`details["host"]` says which ran and why).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from compiler.cache_api import cache_kwargs
+from compiler.errors import SparsecError
 from runtimes.base import Runner, RunnerOptions
 from runtimes.decode.decoders import Decoder
 from runtimes.decode.loop import generate, positions_from_mask, rss_bytes
@@ -108,9 +111,13 @@ class HostRunner(Runner):
         from runtimes.kernels.ops import isa
 
         start = time.perf_counter()
+        from runtimes.kernels.lean_decoder import lean_host
+
         self.host = load_host(Path(path), options.threads)
+        self.lean, why = lean_host(self.host)
         self.input_names = input_names
         self.details = {"engine": "torch + sparsec kernels", "kernel_isa": isa(), "threads": options.threads,
+                        "host": host_label(why),
                         "packed_layers": {n: m.kind for n, m in self.host.packed.items()},
                         "packed_bytes": self.host.packed_bytes(), "load_seconds": time.perf_counter() - start,
                         "sparse_kernels": kernel_counts(self.host)}
@@ -118,6 +125,13 @@ class HostRunner(Runner):
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        mask = feeds.get("attention_mask")
+        if self.lean is not None and "input_ids" in feeds and (mask is None or bool(mask.all())):
+            # unpadded rows: the lean forward (padded positions keep Hugging Face's semantics below)
+            from runtimes.kernels.lean_decoder import lean_logits
+
+            ids = feeds["input_ids"]
+            return {"logits": lean_logits(self.lean, ids, np.ones_like(ids))}
         accepted = self._accepted()
         with torch.inference_mode():
             out = self.host.model(**{k: v for k, v in _torch_feeds(feeds).items() if k in accepted}, use_cache=False)
@@ -171,13 +185,20 @@ class HostCache:
         return out.logits[:, -1, :].float().numpy()
 
 
+def host_label(why: str) -> str:
+    """What runs the model: the lean decoder host, or Hugging Face's modules and why."""
+    return "lean decoder (runtimes/kernels/lean_decoder.py)" if not why else f"hugging face modules ({why})"
+
+
 class HostDecoder(Decoder):
-    """Greedy/sampled decoding through the one generation loop, on the host model with its KV cache."""
+    """Greedy/sampled decoding through the one generation loop, on the host model with its KV cache: the lean
+    decoder host's in-place cache where the model allows it, else transformers' DynamicCache."""
 
     cache = "dynamic (transformers DynamicCache)"
     batched = True
 
     def __init__(self, path: Path, threads: int, backend: str = "sparsec"):
+        from runtimes.kernels.lean_decoder import lean_host
         from runtimes.kernels.ops import isa
 
         self.backend = backend
@@ -185,14 +206,30 @@ class HostDecoder(Decoder):
         self.host = load_host(Path(path), threads)
         if not self.host.causal:
             raise ValueError("error: decoding needs a causal LM; this host model is an encoder")
-        self.details = {"cache": self.cache, "engine": "torch + sparsec kernels", "kernel_isa": isa(),
+        self.lean, why = lean_host(self.host)
+        if self.lean is not None:
+            self.cache = "in-place (lean decoder host)"
+            self.positions = int(self.lean.layout.positions)
+        self.details = {"cache": self.cache, "host": host_label(why), "engine": "torch + sparsec kernels",
+                        "kernel_isa": isa(),
                         "threads": threads, "load_seconds": time.perf_counter() - start,
                         "rss_load_delta_bytes": rss_bytes() - before, "rss_process": "this process",
                         "packed_layers": {n: m.kind for n, m in self.host.packed.items()},
                         "packed_bytes": self.host.packed_bytes(), "sparse_kernels": kernel_counts(self.host)}
 
     def run(self, ids, mask, requests, eos_ids, pad_id=0):
-        results = generate(HostCache(self.host.model, ids, mask), requests, eos_ids)
+        if self.lean is not None:
+            from runtimes.kernels.lean_decoder import LeanCache
+
+            prompts = [row[m.astype(bool)] for row, m in zip(ids, mask)]  # left padding stripped per row
+            capacity = max(len(p) for p in prompts) + max(r.params.max_tokens for r in requests)
+            problem = self.check_request(max(len(p) for p in prompts), max(r.params.max_tokens for r in requests))
+            if problem:
+                raise SparsecError(problem)
+            cache: Any = LeanCache(self.lean, prompts, capacity)
+        else:
+            cache = HostCache(self.host.model, ids, mask)
+        results = generate(cache, requests, eos_ids)
         self.details["layers_run"] = len(self.host.layers_run())
         return results
 
@@ -226,9 +263,18 @@ class HostDecoder(Decoder):
         return WeightTraffic(c["read"], 0, c["read"], 0, c["elements"], c["nonzeros"], c["row"], c["emb"], c["other"],
                              c["matrices"])
 
+    def check_request(self, prompt_len: int, max_tokens: int) -> str | None:
+        if self.lean is not None and prompt_len + max_tokens > self.positions:
+            return f"{prompt_len} + {max_tokens} tokens exceed the model's {self.positions} positions"
+        return None
+
     def prefill_logits(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 
+        if self.lean is not None:
+            from runtimes.kernels.lean_decoder import lean_logits
+
+            return lean_logits(self.lean, ids, mask)
         positions = positions_from_mask(mask.astype(np.int64), ids.shape[1])
         with torch.inference_mode():
             out = self.host.model(input_ids=torch.from_numpy(ids.astype(np.int64)),

@@ -55,6 +55,11 @@ def _register_fakes() -> None:
     torch.library.register_fake("sparsec::sparse_linear_i4")(
         lambda x, masks, tile_ptr, values, scales, zeros, comp, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::dense_linear_i4")(lambda x, q, scales, zeros, comp, bias, n: out_like(x, n))
+    # the lean decoder host's ops (csrc/decoder_ops.cpp)
+    torch.library.register_fake("sparsec::add_rms_norm")(lambda x, delta, w, eps: torch.empty_like(x))
+    torch.library.register_fake("sparsec::silu_mul")(lambda gu: out_like(gu, gu.shape[-1] // 2))
+    torch.library.register_fake("sparsec::rope_attention")(
+        lambda qkv, ck, cv, starts, cos, sin, heads, kv_heads, scale: out_like(qkv, heads * ck.shape[-1]))
 
 
 def ops():

@@ -36,10 +36,14 @@ class HostModel:
     def reset_counters(self) -> None:
         for m in self.packed.values():
             m.calls = 0
+        for k in self.kernels():
+            k.calls = 0
 
     def layers_run(self) -> dict[str, str]:
-        """name -> kind of every packed layer that ran since the last reset (the sparse-kernel proof)."""
-        return {n: m.kind for n, m in self.packed.items() if m.calls > 0}
+        """name -> kind of every packed layer that ran since the last reset (the sparse-kernel proof). A fused
+        member counts when the fused op ran: the lean decoder host calls the fused kernel, not its members."""
+        return {n: m.kind for n, m in self.packed.items()
+                if m.calls > 0 or (hasattr(m, "kernel") and m.kernel().calls > 0)}
 
     def kernels(self) -> list[PackedLinearModule]:
         """The packed ops the model runs, each once (a fused op serves several layers)."""

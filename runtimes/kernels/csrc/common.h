@@ -110,6 +110,12 @@ typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, 
 // (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
 typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
 
+// The decoder step's non-matrix work (decoder_math.h, one copy per ISA file; used by decoder_ops.cpp).
+typedef void (*RmsNormFn)(const float* x, const float* w, int64_t n, float eps, float* out);
+typedef void (*SiluMulFn)(const float* gu, int64_t n, float* out);
+typedef void (*AttendFn)(const float* q, const float* k, const float* v, int64_t n_keys, int64_t d, int64_t stride,
+                         float scale, float* scores, float* out);
+
 struct KernelTable {
   const char* name;
   SparseI8Fn sparse_i8;
@@ -118,7 +124,13 @@ struct KernelTable {
   DensifyF32Fn densify_f32;
   SparseI4Fn sparse_i4;
   DenseI4Fn dense_i4;
+  RmsNormFn rms_norm;
+  SiluMulFn silu_mul;
+  AttendFn attend;
 };
+
+// The table the ops run (SPARSEC_KERNEL_ISA or the best this CPU supports; set_isa changes it).
+const KernelTable& active_kernels();
 
 KernelTable portable_kernels();
 KernelTable avx2_kernels();

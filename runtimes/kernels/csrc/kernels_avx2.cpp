@@ -4,6 +4,8 @@
 // control (int8) or a vpermps index + keep mask (fp32) built once in init_tables(). int8 products use
 // sign-extended int16 activations and vpmaddwd (exact; the u8 x s8 vpmaddubsw would saturate).
 // Everything here has internal linkage (see common.h for why).
+#include <cstring>
+
 #include "common.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -320,6 +322,8 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
   }
 }
 
+#include "decoder_math.h"  // rms_norm, silu_mul, attend for this ISA (internal linkage)
+
 }  // namespace
 }  // namespace sparsec
 
@@ -327,7 +331,8 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 
 namespace sparsec {
 KernelTable avx2_kernels() {
-  return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, sparse_i4_avx2, dense_i4_avx2};
+  return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, sparse_i4_avx2, dense_i4_avx2,
+                     dm_rms_norm, dm_silu_mul, dm_attend};
 }
 }  // namespace sparsec
 

@@ -5,6 +5,8 @@
 // popcount to advance the row's pointer. Several rows share each activation load (R rows per pass)
 // and several tokens share each expanded chunk (T tokens, the small-M GEMM), so the expansion is paid
 // once per chunk per T tokens. Everything here has internal linkage (see common.h for why).
+#include <cstring>
+
 #include "common.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -300,6 +302,8 @@ void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) 
   }
 }
 
+#include "decoder_math.h"  // rms_norm, silu_mul, attend for this ISA (internal linkage)
+
 }  // namespace
 }  // namespace sparsec
 
@@ -309,7 +313,8 @@ namespace sparsec {
 // Compiled for the baseline ISA: callable (and called) on every CPU; only the kernels need AVX-512.
 KernelTable avx512_kernels() {
   return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512,
-                     sparse_i4_avx512, dense_i4_avx512};
+                     sparse_i4_avx512, dense_i4_avx512,
+                     dm_rms_norm, dm_silu_mul, dm_attend};
 }
 }  // namespace sparsec
 

@@ -1,6 +1,8 @@
 // Portable C++ kernels: the reference path every CPU runs (and CI forces with SPARSEC_KERNEL_ISA=portable).
 // They walk the set bits of each 64-bit mask; results are exact int32 (int8) or fp32 sums in
 // column order, against which the vector paths are tested.
+#include <cstring>
+
 #include "common.h"
 
 namespace sparsec {
@@ -179,11 +181,14 @@ void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf
   }
 }
 
+#include "decoder_math.h"  // rms_norm, silu_mul, attend for this ISA (internal linkage)
+
 }  // namespace
 
 KernelTable portable_kernels() {
   return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable,
-                     sparse_i4_portable, dense_i4_portable};
+                     sparse_i4_portable, dense_i4_portable,
+                     dm_rms_norm, dm_silu_mul, dm_attend};
 }
 
 }  // namespace sparsec

@@ -513,6 +513,9 @@ at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const
 at::Tensor noop(const at::Tensor& x) { return x; }
 
 }  // namespace
+
+const KernelTable& active_kernels() { return kernels(); }
+
 }  // namespace sparsec
 
 TORCH_LIBRARY(sparsec, m) {
