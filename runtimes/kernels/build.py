@@ -21,7 +21,10 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # -fopenmp: at::parallel_for is a header template whose OpenMP backend is a `#pragma omp parallel`
 # compiled into THIS library; without the flag it silently runs on one thread. libgomp.so.1 resolves to
 # the copy torch already loaded (torch/lib/libgomp.so.1), so there is one thread pool in the process.
-CFLAGS = ("-O3", "-std=c++17", "-fno-semantic-interposition", "-fopenmp")
+# -fno-trapping-math: no code here enables floating-point traps; without it GCC will not turn the float
+# selects of csrc/row_math.h (its exp, the activation quantization's clamps) into vector blends, and the SiLU / softmax loops stay scalar
+# (9 µs instead of ~1 µs for a 1536-wide SiLU). Results are unchanged (IEEE arithmetic is the same).
+CFLAGS = ("-O3", "-std=c++17", "-fno-semantic-interposition", "-fopenmp", "-fno-trapping-math")
 LDFLAGS = ("-fopenmp",)
 
 

@@ -110,7 +110,9 @@ typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, 
 // (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
 typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
 
-// The decoder step's non-matrix work (decoder_math.h, one copy per ISA file; used by decoder_ops.cpp).
+// Row-wise vector math (row_math.h, one copy per ISA file): activation quantization (ops.cpp) and the
+// decoder step's non-matrix work (decoder_ops.cpp).
+typedef float (*QuantizeRowFn)(const float* x, int64_t k, uint8_t* xu, int16_t* xs);
 typedef void (*RmsNormFn)(const float* x, const float* w, int64_t n, float eps, float* out);
 typedef void (*SiluMulFn)(const float* gu, int64_t n, float* out);
 typedef void (*AttendFn)(const float* q, const float* k, const float* v, int64_t n_keys, int64_t d, int64_t stride,
@@ -124,6 +126,7 @@ struct KernelTable {
   DensifyF32Fn densify_f32;
   SparseI4Fn sparse_i4;
   DenseI4Fn dense_i4;
+  QuantizeRowFn quantize_row;
   RmsNormFn rms_norm;
   SiluMulFn silu_mul;
   AttendFn attend;

@@ -322,7 +322,7 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
   }
 }
 
-#include "decoder_math.h"  // rms_norm, silu_mul, attend for this ISA (internal linkage)
+#include "row_math.h"  // quantize_row, rms_norm, silu_mul, attend for this ISA (internal linkage)
 
 }  // namespace
 }  // namespace sparsec
@@ -332,7 +332,7 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 namespace sparsec {
 KernelTable avx2_kernels() {
   return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, sparse_i4_avx2, dense_i4_avx2,
-                     dm_rms_norm, dm_silu_mul, dm_attend};
+                     rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
 }
 }  // namespace sparsec
 

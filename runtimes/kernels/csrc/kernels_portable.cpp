@@ -181,14 +181,14 @@ void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf
   }
 }
 
-#include "decoder_math.h"  // rms_norm, silu_mul, attend for this ISA (internal linkage)
+#include "row_math.h"  // quantize_row, rms_norm, silu_mul, attend for this ISA (internal linkage)
 
 }  // namespace
 
 KernelTable portable_kernels() {
   return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable,
                      sparse_i4_portable, dense_i4_portable,
-                     dm_rms_norm, dm_silu_mul, dm_attend};
+                     rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
 }
 
 }  // namespace sparsec

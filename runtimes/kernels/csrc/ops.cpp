@@ -133,20 +133,8 @@ I8Acts quantize_rows(const KernelTable& kt, const at::Tensor& x2, int64_t kp) {
   a.xu = xu;
   a.xs = xs;
   const float* src = xf.data_ptr<float>();
-  for (int64_t t = 0; t < m; ++t) {
-    const float* row = src + t * k;
-    float amax = 0.f;
-    for (int64_t j = 0; j < k; ++j) amax = std::fmax(amax, std::fabs(row[j]));
-    const float s = amax / 127.f;
-    a.scale[t] = s;
-    if (s == 0.f) continue;
-    for (int64_t j = 0; j < k; ++j) {
-      float q = std::nearbyint(row[j] / s);  // a division, as the Python reference does (bit-exact rounding)
-      q = std::fmin(127.f, std::fmax(-127.f, q));
-      if (u8) xu[t * kp + j] = (uint8_t)((int)q + 128);
-      else xs[t * kp + j] = (int16_t)q;
-    }
-  }
+  for (int64_t t = 0; t < m; ++t)
+    a.scale[t] = kt.quantize_row(src + t * k, k, u8 ? xu + t * kp : nullptr, u8 ? nullptr : xs + t * kp);
   return a;
 }
 
