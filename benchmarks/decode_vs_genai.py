@@ -13,6 +13,9 @@ greedily after the same `--prompt`-token prompt. The figure per run is decode ms
 excluded: the per-step times for sparsec, the pipeline's TPOT for openvino-genai); the ratio per round
 genai ms / sparsec ms (> 1: sparsec faster) gives a median with a bootstrap 95 % interval and a verdict
 (runtimes/measure/speedup.py). The machine record (load before/after) is written with the rows.
+On a model the peers have no export of (the random-weight 0.5B Llama shape of benchmarks/decode.py), run
+`--genai "" --ppl-tokens 0 --compare-to LABEL` so that sparsec rows whose label contains LABEL (e.g. the
+dense onnxruntime artifact's name) are the references of the paired ratios.
 
 Beside speed, each row carries what the issue's table asks for, so "is sparsity worth it, or is int4 the
 better buy?" is answered from one run: CPU ms per token (CPU time of the whole generate, prefill included,
@@ -330,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                     "(SPARSEC_HOME/ortgenai/smollm2-FORMAT; see docs/measurement.md)")
     ap.add_argument("--ortgenai-venv", type=Path, default=None,
                     help="a venv with onnxruntime-genai (default: SPARSEC_HOME/venvs/ortgenai)")
+    ap.add_argument("--compare-to", default="",
+                    help="comma-separated substrings: sparsec configurations whose label contains one are references "
+                         "too (e.g. the dense onnxruntime row on a model openvino-genai has no export of)")
     ap.add_argument("--ortgenai-child", help=argparse.SUPPRESS)
     ap.add_argument("--genai-child", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
@@ -429,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         ppl_text = f"{row['perplexity']:.2f}" if row["perplexity"] else "-"
         print(f"{row['config']:<72} {row['tokens_per_s']:6.1f} [{lo:5.1f}, {hi:5.1f}] {row['cpu_ms_per_token']:10.1f} {ppl_text:>10}")
     comparisons = []
-    for ref in (n for n in names if not n.startswith("sparsec")):
-        for n in (m for m in names if m.startswith("sparsec")):
+    marks = [m for m in args.compare_to.split(",") if m]
+    for ref in (n for n in names if not n.startswith("sparsec") or any(m in n for m in marks)):
+        for n in (m for m in names if m.startswith("sparsec") and m != ref):
             est = speedup(ms[ref], ms[n], load=os.getloadavg()[0])
             comparisons.append({"sparsec": n, "reference": ref, **est.to_dict()})
             print(f"{n} vs {ref}: {est.format()} ({est.reason})")

@@ -95,4 +95,4 @@ class SparsecBackend(Backend):
         from runtimes.kernels.host_runner import HostDecoder
 
         return HostDecoder(self.prepare(Path(model_path), Path(workdir) / "host", RunnerOptions(threads=options.threads)),
-                           options.threads, self.name)
+                           options.threads, self.name, lean=getattr(options, "cache", "auto") != "dynamic")

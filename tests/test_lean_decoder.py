@@ -150,6 +150,7 @@ def test_host_choice_and_fallbacks(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSEC_HOST", "hf")
     forced = HostDecoder(art / "sparsec", threads=1)
     assert forced.details["host"] == "hugging face modules (SPARSEC_HOST=hf)" and forced.cache.startswith("dynamic")
+    assert HostDecoder(art / "sparsec", threads=1, lean=False).details["host"] == "hugging face modules (cache=dynamic)"
     ids = np.array([[5, 17, 33, 8]])
     assert dec.generate(ids, np.ones_like(ids), 6).tokens[:1] == forced.generate(ids, np.ones_like(ids), 6).tokens[:1]
     monkeypatch.setenv("SPARSEC_HOST", "fast")

@@ -197,7 +197,9 @@ class HostDecoder(Decoder):
     cache = "dynamic (transformers DynamicCache)"
     batched = True
 
-    def __init__(self, path: Path, threads: int, backend: str = "sparsec"):
+    def __init__(self, path: Path, threads: int, backend: str = "sparsec", lean: bool = True):
+        """`lean=False` (the decode option `cache="dynamic"`): Hugging Face's modules and DynamicCache even where
+        the lean host could run the model (the A/B of docs/kernels.md)."""
         from runtimes.kernels.lean_decoder import lean_host
         from runtimes.kernels.ops import isa
 
@@ -206,7 +208,7 @@ class HostDecoder(Decoder):
         self.host = load_host(Path(path), threads)
         if not self.host.causal:
             raise ValueError("error: decoding needs a causal LM; this host model is an encoder")
-        self.lean, why = lean_host(self.host)
+        self.lean, why = lean_host(self.host) if lean else (None, "cache=dynamic")
         if self.lean is not None:
             self.cache = "in-place (lean decoder host)"
             self.positions = int(self.lean.layout.positions)
