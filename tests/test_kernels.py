@@ -145,3 +145,13 @@ def test_environment_variable_forces_the_path():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "portable"
     # an unknown value goes through the same check as set_isa (test_bad_arguments_are_one_line_errors)
+
+
+def test_activation_rounding_is_half_to_even(isa):
+    """Per-token int8 quantization (csrc/row_math.h) rounds x / scale half to even, like torch.round: with
+    max|x| = 127 the scale is 1, and an identity weight returns the quantized activations themselves."""
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.49, -126.5] + [0.0] * 8])
+    layer = PackedLinearModule(pack_linear(torch.eye(16), "dense-int8", None))
+    got = layer(x)
+    torch.testing.assert_close(got, torch.round(x), rtol=0, atol=1e-5)
+    assert got[0, :8].tolist() == [127.0, 0.0, 2.0, 2.0, 0.0, -2.0, 3.0, -126.0]
