@@ -9,9 +9,10 @@ builds the same calibration set (`--calib-samples` × `--calib-seqlen` tokens, s
 reference (held-out `eval` corpus, `--max-tokens` tokens), writes the calibration token ids to a file and
 starts one child per cell in llm-compressor's venv (SPARSEC_HOME/venvs/llmcompressor). The child runs
 `llmcompressor.oneshot` with `SparseGPTModifier` / `WandaPruningModifier` (`sparsity`, `mask_structure="0:0"`,
-`targets=["Linear"]`, `ignore=["re:.*lm_head"]`, `sparsity_profile="owl"` when asked: its defaults for OWL's
-M and λ) on those token ids as a `datasets.Dataset`, times the oneshot call (wall and CPU seconds of the
-child process: model loading and saving excluded), and saves the pruned Linear weights. This process loads
+`targets=["Linear"]`, `ignore=["re:.*lm_head"]`; with `sparsity_profile="owl"`, `owl_m=5`, `owl_lmbda=0.08` —
+OWL's published defaults, which it requires spelled out and our `owl` allocation uses) on those token ids
+as a `datasets.Dataset`, times the oneshot call (wall and CPU seconds of the child process: model loading
+and saving excluded), and saves the pruned Linear weights. This process loads
 them into the dense model and scores them with `compiler.evaluate.Reference.compare` — perplexity and
 next-token top-1 agreement with the dense model — then runs sparsec's own pass pipeline for the same cell
 (`benchmarks/quality.py`'s `run_one`: uniform allocation, or OWL at its defaults for the peer's OWL profile;
@@ -66,8 +67,8 @@ def child(job: dict) -> dict:
     ids = json.loads(Path(job["calibration"]).read_text())
     dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
     kwargs = dict(sparsity=job["sparsity"], mask_structure="0:0", targets=["Linear"], ignore=["re:.*lm_head"])
-    if job["owl"]:
-        kwargs["sparsity_profile"] = "owl"
+    if job["owl"]:  # it requires M and λ: OWL's published defaults, which our owl allocation uses too
+        kwargs.update(sparsity_profile="owl", owl_m=5, owl_lmbda=0.08)
     if job["method"] == "sparsegpt":
         from llmcompressor.modifiers.pruning import SparseGPTModifier as Modifier
     else:
@@ -105,6 +106,15 @@ def ours(dense, calib, reference, cell: dict) -> dict:
     row = next(run_one(dense, calib, cfg, reference, ["none"]))
     return {k: row.get(k) for k in ("spec", "compiled", "top1_agreement", "compile_seconds", "compile_cpu_seconds",
                                     "measured_sparsity")}
+
+
+def write(args: argparse.Namespace, machine, rows: list[dict], calib, final: bool = False) -> None:
+    """--out after every cell (a long run keeps what it measured); the machine record is closed at the end."""
+    record = machine.finish().to_dict() if final else {"partial": True}
+    args.out.write_text(json.dumps({"machine": record, "rows": rows, "calibration": calib.manifest(),
+                                    "eval": {"data": "eval", "max_tokens": args.max_tokens},
+                                    "command": "python benchmarks/llmcompressor_peer.py " + " ".join(sys.argv[1:])},
+                                   indent=1) + "\n")
 
 
 def main() -> int:
@@ -172,13 +182,11 @@ def main() -> int:
                "load_average": [round(v, 2) for v in os.getloadavg()]}
         rows.append(row)
         mine = row["ours"] or {}
+        write(args, machine, rows, calib)
         print(f"{name}: llm-compressor perplexity {row['compiled']:.2f} (top-1 {100 * row['top1_agreement']:.1f} %, "
               f"{meta['oneshot_cpu_seconds']} CPU s)  |  sparsec {mine.get('compiled', float('nan')):.2f} "
               f"({mine.get('compile_cpu_seconds')} CPU s)", flush=True)
-    args.out.write_text(json.dumps({"machine": machine.finish().to_dict(), "rows": rows,
-                                    "calibration": calib.manifest(), "eval": {"data": "eval", "max_tokens": args.max_tokens},
-                                    "command": "python benchmarks/llmcompressor_peer.py " + " ".join(sys.argv[1:])},
-                                   indent=1) + "\n")
+    write(args, machine, rows, calib, final=True)
     print(f"wrote {repo_relative(args.out)}")
     return 0
 
