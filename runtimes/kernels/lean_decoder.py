@@ -72,6 +72,11 @@ def _projection(modules: list[nn.Module]) -> Project:
             return fused.inner.forward  # one packed op over the concatenated rows
     if all(isinstance(m, nn.Linear) for m in modules):
         weight = torch.cat([m.weight.detach() for m in modules]).contiguous()
+        if len(modules) > 1:  # the modules keep views of the concatenated weight: one copy in memory, not two
+            offset = 0
+            for m in modules:
+                m.weight.data = weight[offset:offset + m.out_features]
+                offset += m.out_features
         biases = [m.bias for m in modules]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)])
