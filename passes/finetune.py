@@ -1,7 +1,11 @@
-"""`finetune`: knowledge distillation from the dense model with masks fixed, time-bounded (causal LMs).
+"""`finetune`: knowledge distillation from the dense model with masks fixed, time-bounded (causal LMs and
+encoders).
 
-The sparse model (student) learns the dense model's (teacher's) next-token distributions on the
-calibration windows: loss = KL(teacher ‖ student) at temperature `temperature`, averaged over tokens.
+Causal LMs: the sparse model (student) learns the dense model's (teacher's) next-token distributions on
+the calibration windows: loss = KL(teacher ‖ student) at temperature `temperature`, averaged over tokens.
+Encoders (what they are used for is their hidden states — sentence embeddings pool them): loss = mean over
+the valid tokens of 1 − cos(student hidden state, teacher hidden state), the token-level form of the
+embedding cosine `sparsec eval` scores (`temperature` does not apply).
 Only the weights of pruned layers train (embeddings, norms and dense layers stay frozen, which also
 keeps a tied lm_head intact); their gradients are masked and the masks re-applied after every AdamW
 step, so zeros stay zeros. A held-out split of the calibration samples is scored every `eval_every`
@@ -59,8 +63,8 @@ class Finetune(Pass):
             raise SpecError(f"finetune: holdout must be in (0, 1), got {self.holdout}")
 
     def requires(self, ir: ModelIR) -> None:
-        if ir.model_type != "causal-lm":
-            raise SpecError(f"finetune: logits distillation needs a causal LM, got model type '{ir.model_type}'")
+        if ir.model_type not in ("causal-lm", "encoder"):
+            raise SpecError(f"finetune: distillation needs a causal LM or an encoder, got model type '{ir.model_type}'")
         pruned_targets(ir, self.name)
 
     def call(self, ir: ModelIR, ctx: PassContext) -> PassResult:
@@ -71,6 +75,7 @@ class Finetune(Pass):
         train = [s for s, h in zip(samples, is_held) if not h]
         held = [s for s, h in zip(samples, is_held) if h]
         student = ir.module
+        causal = ir.model_type == "causal-lm"
         params = {n: ir.get_module(n).weight for n in names}
         keep = {n: (ir.weight(n) != 0) for n in names}
         # masks in the parameter's own layout (Conv1D stores the transpose)
@@ -81,8 +86,8 @@ class Finetune(Pass):
         for p in params.values():
             p.requires_grad_(True)
         opt = torch.optim.AdamW(list(params.values()), lr=self.lr, weight_decay=0.0)
-        teacher_held = [self._logits(teacher, s) for s in held]
-        best_loss = self._held_loss(student, held, teacher_held)
+        teacher_held = [self._logits(teacher, s, causal) for s in held]
+        best_loss = self._held_loss(student, held, teacher_held, causal)
         start_loss = best_loss
         best_state = {n: p.detach().clone() for n, p in params.items()}
         history: list[dict[str, Any]] = [{"step": 0, "held_kd": start_loss}]
@@ -98,10 +103,9 @@ class Finetune(Pass):
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for i in pick:
-                    t_logits = self._logits(teacher, train[i])
+                    t_logits = self._logits(teacher, train[i], causal)
                     with torch.enable_grad():
-                        s_logits = student(**_lm_inputs(train[i]), use_cache=False).logits
-                        loss = kd_loss(s_logits, t_logits, self.temperature) / self.batch
+                        loss = self._loss(self._forward(student, train[i], causal), t_logits, train[i], causal) / self.batch
                         loss.backward()
                     loss_sum += float(loss.detach())
                 for n, p in params.items():
@@ -114,7 +118,7 @@ class Finetune(Pass):
                 step += 1
                 ctx.progress(self.name, step, self.steps)
                 if step % self.eval_every == 0 or step == self.steps:
-                    held_loss = self._held_loss(student, held, teacher_held)
+                    held_loss = self._held_loss(student, held, teacher_held, causal)
                     history.append({"step": step, "train_kd": loss_sum, "held_kd": held_loss})
                     if held_loss < best_loss:
                         best_loss = held_loss
@@ -141,15 +145,37 @@ class Finetune(Pass):
         return PassResult(ir, modified=improved, metrics=metrics)
 
     @staticmethod
-    def _logits(model: torch.nn.Module, sample: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(**_lm_inputs(sample), use_cache=False).logits.detach()
+    def _forward(model: torch.nn.Module, sample: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
+        """What is distilled: next-token logits (causal LMs) or the last hidden states (encoders)."""
+        if causal:
+            return model(**_inputs(sample, ("input_ids", "attention_mask")), use_cache=False).logits
+        return model(**_inputs(sample, ("input_ids", "attention_mask", "token_type_ids"))).last_hidden_state
 
-    def _held_loss(self, student: torch.nn.Module, held: list[dict[str, torch.Tensor]], teacher_logits: list[torch.Tensor]) -> float:
+    def _loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, sample: dict[str, torch.Tensor],
+              causal: bool) -> torch.Tensor:
+        if causal:
+            return kd_loss(student_out, teacher_out, self.temperature)
+        return hidden_loss(student_out, teacher_out, sample.get("attention_mask"))
+
+    def _logits(self, model: torch.nn.Module, sample: dict[str, torch.Tensor], causal: bool) -> torch.Tensor:
         with torch.no_grad():
-            losses = [float(kd_loss(self._logits(student, s), t, self.temperature)) for s, t in zip(held, teacher_logits)]
+            return self._forward(model, sample, causal).detach()
+
+    def _held_loss(self, student: torch.nn.Module, held: list[dict[str, torch.Tensor]], teacher_logits: list[torch.Tensor],
+                   causal: bool) -> float:
+        with torch.no_grad():
+            losses = [float(self._loss(self._logits(student, s, causal), t, s, causal)) for s, t in zip(held, teacher_logits)]
         return sum(losses) / len(losses)
 
 
-def _lm_inputs(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in sample.items() if k in ("input_ids", "attention_mask")}
+def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over valid tokens of 1 − cos(student, teacher) on (batch, tokens, hidden) states."""
+    per_token = 1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+    if mask is None:
+        return per_token.mean()
+    weight = mask.to(per_token.dtype)
+    return (per_token * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def _inputs(sample: dict[str, torch.Tensor], keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sample.items() if k in keys}

@@ -69,8 +69,8 @@ def test_prune_and_grow_respects_nm_groups():
 
 
 # -- passes on a tiny Llama ---------------------------------------------------------------------------
-def _setup(tiny_model_dir, spec_tail: str):
-    ir = load_ir(tiny_model_dir("llama"))
+def _setup(tiny_model_dir, spec_tail: str, arch: str = "llama"):
+    ir = load_ir(tiny_model_dir(arch))
     dense = ir.clone()
     # 16 samples: 4 held out (passes/reconstruct.py MIN_RELIABLE_HOLDOUT; with 2 the guard is noise)
     calib = build_calibration(ir, CalibrationConfig(samples=16, seqlen=32, seed=0))
@@ -124,6 +124,29 @@ def test_finetune_masks_fixed_kd_down(tiny_model_dir):
     assert rec.metrics["held_kd_after"] < rec.metrics["held_kd_before"]
     assert rec.modified
     assert _logit_error(dense, run.ir) < _logit_error(dense, before)
+
+
+def test_finetune_distills_an_encoders_hidden_states(tiny_model_dir):
+    """Encoders: 1 − cos of the hidden states against the dense model's, masks fixed; the held-out embedding
+    cosine (eval corpus, never seen by the pass) rises."""
+    from passes.finetune import hidden_loss
+
+    dense, before, run, masks = _setup(tiny_model_dir, "finetune{seconds=60,steps=30,lr=0.001,eval_every=5}", "bert")
+    rec = run.records[-1]
+    for n, m in masks.items():
+        assert torch.equal(run.ir.weight(n) != 0, m), n
+    assert rec.metrics["held_kd_after"] < rec.metrics["held_kd_before"]
+    held = build_calibration(dense, CalibrationConfig(source="eval", samples=4, seqlen=32, seed=7)).samples
+
+    def distance(model) -> float:
+        with torch.no_grad():
+            return sum(float(hidden_loss(model.module(**s).last_hidden_state, dense.module(**s).last_hidden_state,
+                                         s.get("attention_mask"))) for s in held)
+
+    assert distance(run.ir) < distance(before)
+    t = torch.randn(2, 3, 8)
+    assert float(hidden_loss(t, t, torch.ones(2, 3))) < 1e-6
+    assert abs(float(hidden_loss(t, -t, None)) - 2.0) < 1e-5
 
 
 def test_recovery_composes_and_round_trips(tiny_model_dir):
