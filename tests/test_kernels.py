@@ -67,7 +67,7 @@ def test_int8_linear_matches_its_quantized_reference(isa, n, k, sparsity):
         p = pack_linear(w, kind, bias)
         mod = PackedLinearModule(p)
         q = torch.round(unpack_dense(p) / p.tensors["scales"][:, None]).to(torch.int64)
-        for m in (1, 3, 9):
+        for m in (1, 3, 9, 40):  # 40 tokens: the int8 GEMM path (ops.cpp kInt8GemmM)
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
             xq, sx = _quantize_tokens(x)
             ref = (xq @ q.T).to(torch.float32) * (sx[:, None] * p.tensors["scales"][None, :]) + bias

@@ -109,6 +109,8 @@ typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, 
 // Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight written dense into buf [r1 - r0, kc * 64]
 // (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
 typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
+// The same for packed int8 (buf int8 [r1 - r0, kc * 64]): the densify-a-tile step of the int8 GEMM path.
+typedef void (*DensifyI8Fn)(const SparseI8&, int64_t r0, int64_t r1, int8_t* buf);
 
 // Row-wise vector math (row_math.h, one copy per ISA file): activation quantization (ops.cpp) and the
 // decoder step's non-matrix work (decoder_ops.cpp).
@@ -124,6 +126,7 @@ struct KernelTable {
   SparseF32Fn sparse_f32;
   DenseI8Fn dense_i8;
   DensifyF32Fn densify_f32;
+  DensifyI8Fn densify_i8;
   SparseI4Fn sparse_i4;
   DenseI4Fn dense_i4;
   QuantizeRowFn quantize_row;
@@ -136,6 +139,9 @@ struct KernelTable {
 const KernelTable& active_kernels();
 
 KernelTable portable_kernels();
+// The portable int8 densify (bit walk), also the AVX2 table's: AVX2 has no byte expand, and at M >= 16
+// tokens the GEMM after it dominates.
+void densify_i8_reference(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf);
 KernelTable avx2_kernels();
 KernelTable avx512_kernels();
 

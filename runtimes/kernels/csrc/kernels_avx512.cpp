@@ -282,6 +282,24 @@ SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_i4_avx512, si4_tile, SparseI4, ActI8, float)
 SPARSEC_DRIVER(dense_i4_avx512, di4_tile, DenseI4, ActI8, float)
 
+// Rows [r0, r1) of a packed int8 weight written dense: one vpexpandb (register form) and a 64-byte store per
+// (row, chunk) — every byte of the row tile is written, zeros included.
+void densify_i8_avx512(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const int8_t* p = w.values + w.tile_ptr[tile];
+    for (int64_t c = 0; c < w.kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t row = tile * kTile + r;
+        const uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+        __m512i v = _mm512_loadu_si512((const void*)p);
+        SPARSEC_IN_REG(v);
+        if (row < r1) _mm512_storeu_si512((void*)(buf + (row - r0) * kp + c * 64), _mm512_maskz_expand_epi8((__mmask64)m, v));
+        p += _mm_popcnt_u64(m);
+      }
+  }
+}
+
 void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
   const int64_t kp = w.kc * 64;
   for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
@@ -312,7 +330,7 @@ void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) 
 namespace sparsec {
 // Compiled for the baseline ISA: callable (and called) on every CPU; only the kernels need AVX-512.
 KernelTable avx512_kernels() {
-  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512,
+  return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512, densify_i8_avx512,
                      sparse_i4_avx512, dense_i4_avx512,
                      rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
 }

@@ -185,8 +185,27 @@ void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf
 
 }  // namespace
 
+void densify_i8_reference(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = 0;
+  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
+    const int8_t* p = w.values + w.tile_ptr[tile];
+    for (int64_t c = 0; c < w.kc; ++c)
+      for (int r = 0; r < kTile; ++r) {
+        const int64_t row = tile * kTile + r;
+        uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
+        int8_t* o = buf + (row - r0) * kp + c * 64;
+        while (m) {
+          if (row < r1) o[__builtin_ctzll(m)] = *p;
+          ++p;
+          m &= m - 1;
+        }
+      }
+  }
+}
+
 KernelTable portable_kernels() {
-  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable,
+  return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable, densify_i8_reference,
                      sparse_i4_portable, dense_i4_portable,
                      rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
 }
