@@ -10,9 +10,9 @@ the fastest dense fp32 path in this process) or with the same layers on our dens
 The runner answers the lowered graph's contract (input names, `last_hidden_state` / `logits`), so
 verification compares it with every other backend unchanged. The decoder implements the generation
 loop's cache protocol (`runtimes.decode.loop.Cache`) on transformers' DynamicCache: prefill, then one
-token per step, rows dropped as requests finish (`batch_select_indices`) — or, for Llama-family models, on the lean decoder host
-(runtimes/kernels/lean_decoder.py: ~8 op calls per block, an in-place cache), the default where the model
-allows it (`details["host"]` says which ran and why).
+token per step, rows dropped as requests finish (`batch_select_indices`) — or, for Llama-family models,
+on the lean decoder host (runtimes/kernels/lean_decoder.py: ~8 op calls per block, an in-place cache), the
+default where the model allows it (`details["host"]` says which ran and why).
 """
 
 from __future__ import annotations
@@ -108,11 +108,10 @@ class HostRunner(Runner):
     """Encoder (or full-sequence LM) inference on the host model; outputs named like the lowered graph."""
 
     def __init__(self, path: Path, options: RunnerOptions, input_names: tuple[str, ...] = ("input_ids", "attention_mask")):
+        from runtimes.kernels.lean_decoder import lean_host
         from runtimes.kernels.ops import isa
 
         start = time.perf_counter()
-        from runtimes.kernels.lean_decoder import lean_host
-
         self.host = load_host(Path(path), options.threads)
         self.lean, why = lean_host(self.host)
         self.input_names = input_names
@@ -224,11 +223,11 @@ class HostDecoder(Decoder):
             from runtimes.kernels.lean_decoder import LeanCache
 
             prompts = [row[m.astype(bool)] for row, m in zip(ids, mask)]  # left padding stripped per row
-            capacity = max(len(p) for p in prompts) + max(r.params.max_tokens for r in requests)
-            problem = self.check_request(max(len(p) for p in prompts), max(r.params.max_tokens for r in requests))
+            longest, new = max(len(p) for p in prompts), max(r.params.max_tokens for r in requests)
+            problem = self.check_request(longest, new)
             if problem:
                 raise SparsecError(problem)
-            cache: Any = LeanCache(self.lean, prompts, capacity)
+            cache: Any = LeanCache(self.lean, prompts, longest + new)
         else:
             cache = HostCache(self.host.model, ids, mask)
         results = generate(cache, requests, eos_ids)
