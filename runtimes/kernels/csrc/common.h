@@ -115,6 +115,7 @@ typedef void (*DensifyI8Fn)(const SparseI8&, int64_t r0, int64_t r1, int8_t* buf
 // Row-wise vector math (row_math.h, one copy per ISA file): activation quantization (ops.cpp) and the
 // decoder step's non-matrix work (decoder_ops.cpp).
 typedef float (*QuantizeRowFn)(const float* x, int64_t k, uint8_t* xu, int16_t* xs);
+typedef float (*QuantizeRowS8Fn)(const float* x, int64_t k, int8_t* xq);
 typedef void (*RmsNormFn)(const float* x, const float* w, int64_t n, float eps, float* out);
 typedef void (*SiluMulFn)(const float* gu, int64_t n, float* out);
 typedef void (*AttendFn)(const float* q, const float* k, const float* v, int64_t n_keys, int64_t d, int64_t stride,
@@ -130,6 +131,7 @@ struct KernelTable {
   SparseI4Fn sparse_i4;
   DenseI4Fn dense_i4;
   QuantizeRowFn quantize_row;
+  QuantizeRowS8Fn quantize_row_s8;
   RmsNormFn rms_norm;
   SiluMulFn silu_mul;
   AttendFn attend;

@@ -332,7 +332,7 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 namespace sparsec {
 KernelTable avx2_kernels() {
   return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, densify_i8_reference, sparse_i4_avx2, dense_i4_avx2,
-                     rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
 }
 }  // namespace sparsec
 

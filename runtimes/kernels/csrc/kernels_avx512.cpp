@@ -332,7 +332,7 @@ namespace sparsec {
 KernelTable avx512_kernels() {
   return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512, densify_i8_avx512,
                      sparse_i4_avx512, dense_i4_avx512,
-                     rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
 }
 }  // namespace sparsec
 

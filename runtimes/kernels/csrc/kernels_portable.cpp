@@ -207,7 +207,7 @@ void densify_i8_reference(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf
 KernelTable portable_kernels() {
   return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable, densify_i8_reference,
                      sparse_i4_portable, dense_i4_portable,
-                     rm_quantize_row, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
 }
 
 }  // namespace sparsec

@@ -296,39 +296,46 @@ at::Tensor i8_gemm_linear(const KernelTable& kt, const at::Tensor& x, int64_t k,
   auto x2 = x.reshape({-1, k});
   const int64_t m = x2.size(0);
   auto xf = x2.to(at::kFloat).contiguous();
-  // symmetric int8 activations, zero padded to kp (the int16 form of the shared quantizer, narrowed)
-  auto xq = at::zeros({m, kp}, x.options().dtype(at::kChar));
+  // symmetric int8 activations, zero padded to kp, rows quantized in parallel
+  auto xq = at::empty({m, kp}, x.options().dtype(at::kChar));
   std::vector<float> sx((size_t)m);
   {
-    std::vector<int16_t> row((size_t)kp);
     int8_t* q = xq.data_ptr<int8_t>();
-    for (int64_t t = 0; t < m; ++t) {
-      std::fill(row.begin(), row.end(), (int16_t)0);
-      sx[t] = kt.quantize_row(xf.data_ptr<float>() + t * k, k, nullptr, row.data());
-      for (int64_t j = 0; j < kp; ++j) q[t * kp + j] = (int8_t)row[j];
-    }
+    const float* src = xf.data_ptr<float>();
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / kp), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        sx[t] = kt.quantize_row_s8(src + t * k, k, q + t * kp);
+        if (kp > k) std::memset(q + t * kp + k, 0, (size_t)(kp - k));
+      }
+    });
   }
   auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
   const float* sw = scales.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  // 256-row tiles: few oneDNN calls per layer, a buffer of 256 x kp bytes per thread (L2-resident at K <= 4096)
-  const int64_t TR = 256;
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, (n + TR - 1) / TR, 1, [&](int64_t b0, int64_t b1) {
-    c10::InferenceMode guard(inference);
-    std::vector<int8_t> buf((size_t)(TR * kp));
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t r0 = b * TR, r1 = std::min(n, r0 + TR);
-      const int8_t* rows = dense_rows(r0, r1, buf.data());
-      auto w = at::from_blob((void*)rows, {r1 - r0, kp}, xq.options());
-      auto acc = at::_int_mm(xq, w.t()).contiguous();  // [m, r1 - r0] int32
-      const int32_t* ap = acc.data_ptr<int32_t>();
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t j = r0; j < r1; ++j)
-          yp[t * n + j] = (float)ap[t * (r1 - r0) + (j - r0)] * (sx[t] * sw[j]) + (bp ? bp[j] : 0.f);
-    }
-  });
+  // Row tiles one after another, each GEMM threaded by oneDNN itself (torch's pool): splitting tiles over
+  // threads left one thread waiting at the barrier for the other's last GEMM. 512-row tiles: a buffer of
+  // 512 x kp bytes (2 MiB at K = 4096) and few calls per layer.
+  const int64_t TR = 512;
+  std::vector<int8_t> buf((size_t)(std::min(TR, n) * kp));
+  for (int64_t r0 = 0; r0 < n; r0 += TR) {
+    const int64_t r1 = std::min(n, r0 + TR), w_rows = r1 - r0;
+    const int8_t* rows = dense_rows(r0, r1, buf.data());
+    auto w = at::from_blob((void*)rows, {w_rows, kp}, xq.options());
+    auto acc = at::_int_mm(xq, w.t()).contiguous();  // [m, w_rows] int32
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / w_rows), [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const float st = sx[t];
+        const int32_t* at_ = ap + t * w_rows;
+        float* yt = yp + t * n + r0;
+        if (bp)
+          for (int64_t j = 0; j < w_rows; ++j) yt[j] = (float)at_[j] * (st * sw[r0 + j]) + bp[r0 + j];
+        else
+          for (int64_t j = 0; j < w_rows; ++j) yt[j] = (float)at_[j] * (st * sw[r0 + j]);
+      }
+    });
+  }
   return epilogue_shape(x, y, n);
 }
 

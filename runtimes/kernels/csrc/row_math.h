@@ -69,6 +69,28 @@ static float rm_quantize_row(const float* x, int64_t k, uint8_t* xu, int16_t* xs
   return s;
 }
 
+// The same quantization written as plain int8 (the operand of the int8 GEMM path, ops.cpp); an all-zero
+// row is written as zeros.
+static float rm_quantize_row_s8(const float* x, int64_t k, int8_t* xq) {
+  float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+  for (int64_t j = 0; j < k; ++j) {
+    const float a = x[j] < 0.f ? -x[j] : x[j];
+    amax = a > amax ? a : amax;
+  }
+  const float s = amax / 127.f;
+  const float inv_guard = s == 0.f ? 1.f : s;  // divide by 1 on an all-zero row: every q is 0
+  const float magic = 12582912.0f;
+#pragma omp simd
+  for (int64_t j = 0; j < k; ++j) {
+    float q = (x[j] / inv_guard + magic) - magic;
+    q = q > 127.f ? 127.f : q;
+    q = q < -127.f ? -127.f : q;
+    xq[j] = (int8_t)q;
+  }
+  return s;
+}
+
 // out[i] = w[i] * x[i] / sqrt(mean(x^2) + eps)  (Hugging Face's LlamaRMSNorm in fp32)
 static void rm_rms_norm(const float* x, const float* w, int64_t n, float eps, float* out) {
   float ss = 0.f;
