@@ -162,16 +162,18 @@ void dense_i8_portable(const DenseI8& w, const ActI8& a, int64_t n0, int64_t n1,
   }
 }
 
-void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+// Rows [r0, r1) of a packed weight (int8 or fp32 values) written dense by walking the mask bits.
+template <class W, class T>
+void densify_bits(const W& w, const T* values, int64_t r0, int64_t r1, T* buf) {
   const int64_t kp = w.kc * 64;
-  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = 0.f;
+  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = T(0);
   for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
-    const float* p = w.values + w.tile_ptr[tile];
+    const T* p = values + w.tile_ptr[tile];
     for (int64_t c = 0; c < w.kc; ++c)
       for (int r = 0; r < kTile; ++r) {
         const int64_t row = tile * kTile + r;
         uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
-        float* o = buf + (row - r0) * kp + c * 64;
+        T* o = buf + (row - r0) * kp + c * 64;
         while (m) {
           if (row < r1) o[__builtin_ctzll(m)] = *p;
           ++p;
@@ -181,27 +183,16 @@ void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf
   }
 }
 
+void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+  densify_bits(w, w.values, r0, r1, buf);
+}
+
 #include "row_math.h"  // quantize_row, rms_norm, silu_mul, attend for this ISA (internal linkage)
 
 }  // namespace
 
 void densify_i8_reference(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf) {
-  const int64_t kp = w.kc * 64;
-  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = 0;
-  for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
-    const int8_t* p = w.values + w.tile_ptr[tile];
-    for (int64_t c = 0; c < w.kc; ++c)
-      for (int r = 0; r < kTile; ++r) {
-        const int64_t row = tile * kTile + r;
-        uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
-        int8_t* o = buf + (row - r0) * kp + c * 64;
-        while (m) {
-          if (row < r1) o[__builtin_ctzll(m)] = *p;
-          ++p;
-          m &= m - 1;
-        }
-      }
-  }
+  densify_bits(w, w.values, r0, r1, buf);
 }
 
 KernelTable portable_kernels() {

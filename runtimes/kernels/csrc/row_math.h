@@ -39,32 +39,32 @@ static inline float rm_exp(float x) {
 // the add-and-subtract of 1.5 * 2^23 (round to nearest even in the default rounding mode, |q| <= 127 is far
 // inside its exact range): libm's nearbyint is a call per element and kept the old loop scalar (~10 ns per
 // activation, 15 µs of fixed cost on a 1536-wide layer).
-static float rm_quantize_row(const float* x, int64_t k, uint8_t* xu, int16_t* xs) {
+static inline float rm_int8_scale(const float* x, int64_t k) {
   float amax = 0.f;
 #pragma omp simd reduction(max : amax)
   for (int64_t j = 0; j < k; ++j) {
     const float a = x[j] < 0.f ? -x[j] : x[j];
     amax = a > amax ? a : amax;
   }
-  const float s = amax / 127.f;
+  return amax / 127.f;
+}
+
+// round-half-even(v / s) clamped to +-127, as a float holding an integer
+static inline float rm_int8_level(float v, float s) {
+  float q = (v / s + 12582912.0f) - 12582912.0f;  // + - 1.5 * 2^23
+  q = q > 127.f ? 127.f : q;
+  return q < -127.f ? -127.f : q;
+}
+
+static float rm_quantize_row(const float* x, int64_t k, uint8_t* xu, int16_t* xs) {
+  const float s = rm_int8_scale(x, k);
   if (s == 0.f) return s;
-  const float magic = 12582912.0f;  // 1.5 * 2^23
   if (xu) {
 #pragma omp simd
-    for (int64_t j = 0; j < k; ++j) {
-      float q = (x[j] / s + magic) - magic;
-      q = q > 127.f ? 127.f : q;
-      q = q < -127.f ? -127.f : q;
-      xu[j] = (uint8_t)((int32_t)q + 128);
-    }
+    for (int64_t j = 0; j < k; ++j) xu[j] = (uint8_t)((int32_t)rm_int8_level(x[j], s) + 128);
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < k; ++j) {
-      float q = (x[j] / s + magic) - magic;
-      q = q > 127.f ? 127.f : q;
-      q = q < -127.f ? -127.f : q;
-      xs[j] = (int16_t)q;
-    }
+    for (int64_t j = 0; j < k; ++j) xs[j] = (int16_t)rm_int8_level(x[j], s);
   }
   return s;
 }
@@ -72,22 +72,10 @@ static float rm_quantize_row(const float* x, int64_t k, uint8_t* xu, int16_t* xs
 // The same quantization written as plain int8 (the operand of the int8 GEMM path, ops.cpp); an all-zero
 // row is written as zeros.
 static float rm_quantize_row_s8(const float* x, int64_t k, int8_t* xq) {
-  float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-  for (int64_t j = 0; j < k; ++j) {
-    const float a = x[j] < 0.f ? -x[j] : x[j];
-    amax = a > amax ? a : amax;
-  }
-  const float s = amax / 127.f;
-  const float inv_guard = s == 0.f ? 1.f : s;  // divide by 1 on an all-zero row: every q is 0
-  const float magic = 12582912.0f;
+  const float s = rm_int8_scale(x, k);
+  const float divisor = s == 0.f ? 1.f : s;  // an all-zero row: every level is 0
 #pragma omp simd
-  for (int64_t j = 0; j < k; ++j) {
-    float q = (x[j] / inv_guard + magic) - magic;
-    q = q > 127.f ? 127.f : q;
-    q = q < -127.f ? -127.f : q;
-    xq[j] = (int8_t)q;
-  }
+  for (int64_t j = 0; j < k; ++j) xq[j] = (int8_t)rm_int8_level(x[j], divisor);
   return s;
 }
 
