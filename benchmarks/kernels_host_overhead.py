@@ -1,11 +1,13 @@
 """Where a batch-1 decode step of the torch-hosted model spends its time: our ops vs everything else
-(issue 12, host overhead), with and without the fused q/k/v and gate/up ops (runtimes/kernels/fuse.py).
+(issue 12, host overhead), with and without the fused q/k/v and gate/up ops (runtimes/kernels/fuse.py), and on
+the lean decoder host (runtimes/kernels/lean_decoder.py: the same packed weights, ~8 of our ops per block, its
+in-place cache) — the A/B behind docs/kernels.md "The lean decoder host".
 
     python benchmarks/kernels_host_overhead.py                 # SmolLM2-135M, 70 % magnitude, int8, 1 thread
 
 Builds (or reuses) benchmarks/kernels_decode.py's pruned artifact and its sparse-int8 pack, loads it
-fused and unfused, and times single decode steps (one token, transformers' DynamicCache, 10-token
-prompt) INTERLEAVED: --rounds rounds of --steps steps each, per configuration — wall time and the
+fused and unfused, and times single decode steps (one token, 10-token prompt; transformers' DynamicCache, or
+the lean host's cache for "lean") INTERLEAVED: --rounds rounds of --steps steps each, per configuration — wall time and the
 process's CPU time (on cores shared with other work the wall time includes time descheduled; the CPU
 time is the work the step did). Then one profiled pass
 per configuration (torch.profiler, self CPU time per op name): the sparsec:: ops' share of the step,
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from compiler.cache_api import cache_kwargs
     from compiler.trace import resolve_model_path
+    from runtimes.kernels.lean_decoder import LeanCache, lean_host
     from runtimes.kernels.torch_host import load_host_model
     from runtimes.measure.machine import record_machine
 
@@ -63,8 +66,24 @@ def main(argv: list[str] | None = None) -> int:
     hosts = {"fused": load_host_model(arts["root"], arts["sparsec int8"], fuse=True),
              "unfused": load_host_model(arts["root"], arts["sparsec int8"], fuse=False)}
     prompt = torch.tensor([[1, 504, 3458, 282, 260, 1345, 28, 253, 1672, 314]])
+    lean, why = lean_host(hosts["fused"])
+    if lean is None:
+        print(f"error: the lean host cannot run this model ({why})", file=sys.stderr)
+        return 2
+
+    def lean_steps(n: int) -> tuple[float, list[int], float]:
+        cache = LeanCache(lean, [prompt[0].numpy()], prompt.shape[1] + n)
+        tok = int(cache.prefill()[0].argmax())
+        toks = []
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            tok = int(cache.step([0], [tok])[0].argmax())
+            toks.append(tok)
+        return (time.perf_counter() - start) / n, toks, (time.process_time() - cpu) / n
 
     def steps(model, n: int) -> tuple[float, list[int], float]:
+        if model is None:
+            return lean_steps(n)
         cache = DynamicCache()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
         tok = out.logits[:, -1].argmax(-1, keepdim=True)
@@ -76,21 +95,23 @@ def main(argv: list[str] | None = None) -> int:
             toks.append(int(tok))
         return (time.perf_counter() - start) / n, toks, (time.process_time() - cpu) / n
 
-    times: dict[str, list[float]] = {k: [] for k in hosts}
-    cpus: dict[str, list[float]] = {k: [] for k in hosts}
+    models = {"fused": hosts["fused"].model, "unfused": hosts["unfused"].model, "lean": None}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    cpus: dict[str, list[float]] = {k: [] for k in models}
     tokens = {}
     rows = []
     with torch.inference_mode():
-        for label, h in hosts.items():
-            tokens[label] = steps(h.model, args.steps)[1]
+        for label, m in models.items():
+            tokens[label] = steps(m, args.steps)[1]
         for r in range(args.rounds):
-            for label in (list(hosts) if r % 2 == 0 else list(reversed(hosts))):
-                wall, _, cpu = steps(hosts[label].model, args.steps)
+            order = list(models)[r % len(models):] + list(models)[:r % len(models)]
+            for label in order:
+                wall, _, cpu = steps(models[label], args.steps)
                 times[label].append(wall)
                 cpus[label].append(cpu)
-        for label, h in hosts.items():
+        for label, m in models.items():
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                per_step, _, _ = steps(h.model, args.steps)
+                per_step, _, _ = steps(m, args.steps)
             ka = prof.key_averages()
             total = sum(e.self_cpu_time_total for e in ka) / args.steps / 1e3
             ours = sum(e.self_cpu_time_total for e in ka if e.key.startswith("sparsec::")) / args.steps / 1e3
@@ -113,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/kernels_host_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "model": args.model, "sparsity": args.sparsity, "threads": args.threads, "steps": args.steps,
               "rounds": args.rounds, "uptime_before": before, "uptime_after": uptime(),
-              "same_tokens_fused_unfused": tokens["fused"] == tokens["unfused"], "rows": rows,
+              "same_tokens_fused_unfused": tokens["fused"] == tokens["unfused"],
+              # int8 activations: the lean host's summation order in norms/attention can flip a rounding and diverge later
+              "same_tokens_lean_fused": tokens["lean"] == tokens["fused"], "rows": rows,
               "machine": machine.finish().to_dict()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
