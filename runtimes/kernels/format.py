@@ -7,9 +7,10 @@ sequential stream for the hardware prefetcher; `tile_ptr` holds where each tile'
 tiles are independent (threads split tiles). The values are int8 with one fp32 scale per output
 channel plus the row sums of the int8 weights (the +128 compensation of the u8 x s8 VNNI product),
 or 4-bit codes (two per byte) with one fp16 scale and one integer zero point per (row, 64-column chunk)
-(asymmetric, MatMulNBits' scheme), or plain fp32. Dense int8 / dense int4 kinds (row-major, zero-padded to 64 columns) are the
-same-family dense baselines and the LM head's fast path. Bytes per weight at sparsity s: int8
-(1 - s) + 1/8, int4 (1 - s)/2 + 1/8 + 3/64, fp32 4 (1 - s) + 1/8, plus 8 bytes of scale + rowsum
+(asymmetric, MatMulNBits' scheme), or plain fp32, or bf16 (the weight rounded to bfloat16, activations and
+sums fp32: half fp32's bytes, no activation quantization). Dense int8 / int4 / bf16 kinds (row-major, zero-padded to 64 columns) are
+the same-family dense baselines and the LM head's fast path. Bytes per weight at sparsity s: int8
+(1 - s) + 1/8, int4 (1 - s)/2 + 1/8 + 3/64, fp32 4 (1 - s) + 1/8, bf16 2 (1 - s) + 1/8, plus 8 bytes of scale + rowsum
 (int8) or 4 of comp (int4) per row and 8 of tile_ptr per 4 rows.
 
 On disk (`save_packed` / `load_packed`): one safetensors file of exactly these arrays (keys
@@ -26,19 +27,22 @@ from typing import Literal
 
 import torch
 
-Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4"]
-KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4")
-DENSE_KINDS = ("dense-int8", "dense-int4")
+Kind = Literal["sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4", "sparse-bf16", "dense-bf16"]
+KINDS: tuple[str, ...] = ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4", "sparse-bf16",
+                          "dense-bf16")
+DENSE_KINDS = ("dense-int8", "dense-int4", "dense-bf16")
 FORMAT = "sparsec-packed-v1"
 CHUNK = 64
 TILE = 4  # rows per interleaved tile (csrc/common.h kTile)
-# values read 64 bytes (int8) / 16 floats (fp32) / 32 bytes of codes (int4) past each chunk start
-PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32}
+# values read 64 bytes (int8) / 16 floats (fp32) / 32 bytes of codes (int4) / 16 bf16 past each chunk start
+PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32, "sparse-bf16": 16}
 FIELDS = {"sparse-int8": ("masks", "tile_ptr", "values", "scales", "rowsum"),
           "sparse-fp32": ("masks", "tile_ptr", "values"),
           "dense-int8": ("q", "scales", "rowsum"),
           "sparse-int4": ("masks", "tile_ptr", "values", "scales", "zeros", "comp"),
-          "dense-int4": ("q", "scales", "zeros", "comp")}
+          "dense-int4": ("q", "scales", "zeros", "comp"),
+          "sparse-bf16": ("masks", "tile_ptr", "values"),
+          "dense-bf16": ("q",)}
 I4_MAX = 15  # int4 codes u in [0, 15]; W = s * (u - z) (csrc/common.h)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
@@ -226,10 +230,14 @@ def pack_linear(weight: torch.Tensor, kind: str, bias: torch.Tensor | None = Non
         qp = _pad_columns(q)
         tensors = {"q": qp.reshape(-1), "scales": scales, "rowsum": q.to(torch.int32).sum(1).to(torch.int32)}
         return PackedLinear(kind, n, k, tensors, b)
+    if kind == "dense-bf16":
+        return PackedLinear(kind, n, k, {"q": _pad_columns(weight.detach().to(torch.bfloat16)).reshape(-1)}, b)
     if kind == "sparse-int8":
         q, scales = quantize_int8(weight)
         # masks from the quantized weight: a value that rounds to 0 is not stored
         vals, extra = _pad_columns(q), {"scales": scales, "rowsum": q.to(torch.int32).sum(1).to(torch.int32)}
+    elif kind == "sparse-bf16":  # masks from the rounded weight, like int8
+        vals, extra = _pad_columns(weight.detach().to(torch.bfloat16)), {}
     else:
         vals, extra = _pad_columns(weight.detach().to(torch.float32)), {}
     tiled = _tiled(vals)
@@ -248,6 +256,8 @@ def unpack_dense(p: PackedLinear) -> torch.Tensor:
     if p.kind == "dense-int8":
         q = p.tensors["q"].view(n, kc * CHUNK)[:, :k].to(torch.float32)
         return q * p.tensors["scales"][:, None]
+    if p.kind == "dense-bf16":
+        return p.tensors["q"].view(n, kc * CHUNK)[:, :k].to(torch.float32).contiguous()
     if p.kind in ("dense-int4", "sparse-int4"):
         levels, scales = int4_dense_levels(p)
         return (levels[:, :k].to(torch.float32) * scales.repeat_interleave(CHUNK, dim=1)[:, :k]).contiguous()

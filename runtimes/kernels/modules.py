@@ -27,6 +27,12 @@ def packed_call(kind: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None
     if kind == "dense-int4":
         f = o.dense_linear_i4.default
         return lambda x: f(x, t["q"], t["scales"], t["zeros"], t["comp"], bias, n)
+    if kind == "sparse-bf16":
+        f = o.sparse_linear_bf16.default
+        return lambda x: f(x, t["masks"], t["tile_ptr"], t["values"], bias, n)
+    if kind == "dense-bf16":
+        f = o.dense_linear_bf16.default
+        return lambda x: f(x, t["q"], bias, n)
     if kind == "dense-int8":
         f = o.dense_linear_i8.default
         return lambda x: f(x, t["q"], t["scales"], t["rowsum"], bias, n)
@@ -34,7 +40,7 @@ def packed_call(kind: str, t: dict[str, torch.Tensor], bias: torch.Tensor | None
 
 
 class PackedLinearModule(nn.Module):
-    """y = x W^T + b with W held packed (sparse / dense int8, sparse / dense int4, sparse fp32) as buffers.
+    """y = x W^T + b with W held packed (sparse / dense int8, int4 or bf16, sparse fp32) as buffers.
 
     int8 and int4 kinds quantize each token's activations dynamically (symmetric int8, per token) inside
     the op. Inputs of other dtypes are computed in fp32 and cast back.

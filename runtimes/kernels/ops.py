@@ -52,6 +52,8 @@ def _register_fakes() -> None:
         lambda x, masks, tile_ptr, values, scales, rowsum, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::dense_linear_i8")(lambda x, q, scales, rowsum, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::sparse_linear_f32")(lambda x, masks, tile_ptr, values, bias, n: out_like(x, n))
+    torch.library.register_fake("sparsec::sparse_linear_bf16")(lambda x, masks, tile_ptr, values, bias, n: out_like(x, n))
+    torch.library.register_fake("sparsec::dense_linear_bf16")(lambda x, q, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::sparse_linear_i4")(
         lambda x, masks, tile_ptr, values, scales, zeros, comp, bias, n: out_like(x, n))
     torch.library.register_fake("sparsec::dense_linear_i4")(lambda x, q, scales, zeros, comp, bias, n: out_like(x, n))

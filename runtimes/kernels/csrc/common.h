@@ -29,6 +29,12 @@
 //   dense-int4:  q uint8 [N * kc * 32] row-major (padding columns hold u = z: level 0); scales fp16 and
 //                zeros uint8 [N * kc]
 //   both:        comp fp32 [N] = 128 * sum_chunks s[n, c] * sum_k (u_k - z[n, c]) (the +128 term of u8 x s8)
+//
+// bf16 (sparse-bf16 / dense-bf16): values are bfloat16 bit patterns (the top half of an fp32) and the
+// activations stay fp32; a weight widens exactly to fp32 (bits << 16), so every product and sum is an fp32
+// one on the bf16-rounded weight: half the bytes of fp32 values with no activation quantization.
+//   sparse-bf16: masks, tile_ptr as fp32; values uint16 [nnz + 16 padding] in (tile, chunk, row, column) order
+//   dense-bf16:  q uint16 [N * kc * 64] row-major, zero padded (the same-family dense baseline, and a bf16 LM head)
 #pragma once
 #include <cstdint>
 
@@ -78,6 +84,19 @@ struct DenseI4 {
   int64_t n, k, kc;
 };
 
+struct SparseBF16 {
+  const uint64_t* masks;
+  const int64_t* tile_ptr;
+  const uint16_t* values;
+  int64_t n, k, kc;
+  int64_t pf;
+};
+
+struct DenseBF16 {
+  const uint16_t* q;  // [n * kc * 64]
+  int64_t n, k, kc;
+};
+
 // Chunks per row the int4 kernels take (their per-tile fp32 scale buffer lives on the stack): K <= 65536.
 constexpr int64_t kMaxI4Chunks = 1024;
 
@@ -106,11 +125,16 @@ typedef void (*DenseI8Fn)(const DenseI8&, const ActI8&, int64_t n0, int64_t n1, 
 // to acc[t * n_total + n]; with unit scales that is the exact integer dot product (tests).
 typedef void (*SparseI4Fn)(const SparseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);
 typedef void (*DenseI4Fn)(const DenseI4&, const ActI8&, int64_t n0, int64_t n1, float* acc);
+// bf16 kernels write fp32 y[t * n_total + n] like the fp32 ones.
+typedef void (*SparseBF16Fn)(const SparseBF16&, const ActF32&, int64_t n0, int64_t n1, float* y);
+typedef void (*DenseBF16Fn)(const DenseBF16&, const ActF32&, int64_t n0, int64_t n1, float* y);
 // Rows [r0, r1) (r0 a multiple of kTile) of a packed fp32 weight written dense into buf [r1 - r0, kc * 64]
 // (every element written, zeros included): the densify-a-tile step of the large-M GEMM.
 typedef void (*DensifyF32Fn)(const SparseF32&, int64_t r0, int64_t r1, float* buf);
 // The same for packed int8 (buf int8 [r1 - r0, kc * 64]): the densify-a-tile step of the int8 GEMM path.
 typedef void (*DensifyI8Fn)(const SparseI8&, int64_t r0, int64_t r1, int8_t* buf);
+// The same for packed bf16, widened to fp32 (buf fp32 [r1 - r0, kc * 64]): the bf16 GEMM path.
+typedef void (*DensifyBF16Fn)(const SparseBF16&, int64_t r0, int64_t r1, float* buf);
 
 // Row-wise vector math (row_math.h, one copy per ISA file): activation quantization (ops.cpp) and the
 // decoder step's non-matrix work (decoder_ops.cpp).
@@ -135,6 +159,9 @@ struct KernelTable {
   RmsNormFn rms_norm;
   SiluMulFn silu_mul;
   AttendFn attend;
+  SparseBF16Fn sparse_bf16;
+  DenseBF16Fn dense_bf16;
+  DensifyBF16Fn densify_bf16;
 };
 
 // The table the ops run (SPARSEC_KERNEL_ISA or the best this CPU supports; set_isa changes it).

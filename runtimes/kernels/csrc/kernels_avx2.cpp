@@ -222,15 +222,29 @@ __attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI
     for (int u = 0; u < T; ++u) acc[(t + u) * w.n + n + r] = hsum_epi32(s[r][u]);
 }
 
-template <int T>
-__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t tile, int64_t t,
-                                                    float* y) {
+// The next 8 packed values as fp32: fp32 as stored, bf16 widened (zero-extend to 32 bits, shift up: exact).
+__attribute__((always_inline)) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+__attribute__((always_inline)) inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+// 8 packed values (fp32 / bf16) expanded under mask byte b: vpermps by the table, zeros where b is clear.
+template <class V>
+__attribute__((always_inline)) inline __m256 expand8(const V* p, unsigned b) {
+  const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
+  const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(load8(p), perm), keep);
+}
+
+// One tile of 4 rows x T tokens of a sparse fp32 or bf16 weight (W = SparseF32 / SparseBF16).
+template <int T, class W>
+__attribute__((always_inline)) inline void sfv_tile(const W& w, const ActF32& a, int64_t tile, int64_t t, float* y) {
   __m256 s[kTile][T];
 #pragma GCC unroll 8
   for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
-  const float* p = w.values + w.tile_ptr[tile];
+  auto p = w.values + w.tile_ptr[tile];
   const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const float* x = a.x + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
@@ -240,10 +254,7 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 #pragma GCC unroll 8
       for (int g = 0; g < 8; ++g) {
         const unsigned b = (unsigned)(m >> (8 * g)) & 0xffu;
-        const __m256 v = _mm256_loadu_ps(p);
-        const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
-        const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
-        const __m256 wv = _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep);
+        const __m256 wv = expand8(p, b);
         p += _mm_popcnt_u32(b);
 #pragma GCC unroll 8
         for (int u = 0; u < T; ++u)
@@ -258,6 +269,34 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) y[(t + u) * w.n + n] = hsum_ps(s[r][u]);
   }
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void dbf16_tile(const DenseBF16& w, const ActF32& a, int64_t n, int64_t t,
+                                                     float* y) {
+  __m256 s[R][T];
+  const int64_t kp = w.kc * 64;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm256_setzero_ps();
+  const float* x = a.x + t * a.kp;
+  const uint16_t* q = w.q + n * kp;
+  for (int64_t j = 0; j < kp; j += 8) {
+    __m256 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = load8(q + r * kp + j);
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m256 xv = _mm256_loadu_ps(x + u * a.kp + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r][u] = _mm256_fmadd_ps(wv[r], xv, s[r][u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = hsum_ps(s[r][u]);
 }
 
 #define SPARSEC_SPARSE_DRIVER(NAME, TILE, WT, AT, OT)                              \
@@ -296,15 +335,19 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
   }
 
 SPARSEC_SPARSE_DRIVER(sparse_i8_avx2, si8_tile, SparseI8, ActI8, int32_t)
-SPARSEC_SPARSE_DRIVER(sparse_f32_avx2, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_f32_avx2, sfv_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_bf16_avx2, sfv_tile, SparseBF16, ActF32, float)
+SPARSEC_DRIVER(dense_bf16_avx2, dbf16_tile, DenseBF16, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx2, di8_tile, DenseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_i4_avx2, si4_tile, SparseI4, ActI8, float)
 SPARSEC_DRIVER(dense_i4_avx2, di4_tile, DenseI4, ActI8, float)
 
-void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+// Rows [r0, r1) of a packed fp32 or bf16 weight written dense in fp32 (every element, zeros included).
+template <class W>
+void densify_fv_avx2(const W& w, int64_t r0, int64_t r1, float* buf) {
   const int64_t kp = w.kc * 64;
   for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
-    const float* p = w.values + w.tile_ptr[tile];
+    auto p = w.values + w.tile_ptr[tile];
     for (int64_t c = 0; c < w.kc; ++c)
       for (int r = 0; r < kTile; ++r) {
         const int64_t row = tile * kTile + r;
@@ -312,15 +355,16 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
         float* o = buf + (row - r0) * kp + c * 64;
         for (int g = 0; g < 8; ++g) {
           const unsigned b = (unsigned)(m >> (8 * g)) & 0xffu;
-          const __m256 v = _mm256_loadu_ps(p);
-          const __m256i perm = _mm256_loadu_si256((const __m256i*)expand8_perm[b]);
-          const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)expand8_keep[b]));
-          if (row < r1) _mm256_storeu_ps(o + 8 * g, _mm256_and_ps(_mm256_permutevar8x32_ps(v, perm), keep));
+          const __m256 v = expand8(p, b);
+          if (row < r1) _mm256_storeu_ps(o + 8 * g, v);
           p += _mm_popcnt_u32(b);
         }
       }
   }
 }
+
+void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) { densify_fv_avx2(w, r0, r1, buf); }
+void densify_bf16_avx2(const SparseBF16& w, int64_t r0, int64_t r1, float* buf) { densify_fv_avx2(w, r0, r1, buf); }
 
 #include "row_math.h"  // quantize_row, rms_norm, silu_mul, attend for this ISA (internal linkage)
 
@@ -332,7 +376,8 @@ void densify_f32_avx2(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
 namespace sparsec {
 KernelTable avx2_kernels() {
   return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, densify_i8_reference, sparse_i4_avx2, dense_i4_avx2,
-                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
+                     sparse_bf16_avx2, dense_bf16_avx2, densify_bf16_avx2};
 }
 }  // namespace sparsec
 

@@ -189,20 +189,40 @@ __attribute__((always_inline)) inline void di8_tile(const DenseI8& w, const ActI
       acc[(t + u) * w.n + n + r] = _mm512_reduce_add_epi32(s[r][u]) - 128 * w.rowsum[n + r];
 }
 
-template <int T>
-__attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const ActF32& a, int64_t tile, int64_t t,
-                                                    float* y) {
+// bf16 bits -> fp32: zero-extend each 16-bit lane to 32 bits and shift it into the top half (exact).
+__attribute__((always_inline)) inline __m512 bf16_to_ps(__m256i h) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// The next 16 packed values expanded to their columns under a 16-bit mask, as fp32: vexpandps for fp32
+// values, vpexpandw (VBMI2) + widening for bf16 (a 32-byte load instead of 64).
+__attribute__((always_inline)) inline __m512 expand16(const float* p, unsigned mm) {
+  __m512 v = _mm512_loadu_ps(p);
+  SPARSEC_IN_REG(v);
+  return _mm512_maskz_expand_ps((__mmask16)mm, v);
+}
+__attribute__((always_inline)) inline __m512 expand16(const uint16_t* p, unsigned mm) {
+  __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  SPARSEC_IN_REG(v);
+  return bf16_to_ps(_mm256_maskz_expand_epi16((__mmask16)mm, v));
+}
+
+// One tile of 4 rows x T tokens of a sparse fp32 or bf16 weight (W = SparseF32 / SparseBF16).
+template <int T, class W>
+__attribute__((always_inline)) inline void sfv_tile(const W& w, const ActF32& a, int64_t tile, int64_t t, float* y) {
   __m512 s[kTile][T];
 #pragma GCC unroll 8
   for (int r = 0; r < kTile; ++r)
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
-  const float* p = w.values + w.tile_ptr[tile];
+  auto p = w.values + w.tile_ptr[tile];
+  constexpr int vbytes = sizeof(*p);  // 4 (fp32) or 2 (bf16): the stream is 2x longer in fp32
   const uint64_t* mk = w.masks + tile * w.kc * kTile;
   const float* x = a.x + t * a.kp;
   for (int64_t c = 0; c < w.kc; ++c) {
 #pragma GCC unroll 4
-    for (int line = 0; line < 4; ++line) _mm_prefetch((const char*)p + 2 * w.pf + 64 * line, _MM_HINT_T0);
+    for (int line = 0; line < vbytes; ++line)
+      _mm_prefetch((const char*)p + vbytes / 2 * w.pf + 64 * line, _MM_HINT_T0);
     if ((c & 1) == 0) _mm_prefetch((const char*)(mk + c * kTile) + w.pf, _MM_HINT_T0);
 #pragma GCC unroll 8
     for (int r = 0; r < kTile; ++r) {
@@ -210,9 +230,7 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 #pragma GCC unroll 4
       for (int h = 0; h < 4; ++h) {
         const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
-        __m512 v = _mm512_loadu_ps(p);
-        SPARSEC_IN_REG(v);
-        const __m512 wv = _mm512_maskz_expand_ps((__mmask16)mm, v);
+        const __m512 wv = expand16(p, mm);
         p += _mm_popcnt_u32(mm);
 #pragma GCC unroll 8
         for (int u = 0; u < T; ++u)
@@ -227,6 +245,34 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) y[(t + u) * w.n + n] = _mm512_reduce_add_ps(s[r][u]);
   }
+}
+
+template <int R, int T>
+__attribute__((always_inline)) inline void dbf16_tile(const DenseBF16& w, const ActF32& a, int64_t n, int64_t t,
+                                                     float* y) {
+  __m512 s[R][T];
+  const int64_t kp = w.kc * 64;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
+  const float* x = a.x + t * a.kp;
+  const uint16_t* q = w.q + n * kp;
+  for (int64_t j = 0; j < kp; j += 16) {
+    __m512 wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(q + r * kp + j)));
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) {
+      const __m512 xv = _mm512_loadu_ps(x + u * a.kp + j);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r][u] = _mm512_fmadd_ps(wv[r], xv, s[r][u]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int u = 0; u < T; ++u) y[(t + u) * w.n + n + r] = _mm512_reduce_add_ps(s[r][u]);
 }
 
 // Sparse drivers: whole tiles; T = 1 at batch 1, up to 4 tokens share each expanded chunk for M > 1.
@@ -277,7 +323,9 @@ __attribute__((always_inline)) inline void sf32_tile(const SparseF32& w, const A
   }
 
 SPARSEC_SPARSE_DRIVER(sparse_i8_avx512, si8_tile, SparseI8, ActI8, int32_t)
-SPARSEC_SPARSE_DRIVER(sparse_f32_avx512, sf32_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_f32_avx512, sfv_tile, SparseF32, ActF32, float)
+SPARSEC_SPARSE_DRIVER(sparse_bf16_avx512, sfv_tile, SparseBF16, ActF32, float)
+SPARSEC_DRIVER(dense_bf16_avx512, dbf16_tile, DenseBF16, ActF32, float)
 SPARSEC_DRIVER(dense_i8_avx512, di8_tile, DenseI8, ActI8, int32_t)
 SPARSEC_SPARSE_DRIVER(sparse_i4_avx512, si4_tile, SparseI4, ActI8, float)
 SPARSEC_DRIVER(dense_i4_avx512, di4_tile, DenseI4, ActI8, float)
@@ -300,10 +348,12 @@ void densify_i8_avx512(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf) {
   }
 }
 
-void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+// Rows [r0, r1) of a packed fp32 or bf16 weight written dense in fp32 (every element, zeros included).
+template <class W>
+void densify_fv_avx512(const W& w, int64_t r0, int64_t r1, float* buf) {
   const int64_t kp = w.kc * 64;
   for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
-    const float* p = w.values + w.tile_ptr[tile];
+    auto p = w.values + w.tile_ptr[tile];
     for (int64_t c = 0; c < w.kc; ++c)
       for (int r = 0; r < kTile; ++r) {
         const int64_t row = tile * kTile + r;
@@ -311,14 +361,16 @@ void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) 
         float* o = buf + (row - r0) * kp + c * 64;
         for (int h = 0; h < 4; ++h) {
           const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
-          __m512 v = _mm512_loadu_ps(p);
-          SPARSEC_IN_REG(v);
-          if (row < r1) _mm512_storeu_ps(o + 16 * h, _mm512_maskz_expand_ps((__mmask16)mm, v));
+          const __m512 v = expand16(p, mm);
+          if (row < r1) _mm512_storeu_ps(o + 16 * h, v);
           p += _mm_popcnt_u32(mm);
         }
       }
   }
 }
+
+void densify_f32_avx512(const SparseF32& w, int64_t r0, int64_t r1, float* buf) { densify_fv_avx512(w, r0, r1, buf); }
+void densify_bf16_avx512(const SparseBF16& w, int64_t r0, int64_t r1, float* buf) { densify_fv_avx512(w, r0, r1, buf); }
 
 #include "row_math.h"  // quantize_row, rms_norm, silu_mul, attend for this ISA (internal linkage)
 
@@ -332,7 +384,8 @@ namespace sparsec {
 KernelTable avx512_kernels() {
   return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512, densify_i8_avx512,
                      sparse_i4_avx512, dense_i4_avx512,
-                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
+                     sparse_bf16_avx512, dense_bf16_avx512, densify_bf16_avx512};
 }
 }  // namespace sparsec
 

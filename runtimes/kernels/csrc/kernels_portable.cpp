@@ -127,24 +127,57 @@ void sparse_i8_portable(const SparseI8& w, const ActI8& a, int64_t n0, int64_t n
   }
 }
 
-void sparse_f32_portable(const SparseF32& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
+// A stored value as the kernels multiply it: fp32 and int8 as they are, bf16 bits widened to fp32 (exact).
+inline float widen(float v) { return v; }
+inline int8_t widen(int8_t v) { return v; }
+inline float widen(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Sparse fp32 / bf16 (W = SparseF32 / SparseBF16): fp32 sums in column order.
+template <class W>
+void sparse_fv_portable(const W& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
   for (int64_t tile = n0 / kTile; tile * kTile < n1; ++tile) {
     for (int64_t t = 0; t < a.m; ++t) {
       const float* x = a.x + t * a.kp;
-      const float* v = w.values + w.tile_ptr[tile];
+      auto v = w.values + w.tile_ptr[tile];
       float s[kTile] = {0.f, 0.f, 0.f, 0.f};
       for (int64_t c = 0; c < w.kc; ++c) {
         const float* xc = x + c * 64;
         for (int r = 0; r < kTile; ++r) {
           uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
           while (m) {
-            s[r] += xc[__builtin_ctzll(m)] * (*v++);
+            s[r] += xc[__builtin_ctzll(m)] * widen(*v++);
             m &= m - 1;
           }
         }
       }
       for (int r = 0; r < kTile; ++r)
         if (tile * kTile + r < w.n) y[t * w.n + tile * kTile + r] = s[r];
+    }
+  }
+}
+
+void sparse_f32_portable(const SparseF32& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
+  sparse_fv_portable(w, a, n0, n1, y);
+}
+
+void sparse_bf16_portable(const SparseBF16& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
+  sparse_fv_portable(w, a, n0, n1, y);
+}
+
+void dense_bf16_portable(const DenseBF16& w, const ActF32& a, int64_t n0, int64_t n1, float* y) {
+  const int64_t kp = w.kc * 64;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* q = w.q + n * kp;
+    for (int64_t t = 0; t < a.m; ++t) {
+      const float* x = a.x + t * a.kp;
+      float s = 0.f;
+      for (int64_t k = 0; k < kp; ++k) s += x[k] * widen(q[k]);
+      y[t * w.n + n] = s;
     }
   }
 }
@@ -162,20 +195,21 @@ void dense_i8_portable(const DenseI8& w, const ActI8& a, int64_t n0, int64_t n1,
   }
 }
 
-// Rows [r0, r1) of a packed weight (int8 or fp32 values) written dense by walking the mask bits.
-template <class W, class T>
-void densify_bits(const W& w, const T* values, int64_t r0, int64_t r1, T* buf) {
+// Rows [r0, r1) of a packed weight (int8, fp32 or bf16 values) written dense (O: int8, fp32, fp32) by
+// walking the mask bits.
+template <class W, class T, class O>
+void densify_bits(const W& w, const T* values, int64_t r0, int64_t r1, O* buf) {
   const int64_t kp = w.kc * 64;
-  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = T(0);
+  for (int64_t i = 0; i < (r1 - r0) * kp; ++i) buf[i] = O(0);
   for (int64_t tile = r0 / kTile; tile * kTile < r1; ++tile) {
     const T* p = values + w.tile_ptr[tile];
     for (int64_t c = 0; c < w.kc; ++c)
       for (int r = 0; r < kTile; ++r) {
         const int64_t row = tile * kTile + r;
         uint64_t m = w.masks[(tile * w.kc + c) * kTile + r];
-        T* o = buf + (row - r0) * kp + c * 64;
+        O* o = buf + (row - r0) * kp + c * 64;
         while (m) {
-          if (row < r1) o[__builtin_ctzll(m)] = *p;
+          if (row < r1) o[__builtin_ctzll(m)] = widen(*p);
           ++p;
           m &= m - 1;
         }
@@ -184,6 +218,10 @@ void densify_bits(const W& w, const T* values, int64_t r0, int64_t r1, T* buf) {
 }
 
 void densify_f32_portable(const SparseF32& w, int64_t r0, int64_t r1, float* buf) {
+  densify_bits(w, w.values, r0, r1, buf);
+}
+
+void densify_bf16_portable(const SparseBF16& w, int64_t r0, int64_t r1, float* buf) {
   densify_bits(w, w.values, r0, r1, buf);
 }
 
@@ -198,7 +236,8 @@ void densify_i8_reference(const SparseI8& w, int64_t r0, int64_t r1, int8_t* buf
 KernelTable portable_kernels() {
   return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable, densify_i8_reference,
                      sparse_i4_portable, dense_i4_portable,
-                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend};
+                     rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
+                     sparse_bf16_portable, dense_bf16_portable, densify_bf16_portable};
 }
 
 }  // namespace sparsec

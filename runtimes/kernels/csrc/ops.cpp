@@ -514,9 +514,10 @@ at::Tensor densify_f32(const at::Tensor& masks, const at::Tensor& tile_ptr, cons
 
 // M > kDensifyM: each worker densifies row tiles (~4 MiB) into a cache-resident buffer (vector expansion,
 // the ISA's densify kernel) and runs torch's GEMM on it: the compute-bound regime, where MKL's sgemm
-// beats expand + FMA per token; no dense copy of the whole W ever exists.
-at::Tensor tiled_dense_gemm_f32(const KernelTable& kt, const SparseF32& w, const at::Tensor& x2) {
-  const int64_t n = w.n, k = w.k, kp = w.kc * 64;
+// beats expand + FMA per token; no dense copy of the whole W ever exists. `dense_rows(r0, r1, buf)` writes
+// rows [r0, r1) of W as fp32 [r1 - r0, kp] into buf (fp32 and bf16 weights, sparse or dense).
+template <class DenseRows>
+at::Tensor tiled_dense_gemm(int64_t n, int64_t k, int64_t kp, const at::Tensor& x2, const DenseRows& dense_rows) {
   // ~4 MiB tiles: 64-row tiles left MKL with narrow GEMMs (11008x4096, M = 64, one thread: 180 ms vs
   // 128 ms dense); 256 rows at K = 4096 measured 79 ms vs 76 ms dense (docs/kernels.md).
   const int64_t TR = std::max<int64_t>(kTile, std::min<int64_t>(512, (1 << 20) / kp / kTile * kTile));
@@ -530,10 +531,30 @@ at::Tensor tiled_dense_gemm_f32(const KernelTable& kt, const SparseF32& w, const
     auto buf = at::empty({TR, kp}, xf.options());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * TR, r1 = std::min(n, r0 + TR);
-      kt.densify_f32(w, r0, r1, buf.data_ptr<float>());
+      dense_rows(r0, r1, buf.data_ptr<float>());
       y.narrow(1, r0, r1 - r0).copy_(at::mm(xf, buf.narrow(0, 0, r1 - r0).narrow(1, 0, k).t()));
     }
   });
+  return y;
+}
+
+// The batch-1 / small-M fp32-activation path shared by fp32 and bf16 weights: pad x to kp, run the kernel
+// over row blocks, add the bias.
+template <class RunRows>
+at::Tensor f32_act_linear(const at::Tensor& x2, int64_t kp, int64_t n, const c10::optional<at::Tensor>& bias,
+                          const RunRows& run) {
+  const int64_t m = x2.size(0);
+  auto xp = pad_f32(x2, kp);
+  ActF32 act{xp.data_ptr<float>(), m, kp};
+  auto y = at::empty({m, n}, x2.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  over_rows(n, [&](int64_t n0, int64_t n1) {
+    run(act, n0, n1, yp);
+    if (bp)
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t j = n0; j < n1; ++j) yp[t * n + j] += bp[j];
+  }, n * (kp / 64) * m);
   return y;
 }
 
@@ -542,26 +563,61 @@ at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const
   const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
   auto x2 = x.reshape({-1, k});
-  const int64_t m = x2.size(0);
   const auto& kt = kernels();
   SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
               k, kc, prefetch_bytes()};
-  if (m > kDensifyM) {
-    auto y = tiled_dense_gemm_f32(kt, w, x2);
+  at::Tensor y;
+  if (x2.size(0) > kDensifyM) {
+    y = tiled_dense_gemm(n, k, kc * 64, x2, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_f32(w, r0, r1, buf); });
     if (bias) y.add_(*bias);
-    return epilogue_shape(x, y, n);
+  } else {
+    y = f32_act_linear(x2, kc * 64, n, bias,
+                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_f32(w, act, n0, n1, yp); });
   }
-  auto xp = pad_f32(x2, kc * 64);
-  ActF32 act{xp.data_ptr<float>(), m, kc * 64};
-  auto y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
-  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  over_rows(n, [&](int64_t n0, int64_t n1) {
-    kt.sparse_f32(w, act, n0, n1, yp);
-    if (bp)
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t j = n0; j < n1; ++j) yp[t * n + j] += bp[j];
-  }, n * kc * m);
+  return epilogue_shape(x, y, n);
+}
+
+// ---- bf16 (weights bf16, activations and sums fp32) -------------------------------------------------
+
+at::Tensor sparse_linear_bf16(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
+                              const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
+  const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kBFloat16);
+  if (bias) check_vec(*bias, n, at::kFloat, "bias");
+  auto x2 = x.reshape({-1, k});
+  const auto& kt = kernels();
+  SparseBF16 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(),
+               (const uint16_t*)values.data_ptr<at::BFloat16>(), n, k, kc, prefetch_bytes()};
+  at::Tensor y;
+  if (x2.size(0) > kDensifyM) {
+    y = tiled_dense_gemm(n, k, kc * 64, x2, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_bf16(w, r0, r1, buf); });
+    if (bias) y.add_(*bias);
+  } else {
+    y = f32_act_linear(x2, kc * 64, n, bias,
+                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_bf16(w, act, n0, n1, yp); });
+  }
+  return epilogue_shape(x, y, n);
+}
+
+at::Tensor dense_linear_bf16(const at::Tensor& x, const at::Tensor& q, const c10::optional<at::Tensor>& bias, int64_t n) {
+  TORCH_CHECK(n > 0, "error: out_features must be > 0");
+  const int64_t k = x.size(-1), kc = (k + 63) / 64, kp = kc * 64;
+  check_vec(q, n * kp, at::kBFloat16, "q (bf16, padded to 64 columns)");
+  if (bias) check_vec(*bias, n, at::kFloat, "bias");
+  auto x2 = x.reshape({-1, k});
+  const auto& kt = kernels();
+  DenseBF16 w{(const uint16_t*)q.data_ptr<at::BFloat16>(), n, k, kc};
+  at::Tensor y;
+  if (x2.size(0) > kDensifyM) {
+    y = tiled_dense_gemm(n, k, kp, x2, [&](int64_t r0, int64_t r1, float* buf) {
+      const uint16_t* src = w.q + r0 * kp;
+      uint32_t* dst = (uint32_t*)buf;
+      for (int64_t i = 0; i < (r1 - r0) * kp; ++i) dst[i] = (uint32_t)src[i] << 16;  // bf16 -> fp32, exact
+    });
+    if (bias) y.add_(*bias);
+  } else {
+    y = f32_act_linear(x2, kp, n, bias,
+                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.dense_bf16(w, act, n0, n1, yp); });
+  }
   return epilogue_shape(x, y, n);
 }
 
@@ -585,6 +641,8 @@ TORCH_LIBRARY(sparsec, m) {
   m.def("dense_linear_i8(Tensor x, Tensor q, Tensor scales, Tensor rowsum, Tensor? bias, int n) -> Tensor");
   m.def("sparse_linear_f32(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
   m.def("densify_f32(Tensor masks, Tensor tile_ptr, Tensor values, int n, int k) -> Tensor");
+  m.def("sparse_linear_bf16(Tensor x, Tensor masks, Tensor tile_ptr, Tensor values, Tensor? bias, int n) -> Tensor");
+  m.def("dense_linear_bf16(Tensor x, Tensor q, Tensor? bias, int n) -> Tensor");
   m.def("sparse_i4_acc(Tensor xq, Tensor masks, Tensor tile_ptr, Tensor values, Tensor scales, Tensor zeros, "
         "Tensor comp, int n) -> Tensor");
   m.def("dense_i4_acc(Tensor xq, Tensor q, Tensor scales, Tensor zeros, Tensor comp, int n) -> Tensor");
@@ -601,6 +659,8 @@ TORCH_LIBRARY_IMPL(sparsec, CPU, m) {
   m.impl("dense_linear_i8", &sparsec::dense_linear_i8);
   m.impl("sparse_linear_f32", &sparsec::sparse_linear_f32);
   m.impl("densify_f32", &sparsec::densify_f32);
+  m.impl("sparse_linear_bf16", &sparsec::sparse_linear_bf16);
+  m.impl("dense_linear_bf16", &sparsec::dense_linear_bf16);
   m.impl("sparse_i4_acc", &sparsec::sparse_i4_acc);
   m.impl("dense_i4_acc", &sparsec::dense_i4_acc);
   m.impl("sparse_linear_i4", &sparsec::sparse_linear_i4);
