@@ -3,11 +3,13 @@
     python benchmarks/kernels.py                     # 3 Llama MLP shapes x both orientations x 0-90 % x int8/fp32
     python benchmarks/kernels.py --shapes 4096x11008 --rounds 10
     python benchmarks/kernels.py --dtypes int4 --shapes 576x1536,2048x5632,4096x11008 --sparsities 0,0.5,0.7,0.9
+    python benchmarks/kernels.py --dtypes bf16 --gemm-shape "" --out benchmarks/results/kernels_bf16.json
 
 Shapes are out x in as they occur in Llama MLPs (up/gate: hidden -> intermediate, down: back). Per
 (shape, precision) every configuration runs INTERLEAVED at batch 1 with 2 threads: the dense baseline
 (int8: our dense VNNI kernel of the same family; fp32: torch's F.linear, i.e. MKL) and the packed sparse
-kernel at each sparsity. `int4` groups take our dense int4 kernel as the baseline and interleave it with
+kernel at each sparsity. `bf16` groups take our dense bf16 kernel as the base and interleave torch's
+dense fp32 and bf16 (oneDNN) GEMV and sparse bf16 at each sparsity. `int4` groups take our dense int4 kernel as the baseline and interleave it with
 our dense int8 kernel, sparse int4 and sparse int8 at each sparsity (one group: the same DRAM, the same
 moments of load). Each configuration rotates over enough copies of its weight that the set
 (over all configurations of the group, > 2x the 300 MiB L3 here) is read from DRAM, as in decode where
@@ -128,7 +130,17 @@ def build_group(n: int, k: int, dtype: str, sparsities: list[float], cold_bytes:
                 configs.append(Config(f"{kind.replace('-', ' ')} {int(round(s * 100))}%", s,
                                       [call_for(o, c, x) for c in copies_of(packed, nbytes, cold_bytes)], nbytes))
         return configs
-    if dtype == "int8":
+    if dtype == "bf16":  # our dense bf16 first (the speedup base), then torch's fp32 and bf16 (oneDNN) GEMV
+        dense = pack_linear(base, "dense-bf16")
+        nbytes = dense.bytes_read()
+        configs.append(Config("dense bf16 (ours)", None, [call_for(o, c, x) for c in copies_of(dense, nbytes, cold_bytes)], nbytes))
+        for label, dt, size in (("dense fp32 (torch)", torch.float32, 4), ("dense bf16 (torch)", torch.bfloat16, 2)):
+            count = max(1, min(256, int(cold_bytes // (size * n * k)) + 1))
+            xs = x.to(dt)
+            weights = [base.to(dt) for _ in range(count)]
+            configs.append(Config(label, None, [(lambda w=w, xs=xs: torch.nn.functional.linear(xs, w)) for w in weights],
+                                  size * n * k))
+    elif dtype == "int8":
         dense = pack_linear(base, "dense-int8")
         nbytes = dense.bytes_read()
         configs.append(Config("dense int8 (ours)", None, [call_for(o, c, x) for c in copies_of(dense, nbytes, cold_bytes)], nbytes))
@@ -138,7 +150,7 @@ def build_group(n: int, k: int, dtype: str, sparsities: list[float], cold_bytes:
         weights = [base] + [base.clone() for _ in range(count - 1)]
         configs.append(Config("dense fp32 (torch)", None,
                               [(lambda w=w: torch.nn.functional.linear(x, w)) for w in weights], nbytes))
-    kind = "sparse-int8" if dtype == "int8" else "sparse-fp32"
+    kind = f"sparse-{dtype}"
     for s in sparsities:
         packed = pack_linear(sparse_weight(n, k, s, seed=int(s * 100) + n), kind)
         nbytes = packed.bytes_read()
@@ -190,7 +202,7 @@ def overhead(threads: int) -> dict:
     x = torch.randn(1, 64)
     w = sparse_weight(64, 64, 0.7, 1)
     cases = {"torch.ops.sparsec.noop": lambda: o.noop(x), "torch F.linear 64x64 fp32": lambda: torch.nn.functional.linear(x, w)}
-    for kind in ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4"):
+    for kind in ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-int4", "dense-int4", "sparse-bf16", "dense-bf16"):
         cases[f"sparsec {kind} 64x64"] = call_for(o, pack_linear(w, kind), x)
     out = {}
     for name, fn in cases.items():
@@ -265,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: bad --shapes/--sparsities/--gemm-m: {exc}", file=sys.stderr)
         return 2
-    if any(d not in ("int8", "fp32", "int4") for d in dtypes) or any(not 0 <= s < 1 for s in sparsities):
-        print("error: --dtypes takes int8,fp32,int4 and --sparsities values in [0, 1)", file=sys.stderr)
+    if any(d not in ("int8", "fp32", "int4", "bf16") for d in dtypes) or any(not 0 <= s < 1 for s in sparsities):
+        print("error: --dtypes takes int8,fp32,int4,bf16 and --sparsities values in [0, 1)", file=sys.stderr)
         return 2
     kops.load()
     torch.set_num_threads(args.threads)

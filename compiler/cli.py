@@ -80,9 +80,9 @@ def _positive(ctx, param, value):
 @click.option("--allocation", help="Layerwise allocation: auto (default: best on held-out data) | uniform | owl | alphapruning (shorthand).")
 @click.option("--method", help="Pruning method: magnitude | wanda | sparsegpt (shorthand).")
 @click.option("--pattern", help="unstructured | N:M such as 2:4 (shorthand).")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "int4", "int8-weight"]),
+@click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "int4", "int8-weight", "bf16"]),
               help="Quantization (shorthand); int4 / int8-weight = weight-only (int4: onnxruntime/openvino; "
-                   "int8-weight: onnxruntime/sparsec).")
+                   "int8-weight: onnxruntime/sparsec; bf16: sparsec).")
 @click.option("--recover", help="Recovery passes after prune, comma-separated: reconstruct | prune-grow | finetune (shorthand).")
 @click.option("--backend", "backends", help="Comma-separated backends to lower to and verify on, e.g. onnxruntime,openvino.")
 @click.option("--eval-data", help="Held-out text to evaluate compiled vs dense (perplexity / embedding cosine); 'eval' = built-in.")

@@ -23,7 +23,7 @@ import click
 @click.option("--method", default="wanda", show_default=True, help="Comma-separated pruning methods: magnitude,wanda,sparsegpt.")
 @click.option("--allocation", default="uniform", show_default=True, help="Comma-separated allocations: uniform,owl,alphapruning,auto.")
 @click.option("--backend", "backends", default="onnxruntime", show_default=True, help="Comma-separated backends to verify speed on.")
-@click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "int4", "int8-weight"]), help="Quantization for every cell.")
+@click.option("--quantize", type=click.Choice(["none", "int8", "int8-dynamic", "int4", "int8-weight", "bf16"]), help="Quantization for every cell.")
 @click.option("--recover", help="Recovery passes for every cell (as compile --recover).")
 @click.option("--pattern", help="unstructured | N:M for every cell (as compile --pattern).")
 @click.option("--max-accuracy-drop", type=float, help="Print the fastest configuration whose held-out quality drop "

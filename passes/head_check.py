@@ -100,6 +100,8 @@ WEIGHT_ONLY_BITS = {"int4": 4, "int8-weight": 8}
 
 
 def fake_quant_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
+    if scheme == "bf16":
+        return w.to(torch.bfloat16).to(w.dtype)
     if scheme in WEIGHT_ONLY_BITS:
         levels = (1 << WEIGHT_ONLY_BITS[scheme]) - 1
         out, k = w.shape
@@ -115,7 +117,7 @@ def fake_quant_weight(w: torch.Tensor, scheme: str) -> torch.Tensor:
 
 
 def fake_quant_activations(x: torch.Tensor, scheme: str, static_range: tuple[float, float] | None) -> torch.Tensor:
-    if scheme in WEIGHT_ONLY_BITS:
+    if scheme in WEIGHT_ONLY_BITS or scheme == "bf16":
         return x
     if scheme == "int8" and static_range is not None:
         lo = torch.tensor(min(static_range[0], 0.0))

@@ -7,8 +7,10 @@ calibration samples) → QDQ for onnxruntime / OpenVINO, QLinearMatMul for DeepS
 (weight-only, 4-bit blocks of 64, activations float, nothing calibrated) → MatMulNBits for onnxruntime
 and OpenVINO (NNCF weight compression); `int8-weight` (weight-only, 8-bit blocks of 64) → 8-bit
 MatMulNBits for onnxruntime (the accuracy of openvino-genai's weight-only int8: W8A8 `int8-dynamic` cost
-SmolLM2 +49 % perplexity, 8-bit weights alone +0.7 %), our kernels' int8 for `sparsec`; the backends
-without a form for a weight-only scheme refuse it at compile.
+SmolLM2 +49 % perplexity, 8-bit weights alone +0.7 %), our kernels' int8 for `sparsec`; `bf16` (weights
+rounded to bfloat16, activations and sums fp32: half of fp32's bytes, no activation quantization) → the
+sparsec backend's packed bf16 only (BACKEND_LOWERED: no ONNX variant); the backends without a form for a
+weight-only scheme refuse it at compile.
 
 Layers inside the model's blocks are selected by default. Layers outside them (LM heads, poolers,
 classifier heads): `include_outside_blocks=auto` (the default) quantizes a causal LM's head when a check
@@ -40,8 +42,8 @@ from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 from passes.head_check import HeadCheck, check_head
 from passes.plan_utils import compile_patterns, require_prunable_layers
 
-Scheme = Literal["int8", "int8-dynamic", "int4", "int8-weight"]
-SCHEMES = ("int8", "int8-dynamic", "int4", "int8-weight")
+Scheme = Literal["int8", "int8-dynamic", "int4", "int8-weight", "bf16"]
+SCHEMES = ("int8", "int8-dynamic", "int4", "int8-weight", "bf16")
 # a head that fails the check at the plan's scheme is checked once more at this one (llama.cpp's choice:
 # a Q4 model keeps its output matrix at 6-8 bits). SmolLM2's head: int4 +14.95 % perplexity (fails),
 # 8-bit weights +0.12 % (passes) — and at 8 bits it reads 28 MB per token instead of fp32's 113 MB.
@@ -64,7 +66,8 @@ class Quantize(Pass):
     scheme: Scheme = option("int8", "int8: static, calibrated (QDQ / QLinearMatMul); "
                             "int8-dynamic: activations quantized at run time (MatMulInteger); "
                             "int4: weight-only 4-bit blocks (MatMulNBits; onnxruntime and openvino only); "
-                            "int8-weight: weight-only 8-bit blocks (MatMulNBits; onnxruntime, sparsec)")
+                            "int8-weight: weight-only 8-bit blocks (MatMulNBits; onnxruntime, sparsec); "
+                            "bf16: weights rounded to bfloat16, activations fp32 (sparsec only)")
     include_outside_blocks: bool | Literal["auto"] = option(
         "auto", "also quantize layers outside the blocks (LM head, pooler, classifier): true, false, or auto "
                 "(a causal LM's head when it costs <= 1% perplexity on the calibration text)")

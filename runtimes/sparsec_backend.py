@@ -4,7 +4,7 @@ Why torch as the host (docs/kernels.md has the measurements): it is maintained a
 wheel ships the headers our C++ ops build against, its thread pool runs our kernels, and the artifact
 already holds the transformed Hugging Face model (`model/`), so no export is needed: lowering for this
 backend is *packing* — the planned layers written sparse on disk (ART/sparsec/weights.safetensors:
-bitmasks + packed non-zeros, int8 with per-channel scales, int4 with group-64 scales, or fp32), loaded
+bitmasks + packed non-zeros, int8 with per-channel scales, int4 with group-64 scales, bf16 or fp32), loaded
 without ever materialising the dense matrix, and transformers' own KV cache for decode.
 
 Dense baselines on the same engine: the source model as is (torch fp32), with the same layers on our
@@ -17,6 +17,8 @@ onnxruntime's MatMulNBits graph of the same plan beside our packed weights; this
 packing of the plan (`lower`), never that graph. `--quantize int8-weight` likewise (declared as
 `int8-matmulnbits`): our kernels run it as their int8 form (8-bit weights per output channel,
 activations quantized per token — measured on SmolLM2 at +4.4 % perplexity, docs/measurement.md).
+`--quantize bf16` is this backend's alone (declared `backend-lowered`: no ONNX variant is written): the
+planned layers packed as bf16 values, activations and sums fp32.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ PACKED_DIR = "sparsec"
 DENSE_INT8_DIR = "sparsec-dense-int8"
 DENSE_FP32_DIR = "sparsec-dense"
 DENSE_INT4_DIR = "sparsec-dense-int4"
+DENSE_BF16_DIR = "sparsec-dense-bf16"
 
 
 class SparsecBackend(Backend):
     name = "sparsec"
     install_hint = "built by `make venv` (.venv/bin/python -m runtimes.kernels.build): needs torch and g++"
     needs_source_model: ClassVar[bool] = True
-    quant_forms: ClassVar[Mapping[str, str]] = {"int4": "int4-matmulnbits", "int8-weight": "int8-matmulnbits"}
+    # bf16: packed bf16 weights, written by `lower` only (compiler.lowering.quant.BACKEND_LOWERED: no ONNX variant)
+    quant_forms: ClassVar[Mapping[str, str]] = {"int4": "int4-matmulnbits", "int8-weight": "int8-matmulnbits",
+                                                "bf16": "backend-lowered"}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -58,8 +63,8 @@ class SparsecBackend(Backend):
         return PACKED_DIR
 
     def dense_configs(self, dense_root: Path, manifest: dict[str, Any]) -> dict[str, Path]:
-        """Dense fp32 (torch), dense int8 (our dense kernel on the plan's layers) and, for an int4 plan,
-        dense int4 (our dense int4 kernel) of the source model."""
+        """Dense fp32 (torch), dense int8 (our dense kernel on the plan's layers) and, for an int4 / bf16
+        plan, dense int4 / bf16 (our dense kernel of that kind) of the source model."""
         from runtimes.kernels.host_runner import write_dense_host
 
         model_dir = Path(dense_root) / "model"
@@ -71,6 +76,9 @@ class SparsecBackend(Backend):
         if any((e or {}).get("quant") == "int4" for e in plan.values()):
             configs["dense int4 (sparsec kernel)"] = write_dense_host(Path(dense_root) / DENSE_INT4_DIR, model_dir,
                                                                       "dense-int4", layers)
+        if any((e or {}).get("quant") == "bf16" for e in plan.values()):
+            configs["dense bf16 (sparsec kernel)"] = write_dense_host(Path(dense_root) / DENSE_BF16_DIR, model_dir,
+                                                                      "dense-bf16", layers)
         return configs
 
     def prepare(self, onnx_path: Path, out_dir: Path, options: RunnerOptions) -> Path:

@@ -94,9 +94,38 @@ def test_fp32_matches_dense_within_1e5(isa, n, k, sparsity):
         assert (got.double() - ref).abs().max().item() <= 1e-5 * scale, (isa, m)
 
 
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_bf16_matches_its_rounded_weight_within_1e5(isa, n, k, sparsity):
+    """bf16 values: the weight rounded to bfloat16 once at packing, fp32 activations and sums; sparse and
+    dense kinds agree with x @ W_bf16^T in float64 to 1e-5 of the output scale (batch 1, small M, and the
+    GEMM path above 16 tokens)."""
+    w = sparse_weight(n, k, sparsity, seed=5 * n + k)
+    bias = torch.randn(n)
+    w16 = w.to(torch.bfloat16).to(torch.float64)
+    for kind in ("sparse-bf16", "dense-bf16"):
+        p = pack_linear(w, kind, bias)
+        assert torch.equal(unpack_dense(p).double(), w16)
+        mod = PackedLinearModule(p)
+        for m in TOKENS + [40]:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            ref = x.double() @ w16.T + bias.double()
+            scale = ref.abs().max().item() + 1e-30
+            assert (mod(x).double() - ref).abs().max().item() <= 1e-5 * scale, (isa, kind, m)
+
+
+def test_bf16_packs_half_the_bytes_of_fp32():
+    w = sparse_weight(256, 512, 0.7, seed=2)
+    sp16, sp32 = pack_linear(w, "sparse-bf16"), pack_linear(w, "sparse-fp32")
+    assert sp16.nnz == sp32.nnz and sp16.tensors["values"].dtype == torch.bfloat16
+    mask_bytes = sp16.tensors["masks"].numel() * 8 + sp16.tensors["tile_ptr"].numel() * 8
+    assert sp16.bytes_read() == 2 * sp16.nnz + mask_bytes and sp32.bytes_read() == 4 * sp32.nnz + mask_bytes
+    assert pack_linear(w, "dense-bf16").stored_bytes() == 2 * 256 * 512
+
+
 def test_zero_activations_and_all_zero_weight():
     w = torch.zeros(10, 70)
-    for kind in ("sparse-int8", "sparse-fp32", "dense-int8"):
+    for kind in ("sparse-int8", "sparse-fp32", "dense-int8", "sparse-bf16", "dense-bf16"):
         mod = PackedLinearModule(pack_linear(w, kind, torch.arange(10.0)))
         for x in (torch.zeros(1, 70), torch.randn(3, 70)):
             assert torch.equal(mod(x), torch.arange(10.0).expand(x.shape[0], 10))
@@ -105,7 +134,7 @@ def test_zero_activations_and_all_zero_weight():
 def test_pack_save_load_round_trip_without_densifying(tmp_path):
     w = sparse_weight(300, 200, 0.7, seed=1)
     layers = {"a.proj": pack_linear(w, "sparse-int8", torch.randn(300)), "b": pack_linear(w, "sparse-fp32"),
-              "head": pack_linear(w, "dense-int8")}
+              "head": pack_linear(w, "dense-int8"), "c": pack_linear(w, "sparse-bf16"), "d": pack_linear(w, "dense-bf16")}
     path = save_packed(layers, tmp_path / "w.safetensors")
     back = load_packed(path)
     assert set(back) == set(layers)

@@ -100,6 +100,29 @@ def test_causal_lm_int8_within_quantization_error(tiny_model_dir, tmp_path):
     assert set(host.layers_run().values()) == {"sparse-int8", "dense-int8"}
 
 
+def test_causal_lm_bf16_matches_the_bf16_rounded_model(tiny_model_dir, tmp_path):
+    """A bf16 plan packs sparse bf16 layers and a dense bf16 head (`lm_head="auto"`: no int8 error where the
+    user asked for none); the host reproduces the torch model holding the same bf16-rounded weights: logits
+    within 1e-4, identical greedy tokens."""
+    art, ref = make_artifact(tiny_model_dir("llama"), tmp_path / "art", quant="bf16")
+    result = pack_artifact(art)
+    assert {v["kind"] for n, v in result.layers.items() if n != "lm_head"} == {"sparse-bf16"}
+    assert result.layers["lm_head"]["kind"] == "dense-bf16"
+    with torch.no_grad():
+        for name in [*result.layers]:
+            mod = ref.get_submodule(name)
+            mod.weight.copy_(mod.weight.to(torch.bfloat16).to(torch.float32))
+    host = load_host_model(art)
+    ids = torch.tensor([[5, 17, 33, 8, 41]])
+    with torch.no_grad():
+        expected = ref.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        host.reset_counters()
+        got = host.generate(ids, 16)
+        torch.testing.assert_close(host.model(expected).logits, ref(expected).logits, rtol=1e-4, atol=1e-4)
+    assert got.tolist() == expected.tolist()
+    assert set(host.layers_run().values()) == {"sparse-bf16", "dense-bf16"}
+
+
 def test_missing_pack_is_a_one_line_error(tiny_model_dir, tmp_path):
     art, _ = make_artifact(tiny_model_dir("llama"), tmp_path / "art", quant=None)
     with pytest.raises(FileNotFoundError, match=f"error: .*{WEIGHTS}' not found"):

@@ -154,6 +154,54 @@ def test_llama_int4_greedy_tokens_equal_fake_quantized_torch(llama_int4):
     assert got[:NEW] == expected[0, 16:].tolist()
 
 
+def test_llama_bf16_compiles_verifies_and_decodes_like_the_rounded_model(tiny_model_dir, tmp_path):
+    """`--quantize bf16 --backend sparsec`: the plan packs sparse bf16 layers and a dense bf16 head, no ONNX
+    variant is written (the scheme is the backend's own form), verification times our dense bf16 kernel beside
+    fp32, and greedy decode equals the torch model holding the same bf16-rounded weights."""
+    import torch
+
+    from runtimes.decode.decoders import DecodeOptions
+    from runtimes.kernels.format import load_packed, unpack_dense
+    from runtimes.kernels.pack import load_artifact_model
+    from runtimes.sparsec_backend import SparsecBackend
+
+    out = tmp_path / "llama-bf16"
+    report = _compile(tiny_model_dir("llama"), out, "--quantize", "bf16")
+    manifest = json.loads((out / "manifest.json").read_text())
+    planned = {n for n, e in manifest["plan"].items() if e.get("quant") == "bf16"}
+    kinds = {n: v["kind"] for n, v in json.loads((out / "sparsec" / "format.json").read_text())["layers"].items()}
+    blocks = {n for n in planned if manifest["plan"][n].get("target_sparsity")}
+    assert len(blocks) == 14 and {kinds[n] for n in blocks} == {"sparse-bf16"} and kinds["lm_head"] == "dense-bf16"
+    assert manifest["lowering"]["variants"] == {} and not (out / "onnx" / "int8-dynamic").exists()
+    r = report["backends"]["sparsec"]
+    assert {"dense fp32", "dense bf16 (sparsec kernel)"} <= set(r["dense_configs_p50_ms"])
+    assert r["sparse_kernels"]["sparse-bf16"] == 14
+
+    ref = load_artifact_model(out / "model")
+    for name, p in load_packed(out / "sparsec" / "weights.safetensors").items():
+        with torch.no_grad():
+            ref.get_submodule(name).weight.copy_(unpack_dense(p))
+    ids = np.random.default_rng(0).integers(6, 500, size=(1, 16))
+    with torch.inference_mode():
+        expected = ref.generate(torch.from_numpy(ids), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    with closing(SparsecBackend().decoder(out / "sparsec", manifest["lowering"],
+                                          DecodeOptions(prompt_len=16, new_tokens=NEW, threads=2), out / "work")) as dec:
+        got = dec.generate(ids, np.ones_like(ids), NEW).tokens
+        assert dec.details["host"].startswith("lean")
+    assert got[:NEW] == expected[0, 16:].tolist()
+
+
+def test_bf16_on_another_backend_is_refused_before_loading(tiny_model_dir, tmp_path):
+    from compiler.cli import main
+
+    res = CliRunner().invoke(main, ["compile", str(tiny_model_dir("llama")), "-o", str(tmp_path / "x"), "--sparsity",
+                                    "0.5", "--quantize", "bf16", "--backend", "onnxruntime"])
+    assert res.exit_code != 0
+    line = res.output.strip().splitlines()[-1]
+    assert "--quantize bf16 is not supported by backend onnxruntime (it runs on: sparsec)" in line
+    assert not (tmp_path / "x").exists()
+
+
 def test_bert_embeddings_match_torch(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModel

@@ -73,7 +73,7 @@ def lower_artifact(ir: ModelIR, root: Path, backends: tuple[str, ...] | list[str
     hf_files = write_hf_files(ir, path.parent, spec.task, spec.inputs)
     scheme = planned_scheme(ir)
     wanted = variants_for_scheme(scheme, tuple(backends), registry) if scheme else {}
-    variants = write_variants(ir, path, root, section, scheme, calib, wanted) if scheme else {}
+    variants = write_variants(ir, path, root, section, scheme, calib, wanted) if scheme and wanted else {}
     section["variants"] = {name: v for name, v in variants.items()}
     for v in variants.values():
         if (root / v["file"]).parent != path.parent:

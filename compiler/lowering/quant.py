@@ -59,10 +59,14 @@ from compiler.lowering.format import LoweringError, load_onnx
 from compiler.lowering.rules import graph_rules, layer_nodes
 from compiler.stats import STATIC_MAX_ACTIVATION_RATIO, activation_ratios
 
-SCHEMES = ("int8", "int8-dynamic", "int4", "int8-weight")
+SCHEMES = ("int8", "int8-dynamic", "int4", "int8-weight", "bf16")
 # weight-only schemes: no backend runs them without a declared form, so a compile that requests one on
 # such a backend is refused up front (`backends_without_form`) instead of silently running fp32 there
-WEIGHT_ONLY_SCHEMES = ("int4", "int8-weight")
+WEIGHT_ONLY_SCHEMES = ("int4", "int8-weight", "bf16")
+# The form a backend declares for a scheme it lowers itself (`Backend.lower`), with no ONNX variant: bf16
+# weights exist only as the sparsec backend's packed bf16 (no maintained ONNX runtime has a bf16-weight,
+# fp32-activation MatMul that is faster than fp32 on CPU).
+BACKEND_LOWERED = "backend-lowered"
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,7 @@ def variants_for_scheme(scheme: str, backends: tuple[str, ...] = (), registry: A
         if not (requested or getattr(cls, "lowered_by_default", False)):
             continue
         form = cls.quant_form(scheme, requested) if hasattr(cls, "quant_form") else None
-        if form is None:
+        if form is None or form == BACKEND_LOWERED:
             continue
         if form not in VARIANTS:
             raise LoweringError(f"backend '{name}' declares int8 form '{form}', which lowering cannot write "

@@ -31,7 +31,7 @@ from runtimes.decode.decoders import Decoder
 from runtimes.decode.loop import generate, positions_from_mask, rss_bytes
 
 HOST_FILE = "host.json"
-DENSE_MODES = ("dense", "dense-int8", "dense-int4")
+DENSE_MODES = ("dense", "dense-int8", "dense-int4", "dense-bf16")
 
 
 def write_dense_host(directory: Path, model_dir: Path, mode: str, layers: list[str]) -> Path:
@@ -62,7 +62,7 @@ def load_host(path: Path, threads: int) -> Any:
     model_dir = Path(spec["model_dir"])
     model = load_artifact_model(model_dir)
     packed: dict[str, Any] = {}
-    if spec["mode"] in ("dense-int8", "dense-int4"):
+    if spec["mode"] in DENSE_MODES[1:]:
         plan = {name: {"quant": spec["mode"].removeprefix("dense-")} for name in spec.get("layers", [])}
         packed = swap_in(model, pack_model(model, plan, min_sparsity=2.0))  # 2.0: every layer takes the dense kernel
     archs = list(getattr(model.config, "architectures", None) or [])
@@ -89,7 +89,9 @@ def packed_bytes_read(module: Any) -> int:
 
 
 def packed_nonzeros(module: Any) -> int:
-    if module.kind in ("dense-int8", "dense-int4"):
+    from runtimes.kernels.format import DENSE_KINDS
+
+    if module.kind in DENSE_KINDS:
         return module.out_features * module.in_features
     if module.kind == "sparse-int4":  # tile_ptr counts bytes of codes
         from runtimes.kernels.format import mask_bits

@@ -3,11 +3,12 @@
 `pack_artifact(ART)` reads the manifest plan and the transformed model in ART/model/ and packs every
 planned layer: int8 (per-output-channel scales, activations quantized per token at run time) where
 the plan quantizes it to int8, int4 (group-64 fp16 scales, same int8 activations) where it plans
-int4, fp32 otherwise. A layer whose measured sparsity is below `min_sparsity` gains nothing from the
-bitmask (it costs 1/8 byte per weight): int8 / int4 layers then take the dense int8 / int4 kernel,
-fp32 ones stay ordinary torch Linears. The LM head (tied to the embedding on small LMs, and the
-largest single matrix of SmolLM2-135M: 49152 x 576) gets the dense int8 kernel unless
-`lm_head="none"`. Packing reads the dense model once (it is the lowering step); running never does.
+int4, bf16 (fp32 activations) where it plans bf16, fp32 otherwise. A layer whose measured sparsity is
+below `min_sparsity` gains nothing from the bitmask (it costs 1/8 byte per weight): int8 / int4 / bf16
+layers then take the dense kernel of their kind, fp32 ones stay ordinary torch Linears. The LM head
+(tied to the embedding on small LMs, and the largest single matrix of SmolLM2-135M: 49152 x 576), when
+the plan leaves it out, gets the dense int8 kernel (`lm_head="auto"`; dense bf16 in a bf16 plan)
+unless `lm_head="none"`. Packing reads the dense model once (it is the lowering step); running never does.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ WEIGHTS = "weights.safetensors"
 SUMMARY = "format.json"
 INT8_SCHEMES = ("int8", "int8-dynamic", "int8-weight")  # int8-weight: our int8 kernels (activations per token)
 INT4_SCHEMES = ("int4",)
+BF16_SCHEMES = ("bf16",)
+LM_HEAD_KINDS = ("auto", "dense-int8", "dense-bf16", "none")
 
 
 def packed_kind(quant: str | None, sparse: bool) -> str | None:
@@ -36,6 +39,8 @@ def packed_kind(quant: str | None, sparse: bool) -> str | None:
         return "sparse-int8" if sparse else "dense-int8"
     if quant in INT4_SCHEMES:
         return "sparse-int4" if sparse else "dense-int4"
+    if quant in BF16_SCHEMES:
+        return "sparse-bf16" if sparse else "dense-bf16"
     return "sparse-fp32" if sparse else None
 
 
@@ -87,11 +92,19 @@ def output_embedding_name(model: nn.Module) -> str | None:
     return None
 
 
+def head_kind(lm_head: str, plan: dict[str, dict[str, Any]]) -> str:
+    """`auto`: a bf16 plan's head stays bf16 (no int8 error where the user asked for none), else dense int8."""
+    if lm_head not in LM_HEAD_KINDS:
+        raise ValueError(f"error: lm_head must be one of {', '.join(LM_HEAD_KINDS)}, got '{lm_head}'")
+    if lm_head != "auto":
+        return lm_head
+    return "dense-bf16" if any((e or {}).get("quant") in BF16_SCHEMES for e in plan.values()) else "dense-int8"
+
+
 def pack_model(model: nn.Module, plan: dict[str, dict[str, Any]], *, min_sparsity: float = 0.25,
-               lm_head: str = "dense-int8") -> dict[str, PackedLinear]:
+               lm_head: str = "auto") -> dict[str, PackedLinear]:
     """Packed layers for `plan` (layer name -> plan entry) of an in-memory model."""
-    if lm_head not in ("dense-int8", "none"):
-        raise ValueError(f"error: lm_head must be 'dense-int8' or 'none', got '{lm_head}'")
+    lm_head = head_kind(lm_head, plan)
     layers: dict[str, PackedLinear] = {}
     for name, entry in plan.items():
         weight, bias = linear_weight(model.get_submodule(name))
@@ -111,7 +124,7 @@ def pack_model(model: nn.Module, plan: dict[str, dict[str, Any]], *, min_sparsit
 
 
 def pack_artifact(artifact: str | Path, out: str | Path | None = None, *, min_sparsity: float = 0.25,
-                  lm_head: str = "dense-int8", plan: dict[str, dict[str, Any]] | None = None) -> PackResult:
+                  lm_head: str = "auto", plan: dict[str, dict[str, Any]] | None = None) -> PackResult:
     """Pack ART's planned layers into ART/sparsec/ (or `out`); returns what was written. `plan`: the
     plan to pack (the compile driver passes it before manifest.json exists), else the manifest's."""
     root = Path(artifact)
