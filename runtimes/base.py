@@ -91,7 +91,8 @@ class Backend:
     # False: the runner runs only the (batch_size, seqlen) of its options, on the graph prepare() wrote
     # (callers such as the server prepare into a directory of their own and pad to that shape).
     dynamic_shapes: ClassVar[bool] = True
-    # quantization scheme ("int8" | "int8-dynamic" | "int4") -> the variant it runs (compiler/lowering/quant.py VARIANTS)
+    # quantization scheme ("int8" | "int8-dynamic" | "int4" | ...) -> the variant it runs (compiler/lowering/quant.py
+    # VARIANTS), or "backend-lowered" (quant.BACKEND_LOWERED) for a form only its own `lower` writes (sparsec's bf16)
     quant_forms: ClassVar[Mapping[str, str]] = {}
     # write its int8 variants even when it is not among the compile's --backend (serve it later without re-lowering)
     lowered_by_default: ClassVar[bool] = False

@@ -173,6 +173,9 @@ def test_llama_bf16_compiles_verifies_and_decodes_like_the_rounded_model(tiny_mo
     blocks = {n for n in planned if manifest["plan"][n].get("target_sparsity")}
     assert len(blocks) == 14 and {kinds[n] for n in blocks} == {"sparse-bf16"} and kinds["lm_head"] == "dense-bf16"
     assert manifest["lowering"]["variants"] == {} and not (out / "onnx" / "int8-dynamic").exists()
+    from compiler.lowering.quant import BACKEND_LOWERED
+
+    assert SparsecBackend.quant_form("bf16", True) == BACKEND_LOWERED
     r = report["backends"]["sparsec"]
     assert {"dense fp32", "dense bf16 (sparsec kernel)"} <= set(r["dense_configs_p50_ms"])
     assert r["sparse_kernels"]["sparse-bf16"] == 14

@@ -167,4 +167,23 @@ def load_host_model(artifact: str | Path, packed_path: str | Path | None = None,
         tokenizer = None
     archs = list(getattr(config, "architectures", None) or [])
     causal = any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    del packed_layers
+    release_freed_memory()
     return HostModel(model, causal, modules, tokenizer)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap freed while loading back to the OS (glibc's malloc_trim; a no-op elsewhere). Fusing
+    q/k/v and gate/up copies each group once and frees the per-layer arrays; glibc keeps such freed blocks
+    (its mmap threshold rises to 32 MiB after the first large free), which on SmolLM2 70 % int8 held ~35 MiB
+    beyond the weights (benchmarks/kernels_memory.py)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
