@@ -34,8 +34,8 @@ DENSE_KINDS = ("dense-int8", "dense-int4", "dense-bf16")
 FORMAT = "sparsec-packed-v1"
 CHUNK = 64
 TILE = 4  # rows per interleaved tile (csrc/common.h kTile)
-# values read 64 bytes (int8) / 16 floats (fp32) / 32 bytes of codes (int4) / 16 bf16 past each chunk start
-PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32, "sparse-bf16": 16}
+# values read 64 bytes (int8) / 16 floats (fp32) / 32 bytes of codes (int4) / 32 bf16 past each chunk start
+PAD = {"sparse-int8": 64, "sparse-fp32": 16, "sparse-int4": 32, "sparse-bf16": 32}
 FIELDS = {"sparse-int8": ("masks", "tile_ptr", "values", "scales", "rowsum"),
           "sparse-fp32": ("masks", "tile_ptr", "values"),
           "dense-int8": ("q", "scales", "rowsum"),

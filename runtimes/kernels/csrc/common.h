@@ -33,7 +33,7 @@
 // bf16 (sparse-bf16 / dense-bf16): values are bfloat16 bit patterns (the top half of an fp32) and the
 // activations stay fp32; a weight widens exactly to fp32 (bits << 16), so every product and sum is an fp32
 // one on the bf16-rounded weight: half the bytes of fp32 values with no activation quantization.
-//   sparse-bf16: masks, tile_ptr as fp32; values uint16 [nnz + 16 padding] in (tile, chunk, row, column) order
+//   sparse-bf16: masks, tile_ptr as fp32; values uint16 [nnz + 32 padding] in (tile, chunk, row, column) order
 //   dense-bf16:  q uint16 [N * kc * 64] row-major, zero padded (the same-family dense baseline, and a bf16 LM head)
 #pragma once
 #include <cstdint>

@@ -227,14 +227,33 @@ __attribute__((always_inline)) inline void sfv_tile(const W& w, const ActF32& a,
 #pragma GCC unroll 8
     for (int r = 0; r < kTile; ++r) {
       const uint64_t m = mk[c * kTile + r];
-#pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) {
-        const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
-        const __m512 wv = expand16(p, mm);
-        p += _mm_popcnt_u32(mm);
+      if constexpr (vbytes == 2) {
+        // bf16: one vpexpandw per 32 values (half the pointer-chain steps of 16-wide), widened in two halves
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t mm = (uint32_t)(m >> (32 * h));
+          __m512i v = _mm512_loadu_si512((const void*)p);
+          SPARSEC_IN_REG(v);
+          const __m512i e = _mm512_maskz_expand_epi16((__mmask32)mm, v);
+          const __m512 w0 = bf16_to_ps(_mm512_castsi512_si256(e)), w1 = bf16_to_ps(_mm512_extracti64x4_epi64(e, 1));
+          p += _mm_popcnt_u32(mm);
 #pragma GCC unroll 8
-        for (int u = 0; u < T; ++u)
-          s[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + u * a.kp + c * 64 + 16 * h), s[r][u]);
+          for (int u = 0; u < T; ++u) {
+            const float* xc = x + u * a.kp + c * 64 + 32 * h;
+            s[r][u] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xc), s[r][u]);
+            s[r][u] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xc + 16), s[r][u]);
+          }
+        }
+      } else {
+#pragma GCC unroll 4
+        for (int h = 0; h < 4; ++h) {
+          const unsigned mm = (unsigned)(m >> (16 * h)) & 0xffffu;
+          const __m512 wv = expand16(p, mm);
+          p += _mm_popcnt_u32(mm);
+#pragma GCC unroll 8
+          for (int u = 0; u < T; ++u)
+            s[r][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + u * a.kp + c * 64 + 16 * h), s[r][u]);
+        }
       }
     }
   }
@@ -258,15 +277,20 @@ __attribute__((always_inline)) inline void dbf16_tile(const DenseBF16& w, const 
     for (int u = 0; u < T; ++u) s[r][u] = _mm512_setzero_ps();
   const float* x = a.x + t * a.kp;
   const uint16_t* q = w.q + n * kp;
-  for (int64_t j = 0; j < kp; j += 16) {
-    __m512 wv[R];
+  for (int64_t j = 0; j < kp; j += 32) {  // one 64-byte load per row per 32 weights (kp is a multiple of 64)
+    __m512 w0[R], w1[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(q + r * kp + j)));
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch((const char*)(q + r * kp + j) + 1024, _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512((const void*)(q + r * kp + j));
+      w0[r] = bf16_to_ps(_mm512_castsi512_si256(v));
+      w1[r] = bf16_to_ps(_mm512_extracti64x4_epi64(v, 1));
+    }
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) {
-      const __m512 xv = _mm512_loadu_ps(x + u * a.kp + j);
+      const __m512 x0 = _mm512_loadu_ps(x + u * a.kp + j), x1 = _mm512_loadu_ps(x + u * a.kp + j + 16);
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) s[r][u] = _mm512_fmadd_ps(wv[r], xv, s[r][u]);
+      for (int r = 0; r < R; ++r) s[r][u] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, s[r][u]));
     }
   }
 #pragma GCC unroll 8

@@ -179,7 +179,7 @@ int64_t check_sparse(const at::Tensor& masks, const at::Tensor& tile_ptr, const 
               "error: tile_ptr must be contiguous int64 [", tiles + 1, "]");
   TORCH_CHECK(values.scalar_type() == vdtype && values.is_contiguous(), "error: values must be contiguous ",
               c10::toString(vdtype));
-  const int64_t pad = vdtype == at::kChar ? 64 : 16;
+  const int64_t pad = vdtype == at::kChar ? 64 : vdtype == at::kBFloat16 ? 32 : 16;
   const int64_t nnz = tile_ptr.data_ptr<int64_t>()[tiles];
   TORCH_CHECK(values.numel() >= nnz + pad, "error: values must hold nnz + ", pad, " padding elements (",
               values.numel(), " < ", nnz + pad, ")");
