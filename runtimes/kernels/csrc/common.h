@@ -162,6 +162,9 @@ struct KernelTable {
   SparseBF16Fn sparse_bf16;
   DenseBF16Fn dense_bf16;
   DensifyBF16Fn densify_bf16;
+  // The bf16 kernels read fp32 activations permuted per 32-column block: the 16 even columns, then the 16 odd
+  // ones (AVX-512: widening bf16 pairs in place, without a lane-crossing shuffle); else natural order.
+  bool bf16_pairs;
 };
 
 // The table the ops run (SPARSEC_KERNEL_ISA or the best this CPU supports; set_isa changes it).

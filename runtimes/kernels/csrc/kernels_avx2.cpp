@@ -377,7 +377,7 @@ namespace sparsec {
 KernelTable avx2_kernels() {
   return KernelTable{"avx2", sparse_i8_avx2, sparse_f32_avx2, dense_i8_avx2, densify_f32_avx2, densify_i8_reference, sparse_i4_avx2, dense_i4_avx2,
                      rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
-                     sparse_bf16_avx2, dense_bf16_avx2, densify_bf16_avx2};
+                     sparse_bf16_avx2, dense_bf16_avx2, densify_bf16_avx2, /*bf16_pairs=*/false};
 }
 }  // namespace sparsec
 

@@ -194,6 +194,14 @@ __attribute__((always_inline)) inline __m512 bf16_to_ps(__m256i h) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// 32 bf16 values (natural column order) as two fp32 vectors without crossing 128-bit lanes: each dword holds
+// columns (2j, 2j+1); shifting it up 16 gives column 2j as fp32, masking the low half gives column 2j+1. The
+// activations come permuted to match (even columns of each 32-block, then odd: KernelTable::bf16_pairs).
+__attribute__((always_inline)) inline void bf16_pairs(__m512i v, __m512& even, __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
 // The next 16 packed values expanded to their columns under a 16-bit mask, as fp32: vexpandps for fp32
 // values, vpexpandw (VBMI2) + widening for bf16 (a 32-byte load instead of 64).
 __attribute__((always_inline)) inline __m512 expand16(const float* p, unsigned mm) {
@@ -234,8 +242,8 @@ __attribute__((always_inline)) inline void sfv_tile(const W& w, const ActF32& a,
           const uint32_t mm = (uint32_t)(m >> (32 * h));
           __m512i v = _mm512_loadu_si512((const void*)p);
           SPARSEC_IN_REG(v);
-          const __m512i e = _mm512_maskz_expand_epi16((__mmask32)mm, v);
-          const __m512 w0 = bf16_to_ps(_mm512_castsi512_si256(e)), w1 = bf16_to_ps(_mm512_extracti64x4_epi64(e, 1));
+          __m512 w0, w1;  // even / odd columns of this 32-block (activations permuted to match)
+          bf16_pairs(_mm512_maskz_expand_epi16((__mmask32)mm, v), w0, w1);
           p += _mm_popcnt_u32(mm);
 #pragma GCC unroll 8
           for (int u = 0; u < T; ++u) {
@@ -282,9 +290,7 @@ __attribute__((always_inline)) inline void dbf16_tile(const DenseBF16& w, const 
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm_prefetch((const char*)(q + r * kp + j) + 1024, _MM_HINT_T0);
-      const __m512i v = _mm512_loadu_si512((const void*)(q + r * kp + j));
-      w0[r] = bf16_to_ps(_mm512_castsi512_si256(v));
-      w1[r] = bf16_to_ps(_mm512_extracti64x4_epi64(v, 1));
+      bf16_pairs(_mm512_loadu_si512((const void*)(q + r * kp + j)), w0[r], w1[r]);
     }
 #pragma GCC unroll 8
     for (int u = 0; u < T; ++u) {
@@ -409,7 +415,7 @@ KernelTable avx512_kernels() {
   return KernelTable{"avx512", sparse_i8_avx512, sparse_f32_avx512, dense_i8_avx512, densify_f32_avx512, densify_i8_avx512,
                      sparse_i4_avx512, dense_i4_avx512,
                      rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
-                     sparse_bf16_avx512, dense_bf16_avx512, densify_bf16_avx512};
+                     sparse_bf16_avx512, dense_bf16_avx512, densify_bf16_avx512, /*bf16_pairs=*/true};
 }
 }  // namespace sparsec
 

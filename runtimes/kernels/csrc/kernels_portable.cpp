@@ -237,7 +237,7 @@ KernelTable portable_kernels() {
   return KernelTable{"portable", sparse_i8_portable, sparse_f32_portable, dense_i8_portable, densify_f32_portable, densify_i8_reference,
                      sparse_i4_portable, dense_i4_portable,
                      rm_quantize_row, rm_quantize_row_s8, rm_rms_norm, rm_silu_mul, rm_attend,
-                     sparse_bf16_portable, dense_bf16_portable, densify_bf16_portable};
+                     sparse_bf16_portable, dense_bf16_portable, densify_bf16_portable, /*bf16_pairs=*/false};
 }
 
 }  // namespace sparsec

@@ -540,11 +540,26 @@ at::Tensor tiled_dense_gemm(int64_t n, int64_t k, int64_t kp, const at::Tensor& 
 
 // The batch-1 / small-M fp32-activation path shared by fp32 and bf16 weights: pad x to kp, run the kernel
 // over row blocks, add the bias.
+// Each 32-column block of x as its 16 even columns, then its 16 odd ones (KernelTable::bf16_pairs).
+at::Tensor pair_permuted(const at::Tensor& xp) {
+  auto out = at::empty_like(xp);
+  const float* src = xp.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const int64_t total = xp.numel();
+  for (int64_t b = 0; b < total; b += 32)
+    for (int64_t i = 0; i < 16; ++i) {
+      dst[b + i] = src[b + 2 * i];
+      dst[b + 16 + i] = src[b + 2 * i + 1];
+    }
+  return out;
+}
+
 template <class RunRows>
 at::Tensor f32_act_linear(const at::Tensor& x2, int64_t kp, int64_t n, const c10::optional<at::Tensor>& bias,
-                          const RunRows& run) {
+                          const RunRows& run, bool pairs = false) {
   const int64_t m = x2.size(0);
   auto xp = pad_f32(x2, kp);
+  if (pairs) xp = pair_permuted(xp);
   ActF32 act{xp.data_ptr<float>(), m, kp};
   auto y = at::empty({m, n}, x2.options().dtype(at::kFloat));
   float* yp = y.data_ptr<float>();
@@ -593,7 +608,8 @@ at::Tensor sparse_linear_bf16(const at::Tensor& x, const at::Tensor& masks, cons
     if (bias) y.add_(*bias);
   } else {
     y = f32_act_linear(x2, kc * 64, n, bias,
-                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_bf16(w, act, n0, n1, yp); });
+                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_bf16(w, act, n0, n1, yp); },
+                       kt.bf16_pairs);
   }
   return epilogue_shape(x, y, n);
 }
@@ -616,7 +632,8 @@ at::Tensor dense_linear_bf16(const at::Tensor& x, const at::Tensor& q, const c10
     if (bias) y.add_(*bias);
   } else {
     y = f32_act_linear(x2, kp, n, bias,
-                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.dense_bf16(w, act, n0, n1, yp); });
+                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.dense_bf16(w, act, n0, n1, yp); },
+                       kt.bf16_pairs);
   }
   return epilogue_shape(x, y, n);
 }
