@@ -573,23 +573,33 @@ at::Tensor f32_act_linear(const at::Tensor& x2, int64_t kp, int64_t n, const c10
   return y;
 }
 
+// The fp32-output layers (fp32 and bf16 weights): above kDensifyM tokens densified row tiles + torch's GEMM
+// (`dense_rows`), else the tile kernel on fp32 activations (`run`); bias added either way.
+template <class DenseRows, class RunRows>
+at::Tensor f32_out_linear(const at::Tensor& x, int64_t n, int64_t kp, const c10::optional<at::Tensor>& bias,
+                          const DenseRows& dense_rows, const RunRows& run, bool pairs = false) {
+  const int64_t k = x.size(-1);
+  auto x2 = x.reshape({-1, k});
+  at::Tensor y;
+  if (x2.size(0) > kDensifyM) {
+    y = tiled_dense_gemm(n, k, kp, x2, dense_rows);
+    if (bias) y.add_(*bias);
+  } else {
+    y = f32_act_linear(x2, kp, n, bias, run, pairs);
+  }
+  return epilogue_shape(x, y, n);
+}
+
 at::Tensor sparse_linear_f32(const at::Tensor& x, const at::Tensor& masks, const at::Tensor& tile_ptr,
                              const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kFloat);
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
-  auto x2 = x.reshape({-1, k});
   const auto& kt = kernels();
   SparseF32 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(), values.data_ptr<float>(), n,
               k, kc, prefetch_bytes()};
-  at::Tensor y;
-  if (x2.size(0) > kDensifyM) {
-    y = tiled_dense_gemm(n, k, kc * 64, x2, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_f32(w, r0, r1, buf); });
-    if (bias) y.add_(*bias);
-  } else {
-    y = f32_act_linear(x2, kc * 64, n, bias,
-                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_f32(w, act, n0, n1, yp); });
-  }
-  return epilogue_shape(x, y, n);
+  return f32_out_linear(
+      x, n, kc * 64, bias, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_f32(w, r0, r1, buf); },
+      [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_f32(w, act, n0, n1, yp); });
 }
 
 // ---- bf16 (weights bf16, activations and sums fp32) -------------------------------------------------
@@ -598,20 +608,12 @@ at::Tensor sparse_linear_bf16(const at::Tensor& x, const at::Tensor& masks, cons
                               const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t n) {
   const int64_t k = x.size(-1), kc = check_sparse(masks, tile_ptr, values, n, k, at::kBFloat16);
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
-  auto x2 = x.reshape({-1, k});
   const auto& kt = kernels();
   SparseBF16 w{(const uint64_t*)masks.data_ptr<int64_t>(), tile_ptr.data_ptr<int64_t>(),
                (const uint16_t*)values.data_ptr<at::BFloat16>(), n, k, kc, prefetch_bytes()};
-  at::Tensor y;
-  if (x2.size(0) > kDensifyM) {
-    y = tiled_dense_gemm(n, k, kc * 64, x2, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_bf16(w, r0, r1, buf); });
-    if (bias) y.add_(*bias);
-  } else {
-    y = f32_act_linear(x2, kc * 64, n, bias,
-                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_bf16(w, act, n0, n1, yp); },
-                       kt.bf16_pairs);
-  }
-  return epilogue_shape(x, y, n);
+  return f32_out_linear(
+      x, n, kc * 64, bias, [&](int64_t r0, int64_t r1, float* buf) { kt.densify_bf16(w, r0, r1, buf); },
+      [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.sparse_bf16(w, act, n0, n1, yp); }, kt.bf16_pairs);
 }
 
 at::Tensor dense_linear_bf16(const at::Tensor& x, const at::Tensor& q, const c10::optional<at::Tensor>& bias, int64_t n) {
@@ -619,23 +621,16 @@ at::Tensor dense_linear_bf16(const at::Tensor& x, const at::Tensor& q, const c10
   const int64_t k = x.size(-1), kc = (k + 63) / 64, kp = kc * 64;
   check_vec(q, n * kp, at::kBFloat16, "q (bf16, padded to 64 columns)");
   if (bias) check_vec(*bias, n, at::kFloat, "bias");
-  auto x2 = x.reshape({-1, k});
   const auto& kt = kernels();
   DenseBF16 w{(const uint16_t*)q.data_ptr<at::BFloat16>(), n, k, kc};
-  at::Tensor y;
-  if (x2.size(0) > kDensifyM) {
-    y = tiled_dense_gemm(n, k, kp, x2, [&](int64_t r0, int64_t r1, float* buf) {
-      const uint16_t* src = w.q + r0 * kp;
-      uint32_t* dst = (uint32_t*)buf;
-      for (int64_t i = 0; i < (r1 - r0) * kp; ++i) dst[i] = (uint32_t)src[i] << 16;  // bf16 -> fp32, exact
-    });
-    if (bias) y.add_(*bias);
-  } else {
-    y = f32_act_linear(x2, kp, n, bias,
-                       [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.dense_bf16(w, act, n0, n1, yp); },
-                       kt.bf16_pairs);
-  }
-  return epilogue_shape(x, y, n);
+  return f32_out_linear(
+      x, n, kp, bias,
+      [&](int64_t r0, int64_t r1, float* buf) {
+        const uint16_t* src = w.q + r0 * kp;
+        uint32_t* dst = (uint32_t*)buf;
+        for (int64_t i = 0; i < (r1 - r0) * kp; ++i) dst[i] = (uint32_t)src[i] << 16;  // bf16 -> fp32, exact
+      },
+      [&](const ActF32& act, int64_t n0, int64_t n1, float* yp) { kt.dense_bf16(w, act, n0, n1, yp); }, kt.bf16_pairs);
 }
 
 // A no-op with the same argument handling, to measure per-call overhead at batch 1.
