@@ -232,6 +232,10 @@ class ChildRun:
             if line.startswith("{"):
                 return json.loads(line)
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
     def once(self) -> tuple[float, float]:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
@@ -271,6 +275,11 @@ class SparsecRun:
         self.cache = self.decoder.cache + (", IO binding" if self.decoder.details.get("io_binding") else "")
         self.ppl = heldout_nll(windows, lambda w: self.decoder.prefill_logits(
             np.asarray([w], dtype=np.int64), np.ones((1, len(w)), dtype=np.int64))[0]) if windows else {}
+
+    @property
+    def pid(self) -> int | None:
+        """The decoder's worker process (DeepSparse), None when it decodes in this process."""
+        return getattr(self.decoder, "pid", None)
 
     def once(self) -> tuple[float, float]:
         import numpy as np
@@ -336,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compare-to", default="",
                     help="comma-separated substrings: sparsec configurations whose label contains one are references "
                          "too (e.g. the dense onnxruntime row on a model openvino-genai has no export of)")
+    ap.add_argument("--keep-idle-running", action="store_true",
+                    help="do not stop the other configurations' worker processes during each one's turn "
+                         "(the A/B of runtimes/measure/idle_workers.py)")
     ap.add_argument("--ortgenai-child", help=argparse.SUPPRESS)
     ap.add_argument("--genai-child", help=argparse.SUPPRESS)
     ap.add_argument("--llamacpp-child", help=argparse.SUPPRESS)
@@ -378,7 +390,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     machine = record_machine(threads=args.threads)
+    from runtimes.measure.idle_workers import IdleWorkers, worker_pids
+
     runs: dict[str, object] = {}
+    idle = None
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"decode_vs_genai-{os.getpid()}"
     work.mkdir(parents=True, exist_ok=True)
     windows = heldout_windows(args.artifact, args.ppl_tokens, args.prompt)
@@ -405,15 +420,19 @@ def main(argv: list[str] | None = None) -> int:
         names = list(runs)
         ms: dict[str, list[float]] = {n: [] for n in names}
         cpu_ms: dict[str, list[float]] = {n: [] for n in names}
+        idle = IdleWorkers({} if args.keep_idle_running else worker_pids(runs))
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
+                idle.turn(n)
                 wall, cpu = runs[n].once()
                 ms[n].append(wall)
                 cpu_ms[n].append(cpu)
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {1e3 / ms[n][-1]:.1f} tok/s" for n in names),
                   flush=True)
     finally:
+        if idle is not None:
+            idle.resume_all()
         for run in runs.values():
             run.close()
     import numpy as np
@@ -444,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     record = machine.finish().to_dict()
     args.out.write_text(json.dumps({"machine": record, "rows": rows, "comparisons": comparisons,
                                     "prompt": args.prompt, "tokens": args.tokens, "threads": args.threads,
+                                    "idle_workers": "running" if args.keep_idle_running else "stopped during others' turns",
                                     "ppl": {"data": "eval (held out)", "tokens_requested": args.ppl_tokens,
                                             "window": args.prompt, "windows": len(windows)},
                                     "artifact": repo_relative(args.artifact),

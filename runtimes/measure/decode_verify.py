@@ -19,6 +19,7 @@ import numpy as np
 from runtimes.decode.decoders import DecodeOptions, Decoder, open_decoder
 from runtimes.measure.contention import ContentionMeter
 from runtimes.measure.dense import COMPILED, DENSE
+from runtimes.measure.idle_workers import IdleWorkers, worker_pids
 from runtimes.measure.stats import compare_outputs, merge_accuracy, percentiles
 from runtimes.measure.timing import cpu_clocks, paired_timing, plan_from, summary, worker_clocks
 
@@ -50,17 +51,19 @@ def _decode_rounds(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarr
     """Paired decode rounds. One statistic throughout: each round's median step time per configuration;
     tokens/s is 1000 / the median of those, and the speedup is the median of per-round ratios (a round
     with a stall moves both sides' medians alike instead of sinking one rate). The rounds run inside a
-    ContentionMeter; every configuration carries its record (`contention`)."""
+    ContentionMeter; every configuration carries its record (`contention`). The other configurations' worker
+    processes are stopped during each one's turn (runtimes/measure/idle_workers.py)."""
     meter = ContentionMeter(threads, worker_clocks(cpu_clocks(decoders))).start()
-    try:
-        out = _paired_decode(decoders, ids, mask, new_tokens, rounds)
-    finally:
-        record = meter.stop().to_dict()
-    return {label: {**d, "contention": record} for label, d in out.items()}
+    with IdleWorkers(worker_pids(decoders)) as idle:
+        try:
+            out = _paired_decode(decoders, ids, mask, new_tokens, rounds, idle)
+        finally:
+            record = meter.stop().to_dict()
+    return {label: {**d, "contention": record, "idle_worker_stops": idle.stops} for label, d in out.items()}
 
 
 def _paired_decode(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarray, new_tokens: int,
-                   rounds: int) -> dict[str, dict[str, Any]]:
+                   rounds: int, idle: IdleWorkers) -> dict[str, dict[str, Any]]:
     labels = list(decoders)
     steps: dict[str, list[float]] = {label: [] for label in labels}
     round_ms: dict[str, list[float]] = {label: [] for label in labels}
@@ -68,6 +71,7 @@ def _paired_decode(decoders: dict[str, Decoder], ids: np.ndarray, mask: np.ndarr
     for r in range(rounds):
         k = r % len(labels)
         for label in labels[k:] + labels[:k]:
+            idle.turn(label)
             trace = decoders[label].generate(ids, mask, new_tokens)
             steps[label] += trace.step_ms
             round_ms[label].append(float(np.median(trace.step_ms)) if trace.step_ms else 1e-9)
@@ -88,7 +92,7 @@ def measure_lm_backend(backend: Any, configs: dict[str, Path], lowering: dict[st
         accuracy = _accuracy(decoders, DENSE, inputs, lowering["task"])
         series = paired_timing({label: (lambda d=d: d.generate(ids, mask, 1)) for label, d in decoders.items()},
                                plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(decoders),
-                               threads=opts.threads)
+                               threads=opts.threads, workers=worker_pids(decoders))
         decode = _decode_rounds(decoders, ids, mask, opts.decode_tokens, DECODE_ROUNDS, opts.threads) \
             if opts.decode else {}
         for d in decode.values():

@@ -12,6 +12,9 @@ beside wall time shows when a runtime burns cores spinning, or when the machine 
 Contention: the timed rounds (not the warm-up) run inside a ContentionMeter
 (runtimes/measure/contention.py); its record — other processes' CPU use over the span — travels in
 `TimingSeries.contention` and turns a comparison timed on a shared machine into `inconclusive`.
+
+Idle workers: while one configuration is timed (warm-up included), the worker processes of the others are
+stopped (`workers`: label -> pid, runtimes/measure/idle_workers.py) — an idle DeepSparse worker spins.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from runtimes.measure.contention import ContentionMeter, ContentionRecord
+from runtimes.measure.idle_workers import IdleWorkers
 from runtimes.measure.speedup import interval_width
 
 
@@ -42,9 +46,11 @@ class TimingSeries:
     stopped: str = ""
     widths: dict[str, float] = field(default_factory=dict)
     contention: ContentionRecord | None = None
+    idle_worker_stops: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "seconds": round(self.seconds, 3), "stopped": self.stopped,
+                "idle_worker_stops": self.idle_worker_stops,
                 "interval_widths": {k: round(v, 4) for k, v in self.widths.items()},
                 "contention": self.contention.to_dict() if self.contention else None}
 
@@ -86,29 +92,34 @@ def worker_clocks(clocks: dict[str, Callable[[], float]]) -> list[Callable[[], f
 def paired_timing(calls: dict[str, Callable[[], Any]], plan: TimingPlan,
                   pairs: list[tuple[str, str]] | None = None,
                   cpu_clocks: dict[str, Callable[[], float]] | None = None,
-                  threads: int | None = None) -> TimingSeries:
+                  threads: int | None = None, workers: dict[str, int] | None = None) -> TimingSeries:
     """Time `calls` in interleaved rounds; `pairs` (baseline, candidate) decide when to stop.
-    `threads`: the threads the measured code was asked to use (None: every usable CPU)."""
+    `threads`: the threads the measured code was asked to use (None: every usable CPU); `workers`: label ->
+    pid of the process that runs it (stopped while the others are timed)."""
     names = list(calls)
     clocks = {n: (cpu_clocks or {}).get(n) or time.process_time for n in names}
-    for name in names:
-        for _ in range(plan.warmup):
-            calls[name]()
     series = TimingSeries({n: [] for n in names}, {n: [] for n in names})
-    meter = ContentionMeter(threads, worker_clocks(clocks)).start()
-    try:
-        _rounds(calls, names, clocks, plan, pairs, series)
-    finally:
-        series.contention = meter.stop()
+    with IdleWorkers(workers or {}) as idle:
+        for name in names:
+            idle.turn(name)
+            for _ in range(plan.warmup):
+                calls[name]()
+        meter = ContentionMeter(threads, worker_clocks(clocks)).start()
+        try:
+            _rounds(calls, names, clocks, plan, pairs, series, idle)
+        finally:
+            series.contention = meter.stop()
+        series.idle_worker_stops = idle.stops
     return series
 
 
 def _rounds(calls: dict[str, Callable[[], Any]], names: list[str], clocks: dict[str, Callable[[], float]],
-            plan: TimingPlan, pairs: list[tuple[str, str]] | None, series: TimingSeries) -> None:
+            plan: TimingPlan, pairs: list[tuple[str, str]] | None, series: TimingSeries, idle: IdleWorkers) -> None:
     start = time.perf_counter()
     while True:
         k = series.rounds % len(names)
         for name in names[k:] + names[:k]:
+            idle.turn(name)
             c0, w0 = clocks[name](), time.perf_counter()
             calls[name]()
             w1, c1 = time.perf_counter(), clocks[name]()

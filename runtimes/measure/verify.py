@@ -33,6 +33,7 @@ from compiler.errors import SparsecError
 from compiler.lowering.files import file_sizes
 from runtimes.base import Runner
 from runtimes.measure.dense import COMPILED, DENSE, dense_reference, model_configs
+from runtimes.measure.idle_workers import worker_pids
 from runtimes.measure.inputs import InputSet, VerifyOptions, build_inputs
 from runtimes.measure.machine import load_average, record_machine
 from runtimes.measure.speedup import SpeedupEstimate, gate_passes, speedup
@@ -66,7 +67,7 @@ def measure_backend(backend: Any, configs: dict[str, Path], lowering: dict[str, 
                 accuracy[label].append(compare_outputs(task, ref, runners[label].infer(feeds)[first], valid))
         series = paired_timing({label: (lambda r=r: r.infer(inputs.timing)) for label, r in runners.items()},
                                plan_from(opts), pairs=[(DENSE, COMPILED)], cpu_clocks=cpu_clocks(runners),
-                               threads=opts.threads)
+                               threads=opts.threads, workers=worker_pids(runners))
         result: dict[str, Any] = {
             "configs": {label: {"file": configs[label], "prefill": summary(series, label),
                                 **({"accuracy": merge_accuracy(accuracy[label])} if label in accuracy else {}),
