@@ -179,6 +179,19 @@ class Artifact:
                 raise ArtifactError(f"artifact '{self.root}': sha256 mismatch for '{rel}' (file was modified or corrupted)")
 
     @property
+    def slim(self) -> dict[str, Any] | None:
+        """The slim record of an artifact bundled for one backend (runtimes/kernels/slim.py), else None."""
+        value = self.manifest.get("slim")
+        return value if isinstance(value, dict) else None
+
+    def require_full(self, action: str) -> None:
+        """A one-line ArtifactError when this is a slim artifact: it holds neither the other backends' graphs
+        nor the dense model that `action` needs."""
+        if self.slim:
+            raise ArtifactError(f"artifact '{self.root}' is a slim copy for --backend {self.slim.get('backend')} "
+                                f"(a deploy bundle's): {action} needs the full artifact it was packaged from")
+
+    @property
     def report(self) -> dict[str, Any]:
         p = self.root / REPORT_JSON
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}

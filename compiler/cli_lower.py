@@ -35,6 +35,7 @@ def lower_cmd(artifact, backends):
 
     names = parse_backends(backends)
     art = Artifact.load(artifact)
+    art.require_full("lower")
     registry = registry_with(names)
     check_backends_available(registry, names)
     _check_quant_forms(art.manifest, names, registry)

@@ -78,6 +78,7 @@ def verify_cmd(artifact, backends, batch_size, seqlen, threads, runs, decode_tok
                "min_speedup": min_speedup, "max_accuracy_drop": max_accuracy_drop}
     VerifyOptions.from_dict(options)  # bad numbers fail before any loading
     art = Artifact.load(artifact)
+    art.require_full("verify")
     names = _backends(backends, art)
     results = verify_backends(art.root, art.manifest, names, registry_with(names), options)
     report = art.report

@@ -13,7 +13,9 @@ its tests (docs/architecture.md, "adding a backend"). What the rest of sparsec a
   them; causal LMs then decode on fixed-shape graphs);
 - `decoder()`: its own decoder for causal LMs, or None for the in-process decoders of runtimes/decode/
   over its runner (verify --decode, bench --decode and serve's completions all go through it);
-- `distributions`: what `sparsec package` pins for it, () when it cannot be packaged;
+- `distributions`: what `sparsec package` pins for it, () when it cannot be packaged; `bundle_prepare`: a
+  module the bundle's start.sh runs after installing them (native code to build); `write_bundle_artifact()`:
+  the slim copy of the artifact its bundle carries instead of the whole artifact (sparsec: runtimes/kernels/slim.py);
 - `dense_alternatives`: the dense int8/int4 forms verification times beside dense fp32 on it;
 - `lower()`: the lowered form it runs, when it owns one (default: the ONNX lowering's file for it).
 """
@@ -98,6 +100,8 @@ class Backend:
     lowered_by_default: ClassVar[bool] = False
     # pip distributions `sparsec package` pins for it (besides sparsec's own); () = cannot be packaged
     distributions: ClassVar[tuple[str, ...]] = ()
+    # `python -m MODULE` that a bundle's start.sh runs once its requirements are installed (None: nothing to prepare)
+    bundle_prepare: ClassVar[str | None] = None
     # dense int8/int4 forms timed beside dense fp32 on this backend: variant -> scheme applied to every block layer
     dense_alternatives: ClassVar[Mapping[str, str]] = {}
     # the dense reference keeps the source model's Hugging Face directory (`model/`) for this backend: it
@@ -107,6 +111,12 @@ class Backend:
     @classmethod
     def available(cls) -> tuple[bool, str]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def write_bundle_artifact(self, artifact: Any, out_dir: Path) -> dict[str, Any] | None:
+        """Write into `out_dir` the copy of `artifact` (a verified compiler.artifact.Artifact) that a deploy bundle
+        for this backend carries, and return its summary; None (the default): the bundle carries the artifact
+        byte for byte."""
+        return None
 
     @classmethod
     def quant_form(cls, scheme: str, requested: bool) -> str | None:

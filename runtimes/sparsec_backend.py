@@ -42,6 +42,16 @@ class SparsecBackend(Backend):
     # bf16: packed bf16 weights, written by `lower` only (compiler.lowering.quant.BACKEND_LOWERED: no ONNX variant)
     quant_forms: ClassVar[Mapping[str, str]] = {"int4": "int4-matmulnbits", "int8-weight": "int8-matmulnbits",
                                                 "bf16": "backend-lowered"}
+    # a bundle installs the CPU torch and builds the kernels on first start (needs g++ there, like `make venv`)
+    distributions: ClassVar[tuple[str, ...]] = ("torch", "ninja")
+    bundle_prepare: ClassVar[str | None] = "runtimes.kernels.build"
+
+    def write_bundle_artifact(self, artifact: Any, out_dir: Path) -> dict[str, Any] | None:
+        """The slim copy: packed weights, the unpacked tensors, the serving signature (runtimes/kernels/slim.py)."""
+        from runtimes.kernels.slim import write_slim_artifact
+
+        res = write_slim_artifact(artifact, out_dir, self.name)
+        return {"kept_bytes": res.kept_bytes, "dropped_bytes": res.dropped_bytes, "dropped_tensors": res.dropped_tensors}
 
     @classmethod
     def available(cls) -> tuple[bool, str]:

@@ -83,7 +83,7 @@ def _empty_model(model_dir: Path):
     return model, config
 
 
-def _safetensors_files(model_dir: Path) -> list[Path]:
+def safetensors_files(model_dir: Path) -> list[Path]:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -144,7 +144,7 @@ def load_host_model(artifact: str | Path, packed_path: str | Path | None = None,
     targets.update({n: b for n, b in model.named_buffers(remove_duplicate=False)
                     if not any(n.startswith(p + ".") for p in modules)})
     filled: set[int] = set()
-    for path in _safetensors_files(model_dir):
+    for path in safetensors_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 if any(key.startswith(p + ".") for p in modules):

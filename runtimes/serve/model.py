@@ -88,6 +88,10 @@ def detect_task(sig: Signature, lowering: dict[str, Any]) -> str:
 
 def find_onnx(artifact: Artifact, backend: str) -> Path:
     """The graph `backend` runs: lowering.backend_files[backend] (a quantized variant), else the fp32 model."""
+    slim = artifact.manifest.get("slim")
+    if isinstance(slim, dict) and slim.get("backend") != backend:
+        raise ArtifactError(f"artifact '{artifact.root}' is a slim copy for --backend {slim.get('backend')}: it holds no "
+                            f"graph for '{backend}' (package the full artifact for that backend)")
     lowering = artifact.manifest.get("lowering") or {}
     rel = (lowering.get("backend_files") or {}).get(backend) or (lowering.get("files") or {}).get("model") or "onnx/model.onnx"
     path = artifact.path(rel)

@@ -1,9 +1,13 @@
 """`sparsec package`: one self-contained, deployable .tar.gz per artifact.
 
 Layout of the bundle (a single top-level directory, `sparsec-bundle/`):
-    artifact/          the verified artifact, byte for byte (its manifest still verifies)
-    sparsec/           this sparsec's packages (compiler, passes, runtimes) and a dist-info carrying its
-                       entry points, so backends are found with `PYTHONPATH=sparsec/` and no build step
+    artifact/          the verified artifact, byte for byte (its manifest still verifies) — or, for a backend
+                       that says what it reads (`Backend.write_bundle_artifact`), that slim copy: the sparsec
+                       backend's packed weights without the ONNX graphs and the dense model (runtimes/kernels/slim.py)
+    sparsec/           this sparsec's packages (compiler, passes, runtimes: Python files and the C++ kernel
+                       sources) and a dist-info carrying its entry points, so backends are found with
+                       `PYTHONPATH=sparsec/`; a backend with native code (`Backend.bundle_prepare`) is built by
+                       start.sh once its requirements are installed
     requirements.txt   every runtime distribution pinned to the version installed here (transitively),
                        with the PyTorch CPU index for the CPU build of torch
     start.sh           creates a venv on first start (or uses $VENV), then execs `sparsec serve`
@@ -23,6 +27,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import tarfile
 import tempfile
 import time
@@ -58,9 +63,9 @@ else
     touch "$venv/.sparsec-installed"
   fi
 fi
-if [ "${{1:-}}" = "--install-only" ]; then exit 0; fi
 export PYTHONPATH="$here/sparsec${{PYTHONPATH:+:$PYTHONPATH}}"
 cd "$here"  # `python -m` puts the working directory first on sys.path
+{prepare}if [ "${{1:-}}" = "--install-only" ]; then exit 0; fi
 # shellcheck disable=SC2086
 exec "$venv/bin/python" -m compiler.cli serve "$here/artifact" --backend {backend} --model-name {model_name} \\
   --host "${{HOST:-127.0.0.1}}" --port "${{PORT:-8000}}" --workers "${{WORKERS:-1}}" ${{SPARSEC_SERVE_ARGS:-}} "$@"
@@ -102,6 +107,11 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise ArtifactError(f"output '{out}' must end in .tar.gz or .tgz")
     distributions = backend_distributions(backend, registry)
+    if registry is None:
+        from compiler.registry import Registry
+
+        registry = Registry.default(kinds=("backend",))
+    runtime = registry.get_backend(backend)()
     art = Artifact.load(artifact, verify=True)
     find_onnx(art, backend)  # refuse an artifact that was never lowered
     speedups = tuple(d for d in SPEEDUPS if _installed(d))
@@ -115,11 +125,18 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.partial-", dir=out.parent)
     tmp = Path(tmp_name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.slim-", dir=out.parent))
     try:
+        slim = runtime.write_bundle_artifact(art, staging / "artifact")
+        bundled = Artifact.load(staging / "artifact", verify=True) if slim is not None else art
+        if slim is not None:
+            bundle_info["artifact"]["slim"] = {**slim, "manifest_sha256": sha256_file(bundled.path(MANIFEST))}
+        prepare = f'"$venv/bin/python" -m {runtime.bundle_prepare}\n' if runtime.bundle_prepare else ""
         with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=6) as tar:
-            for path in sorted(art.root.rglob("*")):
+            for path in sorted(bundled.root.rglob("*")):
                 if path.is_file():
-                    tar.add(path, f"{ROOT}/artifact/{path.relative_to(art.root).as_posix()}", recursive=False, filter=_anonymous)
+                    tar.add(path, f"{ROOT}/artifact/{path.relative_to(bundled.root).as_posix()}", recursive=False,
+                            filter=_anonymous)
             for source, arcname in sparsec_sources():
                 tar.add(source, f"{ROOT}/sparsec/{arcname}", recursive=False, filter=_anonymous)
             _add_text(tar, f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info/METADATA",
@@ -127,8 +144,8 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
             _add_text(tar, f"{ROOT}/sparsec/sparsec-{metadata.version('sparsec')}.dist-info/entry_points.txt",
                       metadata.distribution("sparsec").read_text("entry_points.txt") or "")
             _add_text(tar, f"{ROOT}/requirements.txt", render_requirements(requirements))
-            _add_text(tar, f"{ROOT}/start.sh", START_SH.format(backend=backend, model_name=shlex.quote(art.root.resolve().name)),
-                      mode=0o755)
+            _add_text(tar, f"{ROOT}/start.sh", START_SH.format(backend=backend, model_name=shlex.quote(art.root.resolve().name),
+                                                             prepare=prepare), mode=0o755)
             _add_text(tar, f"{ROOT}/bundle.json", json.dumps(bundle_info, indent=2) + "\n")
         if out.exists() and not force:  # appeared while we were writing
             raise ArtifactError(f"output '{out}' already exists: pass --force to replace it")
@@ -136,6 +153,7 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
     finally:
         if tmp.exists():
             tmp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
     return PackageResult(out, ROOT, sha256_file(out), out.stat().st_size, tuple(requirements))
 
 
@@ -152,8 +170,11 @@ def _add_text(tar: tarfile.TarFile, name: str, text: str, mode: int = 0o644) -> 
     tar.addfile(info, io.BytesIO(data))
 
 
+SOURCE_SUFFIXES = (".py", ".cpp", ".h")  # Python modules and the C++ kernel sources (runtimes/kernels/csrc)
+
+
 def sparsec_sources() -> list[tuple[Path, str]]:
-    """(file, path inside sparsec/) for every .py file of sparsec's top-level packages."""
+    """(file, path inside sparsec/) for every source file of sparsec's top-level packages."""
     dist = metadata.distribution("sparsec")
     packages = (dist.read_text("top_level.txt") or "compiler\npasses\nruntimes").split()
     files = []
@@ -162,8 +183,8 @@ def sparsec_sources() -> list[tuple[Path, str]]:
         if spec is None or not spec.submodule_search_locations:
             raise ArtifactError(f"sparsec package '{package}' is not importable here; reinstall sparsec")
         base = Path(list(spec.submodule_search_locations)[0])
-        for path in sorted(base.rglob("*.py")):
-            if "__pycache__" not in path.parts:
+        for path in sorted(base.rglob("*")):
+            if path.suffix in SOURCE_SUFFIXES and path.is_file() and "__pycache__" not in path.parts:
                 files.append((path, f"{package}/{path.relative_to(base).as_posix()}"))
     return files
 
