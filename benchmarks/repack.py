@@ -1,6 +1,7 @@
 """Re-pack a compiled artifact's pruned model under another plan quantization, without compiling again.
 
     python benchmarks/repack.py ART OUT --quant bf16      # e.g. bf16 twins of int8 artifacts (docs/kernels.md)
+    python benchmarks/repack.py ART OUT --quant int8-dynamic --all-layers   # the outlier-excluded layers int8 too
 
 Pruning does not depend on the quantization scheme (the quantize pass only decides), so the twin of
 `sparsec compile MODEL --sparsity S --quantize Q --backend sparsec` for another scheme is the same `model/`
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("artifact", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--quant", required=True, choices=QUANTS)
+    ap.add_argument("--all-layers", action="store_true",
+                    help="also quantize the planned layers the quantize pass left in fp32 (its activation-outlier "
+                         "rule, max_activation_ratio): every planned layer takes --quant")
     args = ap.parse_args(argv)
     src, out = args.artifact, args.out
     if not (src / "manifest.json").is_file() or not (src / "model" / "config.json").is_file():
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = json.loads((src / "manifest.json").read_text(encoding="utf-8"))
     for entry in manifest.get("plan", {}).values():
-        if entry.get("quant"):
+        if entry.get("quant") or (args.all_layers and entry is not None):
             entry["quant"] = None if args.quant == "none" else args.quant
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "model").exists():

@@ -157,3 +157,35 @@ def test_fused_qkv_and_gate_up_are_identical_to_unfused(quant, tiny_model_dir, t
         fused.reset_counters()
         assert fused.generate(ids, 6).tolist() == plain.generate(ids, 6).tolist()
     assert set(fused.layers_run()) == set(result.layers)
+
+
+def test_int8_plan_packs_its_unquantized_layers_as_bf16_and_an_unquantized_plan_stays_fp32(tiny_model_dir, tmp_path):
+    """The layers an int8 plan leaves unquantized (the quantize pass's activation-outlier rule) take bf16 values
+    (sparse when pruned, dense when not), and the host computes them as the bf16-rounded torch layer; a plan with
+    no quantization at all keeps fp32."""
+    from runtimes.kernels.pack import pack_model
+
+    art, ref = make_artifact(tiny_model_dir("llama"), tmp_path / "art", quant="int8")
+    plan = json.loads((art / "manifest.json").read_text())["plan"]
+    plan["lm_head"] = {"block": None, "quant": None}  # the head in the plan, unquantized: left to the head rule
+    excluded = sorted(n for n in plan if n != "lm_head")[:2]  # as if the outlier rule had kept them out of int8
+    for name in excluded:
+        plan[name]["quant"] = None
+    dense_name = excluded[1]
+    with torch.no_grad():
+        ref.get_submodule(dense_name).weight.copy_(torch.randn_like(ref.get_submodule(dense_name).weight))  # not pruned
+    layers = pack_model(ref, plan)
+    kinds = {n: p.kind for n, p in layers.items()}
+    assert kinds[excluded[0]] == "sparse-bf16" and kinds[dense_name] == "dense-bf16"
+    assert kinds.pop("lm_head") == "dense-int8"
+    assert {kinds[n] for n in plan if n not in excluded and n != "lm_head"} == {"sparse-int8"}
+    from runtimes.kernels.modules import PackedLinearModule
+
+    for name in excluded:
+        w = ref.get_submodule(name).weight.detach()
+        x = torch.randn(3, w.shape[1])
+        expected = x.double() @ w.to(torch.bfloat16).double().t()
+        torch.testing.assert_close(PackedLinearModule(layers[name])(x).double(), expected, rtol=1e-5, atol=1e-5)
+    unquantized = {n: {**e, "quant": None} for n, e in plan.items() if n != "lm_head"}
+    kinds = {n: p.kind for n, p in pack_model(ref, unquantized, lm_head="none").items()}
+    assert set(kinds.values()) == {"sparse-fp32"} and dense_name not in kinds  # a dense fp32 layer stays torch's

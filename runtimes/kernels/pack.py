@@ -3,7 +3,8 @@
 `pack_artifact(ART)` reads the manifest plan and the transformed model in ART/model/ and packs every
 planned layer: int8 (per-output-channel scales, activations quantized per token at run time) where
 the plan quantizes it to int8, int4 (group-64 fp16 scales, same int8 activations) where it plans
-int4, bf16 (fp32 activations) where it plans bf16, fp32 otherwise. A layer whose measured sparsity is
+int4, bf16 (fp32 activations) where it plans bf16 — and for the layers an int8 / int4 plan leaves
+unquantized (the quantize pass's activation-outlier rule; `unquantized_values`) — fp32 otherwise. A layer whose measured sparsity is
 below `min_sparsity` gains nothing from the bitmask (it costs 1/8 byte per weight): int8 / int4 / bf16
 layers then take the dense kernel of their kind, fp32 ones stay ordinary torch Linears. The LM head
 (tied to the embedding on small LMs, and the largest single matrix of SmolLM2-135M: 49152 x 576), when
@@ -32,16 +33,30 @@ BF16_SCHEMES = ("bf16",)
 LM_HEAD_KINDS = ("auto", "dense-int8", "dense-bf16", "none")
 
 
-def packed_kind(quant: str | None, sparse: bool) -> str | None:
+def packed_kind(quant: str | None, sparse: bool, unquantized: str = "fp32") -> str | None:
     """The packed kind of a planned layer: its plan's quantization and whether the mask pays; None = the
-    layer stays a torch Linear (dense fp32)."""
+    layer stays a torch Linear (dense fp32). `unquantized`: what a layer without a quantization takes
+    ("fp32", or "bf16": see `unquantized_values`)."""
     if quant in INT8_SCHEMES:
         return "sparse-int8" if sparse else "dense-int8"
     if quant in INT4_SCHEMES:
         return "sparse-int4" if sparse else "dense-int4"
-    if quant in BF16_SCHEMES:
+    if quant in BF16_SCHEMES or unquantized == "bf16":
         return "sparse-bf16" if sparse else "dense-bf16"
     return "sparse-fp32" if sparse else None
+
+
+def unquantized_values(plan: dict[str, dict[str, Any]]) -> str:
+    """bf16 for the planned layers an int8 / int4 plan leaves unquantized, fp32 in a plan with no quantization.
+
+    Why: the quantize pass keeps a layer out of int8 when its *activations* carry outliers (its
+    `max_activation_ratio` rule) — a concern of int8 activations, which bf16 weights do not have (the bf16
+    kernels keep activations and sums fp32; a bf16 weight is within 2^-9 of the fp32 one). Left fp32 such a
+    layer read 4 bytes per kept weight: on SmolLM2 37.5 % SparseGPT int8 the quantize pass left 32 of 210
+    layers fp32 and the model decoded at 0.75× the same weights all-int8 (docs/kernels.md, "Matched
+    quality"). A plan without any quantization keeps fp32: the user asked for no rounding."""
+    quantized = any((e or {}).get("quant") in INT8_SCHEMES + INT4_SCHEMES for e in plan.values())
+    return "bf16" if quantized else "fp32"
 
 
 @dataclass(frozen=True)
@@ -105,17 +120,21 @@ def pack_model(model: nn.Module, plan: dict[str, dict[str, Any]], *, min_sparsit
                lm_head: str = "auto") -> dict[str, PackedLinear]:
     """Packed layers for `plan` (layer name -> plan entry) of an in-memory model."""
     lm_head = head_kind(lm_head, plan)
+    unquantized = unquantized_values(plan)
+    output_embedding = output_embedding_name(model)
     layers: dict[str, PackedLinear] = {}
     for name, entry in plan.items():
         weight, bias = linear_weight(model.get_submodule(name))
         sparsity = float((weight == 0).sum()) / weight.numel()
-        kind = packed_kind((entry or {}).get("quant"), sparsity >= min_sparsity)
+        # an unquantized LM head in the plan is left to `lm_head` (below), not to the bf16 fallback
+        kind = packed_kind((entry or {}).get("quant"), sparsity >= min_sparsity,
+                           "fp32" if name == output_embedding else unquantized)
         if kind is None:
             continue  # a dense fp32 layer: torch's own Linear is the fastest dense fp32 kernel here
         packed = pack_linear(weight, kind, bias)
         packed.meta.update({"sparsity": round(sparsity, 6), "transposed": int(not isinstance(model.get_submodule(name), nn.Linear))})
         layers[name] = packed
-    head = output_embedding_name(model) if lm_head != "none" else None
+    head = output_embedding if lm_head != "none" else None
     if head and head not in layers:
         weight, bias = linear_weight(model.get_submodule(head))
         layers[head] = pack_linear(weight, lm_head, bias)
