@@ -75,7 +75,7 @@ def test_manifests_agree_with_the_image_and_start_script(name):
         assert pod["securityContext"]["runAsUser"] == uid and pod["securityContext"]["runAsNonRoot"]
         (container,) = pod["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
-        assert set(env) - POD_ONLY_ENV <= set(re.findall(r"\$\{([A-Z_]+):", START_SH.format(backend="onnxruntime", model_name="m"))), env
+        assert set(env) - POD_ONLY_ENV <= set(re.findall(r"\$\{([A-Z_]+):", START_SH.format(backend="onnxruntime", model_name="m", prepare=""))), env
         port = container["ports"][0]["containerPort"]
         assert int(env["PORT"]) == port
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
