@@ -3,10 +3,11 @@
 `pack_artifact(ART)` reads the manifest plan and the transformed model in ART/model/ and packs every
 planned layer: int8 (per-output-channel scales, activations quantized per token at run time) where
 the plan quantizes it to int8, int4 (group-64 fp16 scales, same int8 activations) where it plans
-int4, bf16 (fp32 activations) where it plans bf16 — and for the layers an int8 / int4 plan leaves
-unquantized (the quantize pass's activation-outlier rule; `unquantized_values`) — fp32 otherwise. A layer whose measured sparsity is
-below `min_sparsity` gains nothing from the bitmask (it costs 1/8 byte per weight): int8 / int4 / bf16
-layers then take the dense kernel of their kind, fp32 ones stay ordinary torch Linears. The LM head
+int4, bf16 (fp32 activations) where it plans bf16 and for the layers an int8 / int4 plan leaves
+unquantized (the quantize pass's activation-outlier rule; `unquantized_values`), fp32 otherwise.
+A layer whose measured sparsity is below `min_sparsity` gains nothing from the bitmask (it costs 1/8
+byte per weight): int8 / int4 / bf16 layers then take the dense kernel of their kind, fp32 ones stay
+ordinary torch Linears. The LM head
 (tied to the embedding on small LMs, and the largest single matrix of SmolLM2-135M: 49152 x 576), when
 the plan leaves it out, gets the dense int8 kernel (`lm_head="auto"`; dense bf16 in a bf16 plan)
 unless `lm_head="none"`. Packing reads the dense model once (it is the lowering step); running never does.
@@ -53,7 +54,7 @@ def unquantized_values(plan: dict[str, dict[str, Any]]) -> str:
     `max_activation_ratio` rule) — a concern of int8 activations, which bf16 weights do not have (the bf16
     kernels keep activations and sums fp32; a bf16 weight is within 2^-9 of the fp32 one). Left fp32 such a
     layer read 4 bytes per kept weight: on SmolLM2 37.5 % SparseGPT int8 the quantize pass left 32 of 210
-    layers fp32 and the model decoded at 0.75× the same weights all-int8 (docs/kernels.md, "Matched
+    layers fp32 and the model decoded at 0.68–0.75× the same weights all-int8 (docs/kernels.md, "Matched
     quality"). A plan without any quantization keeps fp32: the user asked for no rounding."""
     quantized = any((e or {}).get("quant") in INT8_SCHEMES + INT4_SCHEMES for e in plan.values())
     return "bf16" if quantized else "fp32"

@@ -106,11 +106,11 @@ def package_artifact(artifact: str | Path, out: str | Path, backend: str = "onnx
         raise ArtifactError(f"output '{out}' exists and is not a file")
     if not out.name.endswith((".tar.gz", ".tgz")):
         raise ArtifactError(f"output '{out}' must end in .tar.gz or .tgz")
-    distributions = backend_distributions(backend, registry)
     if registry is None:
         from compiler.registry import Registry
 
         registry = Registry.default(kinds=("backend",))
+    distributions = backend_distributions(backend, registry)
     runtime = registry.get_backend(backend)()
     art = Artifact.load(artifact, verify=True)
     find_onnx(art, backend)  # refuse an artifact that was never lowered
