@@ -61,6 +61,23 @@ def start_server(artifact: Path, log_dir: Path, *args: str, env: dict[str, str] 
     return server
 
 
+def start_bundle(root: Path, log_dir: Path, ready_timeout: float = 120) -> Server:
+    """Run an extracted bundle's own start.sh on a free port, with this environment as its VENV (nothing to
+    install), and wait until it is ready."""
+    port = free_port()
+    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "PORT": str(port),
+           "SPARSEC_SERVE_ARGS": "--no-access-log"}
+    log = log_dir / "start.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(root / "start.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log_dir)
+    server = Server(proc, f"http://127.0.0.1:{port}", log)
+    state = wait_until_ready(server.url, ready_timeout, proc)
+    if state != "ready":
+        server.stop()
+        pytest.fail(f"bundle {state} instead of getting ready:\n{server.log_text()}")
+    return server
+
+
 def compile_tiny(tiny_model_dir, arch: str, out: Path) -> Path:
     """Compile the tiny `arch` model to `out`, lowered for onnxruntime (seconds)."""
     from click.testing import CliRunner

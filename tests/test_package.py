@@ -8,7 +8,6 @@ import importlib.metadata as metadata
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -18,17 +17,9 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from runtimes.serve.app import wait_until_ready  # noqa: E402
+from serve_helpers import start_bundle  # noqa: E402
 
 ROOT = "sparsec-bundle"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +108,10 @@ def test_extracted_bundle_starts_and_serves(bundle, tmp_path):
                            check=True)
     assert probe.stdout.splitlines()[0].startswith(str(root / "sparsec"))
     assert "onnxruntime" in probe.stdout
-    port = free_port()
-    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "PORT": str(port),
-           "SPARSEC_SERVE_ARGS": "--no-access-log"}
-    log = tmp_path / "start.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(root / "start.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = start_bundle(root, tmp_path)
     try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_until_ready(url, 120, proc) == "ready", log.read_text()
-        r = httpx.post(f"{url}/v1/embeddings", json={"input": ["hello bundle"]}, timeout=30)
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": ["hello bundle"]}, timeout=30)
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
-        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "bert"
+        assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["id"] == "bert"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0, log.read_text()
+        assert server.stop() == 0, server.log_text()

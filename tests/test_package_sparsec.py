@@ -6,7 +6,6 @@ full artifact. Slim artifacts are refused, in one line, by every command that ne
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -14,11 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from serve_helpers import free_port, start_server
+from serve_helpers import free_port, start_bundle, start_server
 
 from compiler.artifact import Artifact
 from compiler.cli import main
-from runtimes.serve.app import wait_until_ready
 
 httpx = pytest.importorskip("httpx")
 
@@ -106,20 +104,12 @@ def test_extracted_bundle_builds_and_serves_the_full_artifacts_completions(artif
     finally:
         assert server.stop() == 0, server.log_text()
 
-    port = free_port()
-    env = {**os.environ, "VENV": str(Path(sys.executable).parent.parent), "PORT": str(port),
-           "SPARSEC_SERVE_ARGS": "--no-access-log"}
-    log = tmp_path / "start.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(extracted / "start.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=tmp_path)
+    bundle = start_bundle(extracted, tmp_path, ready_timeout=300)
     try:
-        url = f"http://127.0.0.1:{port}"
-        assert wait_until_ready(url, 300, proc) == "ready", log.read_text()
-        r = httpx.post(f"{url}/v1/completions", json={"model": "llama", **PROMPT}, timeout=60)
+        r = httpx.post(f"{bundle.url}/v1/completions", json={"model": "llama", **PROMPT}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == expected
         assert r.json()["usage"]["completion_tokens"] == PROMPT["max_tokens"]
     finally:
-        proc.terminate()
-        assert proc.wait(60) == 0, log.read_text()
-    assert "sparsec kernels:" in log.read_text()  # the build step ran (a no-op here: same sources, same venv)
+        assert bundle.stop() == 0, bundle.log_text()
+    assert "sparsec kernels:" in bundle.log_text()  # the build step ran (a no-op here: same sources, same venv)

@@ -19,6 +19,13 @@
 #include <algorithm>
 #include <functional>
 using namespace std;
+// One listed quad: its 4 weights (broadcast in B) times 128 tokens' 4 activation bytes, into 8 accumulators.
+#define QUAD8(B) do { \
+    a0=_mm512_dpbusd_epi32(a0,_mm512_loadu_si512(xp),B);     a1=_mm512_dpbusd_epi32(a1,_mm512_loadu_si512(xp+64),B);  \
+    a2=_mm512_dpbusd_epi32(a2,_mm512_loadu_si512(xp+128),B); a3=_mm512_dpbusd_epi32(a3,_mm512_loadu_si512(xp+192),B); \
+    a4=_mm512_dpbusd_epi32(a4,_mm512_loadu_si512(xp+256),B); a5=_mm512_dpbusd_epi32(a5,_mm512_loadu_si512(xp+320),B); \
+    a6=_mm512_dpbusd_epi32(a6,_mm512_loadu_si512(xp+384),B); a7=_mm512_dpbusd_epi32(a7,_mm512_loadu_si512(xp+448),B); \
+  } while (0)
 static double now(){return chrono::duration<double>(chrono::steady_clock::now().time_since_epoch()).count();}
 
 int main(int argc,char**argv){
@@ -47,14 +54,7 @@ int main(int argc,char**argv){
         if(nt==8){
         for(int64_t i=0;i<cnt;i++){
           __m512i b=_mm512_set1_epi32(wp[i]); const uint8_t* xp=xb+op[i];
-          a0=_mm512_dpbusd_epi32(a0,_mm512_loadu_si512(xp),b);
-          a1=_mm512_dpbusd_epi32(a1,_mm512_loadu_si512(xp+64),b);
-          a2=_mm512_dpbusd_epi32(a2,_mm512_loadu_si512(xp+128),b);
-          a3=_mm512_dpbusd_epi32(a3,_mm512_loadu_si512(xp+192),b);
-          a4=_mm512_dpbusd_epi32(a4,_mm512_loadu_si512(xp+256),b);
-          a5=_mm512_dpbusd_epi32(a5,_mm512_loadu_si512(xp+320),b);
-          a6=_mm512_dpbusd_epi32(a6,_mm512_loadu_si512(xp+384),b);
-          a7=_mm512_dpbusd_epi32(a7,_mm512_loadu_si512(xp+448),b);
+          QUAD8(b);
         }}
         __m512i as[8]={a0,a1,a2,a3,a4,a5,a6,a7};
         for(int u=0;u<nt;u++){ alignas(64) int32_t tmp[16]; _mm512_store_si512(tmp,as[u]); for(int j=0;j<16;j++){int t=tb*TB+u*16+j; if(t<M) acc[(size_t)t*N+n]=tmp[j];}}
@@ -79,14 +79,7 @@ int main(int argc,char**argv){
             const int32_t* wp=&wq[0]; const int32_t* op=&off[0];
             for(int64_t i=i0;i<i1;i++){
               __m512i bb=_mm512_set1_epi32(wp[i]); const uint8_t* xp=xb+op[i];
-              a0=_mm512_dpbusd_epi32(a0,_mm512_loadu_si512(xp),bb);
-              a1=_mm512_dpbusd_epi32(a1,_mm512_loadu_si512(xp+64),bb);
-              a2=_mm512_dpbusd_epi32(a2,_mm512_loadu_si512(xp+128),bb);
-              a3=_mm512_dpbusd_epi32(a3,_mm512_loadu_si512(xp+192),bb);
-              a4=_mm512_dpbusd_epi32(a4,_mm512_loadu_si512(xp+256),bb);
-              a5=_mm512_dpbusd_epi32(a5,_mm512_loadu_si512(xp+320),bb);
-              a6=_mm512_dpbusd_epi32(a6,_mm512_loadu_si512(xp+384),bb);
-              a7=_mm512_dpbusd_epi32(a7,_mm512_loadu_si512(xp+448),bb);
+              QUAD8(bb);
             }
             A[0]=a0;A[1]=a1;A[2]=a2;A[3]=a3;A[4]=a4;A[5]=a5;A[6]=a6;A[7]=a7;
           }
@@ -118,14 +111,7 @@ int main(int argc,char**argv){
         __m512i a0=_mm512_setzero_si512(),a1=a0,a2=a0,a3=a0,a4=a0,a5=a0,a6=a0,a7=a0;
         for(int64_t i=0;i<cnt;i++){
           __m512i b=_mm512_set1_epi32(lw[i]); const uint8_t* xp=xb+lo[i];
-          a0=_mm512_dpbusd_epi32(a0,_mm512_loadu_si512(xp),b);
-          a1=_mm512_dpbusd_epi32(a1,_mm512_loadu_si512(xp+64),b);
-          a2=_mm512_dpbusd_epi32(a2,_mm512_loadu_si512(xp+128),b);
-          a3=_mm512_dpbusd_epi32(a3,_mm512_loadu_si512(xp+192),b);
-          a4=_mm512_dpbusd_epi32(a4,_mm512_loadu_si512(xp+256),b);
-          a5=_mm512_dpbusd_epi32(a5,_mm512_loadu_si512(xp+320),b);
-          a6=_mm512_dpbusd_epi32(a6,_mm512_loadu_si512(xp+384),b);
-          a7=_mm512_dpbusd_epi32(a7,_mm512_loadu_si512(xp+448),b);
+          QUAD8(b);
         }
         __m512i as[8]={a0,a1,a2,a3,a4,a5,a6,a7}; int nt=min(TB,MP-tb*TB)/16;
         for(int u=0;u<nt;u++){ alignas(64) int32_t tmp[16]; _mm512_store_si512(tmp,as[u]); for(int j=0;j<16;j++){int t=tb*TB+u*16+j; if(t<M) acc[(size_t)t*N+n]=tmp[j];}}
