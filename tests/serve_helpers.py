@@ -53,11 +53,15 @@ def start_server(artifact: Path, log_dir: Path, *args: str, env: dict[str, str] 
     with open(log, "w") as fh:
         proc = subprocess.Popen(serve_cmd(artifact, port, *args), stdout=fh, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    state = wait_until_ready(server.url, ready_timeout, proc)
+    return ready(Server(proc, f"http://127.0.0.1:{port}", log), ready_timeout, "server")
+
+
+def ready(server: Server, timeout: float, what: str) -> Server:
+    """`server` once it answers ready; else stop it and fail the test with its log."""
+    state = wait_until_ready(server.url, timeout, server.proc)
     if state != "ready":
         server.stop()
-        pytest.fail(f"server {state} instead of getting ready:\n{server.log_text()}")
+        pytest.fail(f"{what} {state} instead of getting ready:\n{server.log_text()}")
     return server
 
 
@@ -70,12 +74,7 @@ def start_bundle(root: Path, log_dir: Path, ready_timeout: float = 120) -> Serve
     log = log_dir / "start.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(root / "start.sh")], env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=log_dir)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    state = wait_until_ready(server.url, ready_timeout, proc)
-    if state != "ready":
-        server.stop()
-        pytest.fail(f"bundle {state} instead of getting ready:\n{server.log_text()}")
-    return server
+    return ready(Server(proc, f"http://127.0.0.1:{port}", log), ready_timeout, "bundle")
 
 
 def compile_tiny(tiny_model_dir, arch: str, out: Path) -> Path:
